@@ -1,0 +1,36 @@
+# Every target bootstraps .venv on a fresh machine, so `make demo` and `make test`
+# are the only set-up commands.
+#   TORCH   the torch requirement installed first; a GPU user keeps a CUDA build
+#           with e.g. `make test TORCH="torch==2.13.0"` from their index, or
+#           `make test TORCH= VENV_FLAGS=--system-site-packages` to reuse one.
+PYTHON     ?= python3
+TORCH      ?= torch==2.13.0
+VENV_FLAGS ?=
+EXTRAS     ?= test,plot,logs,scipy,examples
+VENV       := .venv
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(if $(strip $(TORCH)),$(BIN)/pip install --quiet "$(TORCH)")
+	$(BIN)/pip install --quiet -e ".[$(EXTRAS)]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/secondorder demo --out runs/demo
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/mfac_bench.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -1,0 +1,36 @@
+"""The ``secondorder`` console script."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(args.out, quick=args.quick, sections=args.sections, show_progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="secondorder", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="run every capability on embedded real data and write a report"
+    )
+    demo.add_argument("--out", default="runs/demo", help="folder for report.md and its figures")
+    demo.add_argument("--quick", action="store_true", help="a short run (seconds) for smoke tests")
+    demo.add_argument("--sections", nargs="+", help="only these sections")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.handler(args)
+
+
+if __name__ == "__main__":
+    main()

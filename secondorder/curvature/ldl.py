@@ -1,0 +1,98 @@
+r"""LDLᵀ factorisations of small symmetric positive definite matrices, kept
+current under low-rank changes in O(n²).
+
+``K = L D Lᵀ`` with ``L`` unit lower triangular and ``D`` a positive vector.
+
+A rank-one change ``K + σ z zᵀ`` (σ = ±1) follows Gill, Golub, Murray and
+Saunders (1974), method C1. With ``p = L⁻¹ z`` and the scalars
+
+    1/α_j = σ + Σ_{i<j} p_i² / d_i,    d̄_j = d_j + α_j p_j²,    β_j = α_j p_j / d̄_j,
+
+the new factor is ``L̄ = L + S diag(β)`` where ``S[:, j] = Σ_{i>j} p_i L[:, i]``.
+The recurrence for ``α`` is a prefix sum and ``S`` a suffix sum over columns,
+so the whole modification is a triangular solve plus two cumulative sums: no
+loop over columns.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ldl_factor(K: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Factor ``K = L D Lᵀ``. Raises ``torch.linalg.LinAlgError`` if ``K`` is not positive definite."""
+    chol = torch.linalg.cholesky(K)
+    root = chol.diagonal()
+    return chol / root, root.square()
+
+
+def ldl_solve(L: torch.Tensor, D: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``K⁻¹ b`` for a vector or a ``[n, k]`` matrix ``b``."""
+    column = b.dim() == 1
+    y = b.unsqueeze(1) if column else b
+    y = torch.linalg.solve_triangular(L, y, upper=False, unitriangular=True)
+    y = y / D.unsqueeze(1)
+    y = torch.linalg.solve_triangular(L.mT, y, upper=True, unitriangular=True)
+    return y.squeeze(1) if column else y
+
+
+def _exclusive_cumsum(v: torch.Tensor, dim: int) -> torch.Tensor:
+    shifted = v.narrow(dim, 0, v.shape[dim] - 1)
+    return torch.cat([torch.zeros_like(v.narrow(dim, 0, 1)), shifted.cumsum(dim)], dim)
+
+
+def _exclusive_reverse_cumsum(v: torch.Tensor, dim: int) -> torch.Tensor:
+    tail = v.narrow(dim, 1, v.shape[dim] - 1)
+    summed = tail.flip(dim).cumsum(dim).flip(dim)
+    return torch.cat([summed, torch.zeros_like(v.narrow(dim, 0, 1))], dim)
+
+
+def ldl_rank_one(
+    L: torch.Tensor, D: torch.Tensor, z: torch.Tensor, sign: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factor of ``L D Lᵀ + sign · z zᵀ`` (sign = +1 or -1), or ``None`` if the
+    result is not numerically positive definite (possible only for sign = -1)."""
+    p = torch.linalg.solve_triangular(L, z.unsqueeze(1), upper=False, unitriangular=True)[:, 0]
+    alpha = 1.0 / (sign + _exclusive_cumsum(p * p / D, 0))
+    new_D = D + alpha * p * p
+    if not bool(torch.all(new_D > 0)):
+        return None
+    beta = alpha * p / new_D
+    suffix = _exclusive_reverse_cumsum(L * p, 1)
+    return L + suffix * beta, new_D
+
+
+def ldl_replace_row(
+    L: torch.Tensor, D: torch.Tensor, i: int, delta: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Factor of ``K'`` where ``K'`` differs from ``K = L D Lᵀ`` only in row and
+    column ``i``, by ``delta = K'[i] - K[i]``; ``None`` if that fails.
+
+    The change is ``e_i vᵀ + v e_iᵀ`` with ``v = delta`` except ``v_i = delta_i / 2``,
+    written as ``a aᵀ - b bᵀ`` with ``a, b = (s e_i ± v / s) / √2``; ``s = ‖v‖^½``
+    balances the two terms. The update comes first, so the intermediate matrix
+    stays positive definite.
+    """
+    v = delta.clone()
+    v[i] *= 0.5
+    size = torch.linalg.vector_norm(v)
+    if size == 0:
+        return L, D
+    s = size.sqrt()
+    a = v / (s * 2**0.5)
+    b = -a
+    a[i] += s / 2**0.5
+    b[i] += s / 2**0.5
+    updated = ldl_rank_one(L, D, a, 1.0)
+    return None if updated is None else ldl_rank_one(*updated, b, -1.0)
+
+
+def ldl_row_error(L: torch.Tensor, D: torch.Tensor, K: torch.Tensor, i: int) -> float:
+    """Relative error of the factor on row ``i`` and on the diagonal, in O(n²):
+    ``max(‖(L D Lᵀ)[i] - K[i]‖ / ‖K[i]‖, max_k |(L D Lᵀ)_kk - K_kk| / K_kk)``."""
+    row = (L[i] * D) @ L.mT
+    row_error = torch.linalg.vector_norm(row - K[i]) / torch.linalg.vector_norm(K[i])
+    diagonal = (L * L) @ D
+    K_diag = K.diagonal()
+    diagonal_error = ((diagonal - K_diag).abs() / K_diag).max()
+    return float(torch.maximum(row_error, diagonal_error))

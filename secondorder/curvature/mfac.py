@@ -1,0 +1,442 @@
+r"""M-FAC: matrix-free products with the inverse of the damped empirical Fisher.
+
+For gradients ``g_1 … g_n`` (the rows of ``G``, ``n × d``) and damping ``λ > 0``
+
+    F = λ I + (1/n) Gᵀ G.
+
+By Woodbury, with the small ``n × n`` matrix ``K = n λ I + G Gᵀ``,
+
+    F⁻¹ x = (1/λ) (x − Gᵀ K⁻¹ G x),
+
+so a product costs two passes over ``G`` plus an ``n × n`` solve, and ``d × d``
+is never formed. ``n`` is the number of gradients actually held, so the
+estimate is right while a window is still filling.
+
+- :class:`SlidingWindowMFAC` (the dynamic algorithm, for optimisers) holds the
+  last ``num_grads`` gradients in a ring buffer and keeps ``K = L D Lᵀ``
+  current in O(n²) per new gradient.
+- :class:`DenseMFAC` (the static algorithm, for pruning) precomputes
+  ``W = L⁻¹ G`` for a fixed ``G`` (``K = L Lᵀ``), after which
+  ``F⁻¹ x = (x − Wᵀ W x) / λ`` and ``[F⁻¹]_kk = (1 − ‖W[:, k]‖²) / λ``;
+  optionally block-diagonally, one block of ``block_size`` coordinates at a time.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from .. import kernels
+from .._checks import (
+    check_damping,
+    check_finite,
+    check_positive_int,
+    ensure_fits,
+)
+from .ldl import ldl_factor, ldl_replace_row, ldl_row_error, ldl_solve
+
+__all__ = ["DenseMFAC", "SlidingWindowMFAC"]
+
+# The n × n system is small; it is always solved in float64.
+_SMALL = torch.float64
+
+
+class SlidingWindowMFAC:
+    r"""Inverse empirical Fisher of the last ``num_grads`` gradients, one gradient at a time.
+
+    ``F = damp·I + (1/n) Σ g_i g_iᵀ`` over the ``n ≤ num_grads`` gradients held;
+    once full, each new gradient evicts the oldest.
+
+    One :meth:`update_solve` (an optimiser step) makes two passes over the
+    ``num_grads × dim`` window, the floor of the algorithm: one that writes the
+    new gradient into its slot and computes ``t = G g`` at the same time, and
+    one that forms ``(g − Gᵀ c) / damp``. In between, the ``n × n`` system
+    ``K = n·damp·I + G Gᵀ = L D Lᵀ`` is kept current:
+
+    - while the window fills, ``n`` (and so the shift ``n·damp``) changes every
+      step, and ``K`` is refactored: O(n³), for the first ``num_grads`` steps only;
+    - once full, a new gradient changes one row and column of ``K``, a rank-2
+      modification of ``L D Lᵀ`` done in O(n²) (:func:`~.ldl.ldl_replace_row`).
+      The factor is checked against ``K`` on the changed row and the diagonal
+      (O(n²)) and refactored if the error exceeds ``check_tol``, and anyway every
+      ``refactor_every`` updates (default ``num_grads``: O(n²) amortised), so
+      rounding errors cannot build up. Each solve with ``K`` takes one step of
+      iterative refinement.
+
+    Args:
+        dim: length ``d`` of the gradients.
+        num_grads: window size ``m``; bounded only by memory, checked before allocating.
+        damp: ``λ > 0``.
+        device: where the window lives.
+        dtype: dtype of the vectors returned (float32 or float64).
+        storage_dtype: dtype of the window; ``torch.bfloat16`` halves its memory
+            while the small system stays in float64 and the passes accumulate in
+            float32. Defaults to ``dtype``.
+        refactor_every: refactor at least every this many updates (``None``: only when a check fails).
+        check_tol: relative error of the factor that triggers a refactorisation.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_grads: int = 1024,
+        damp: float = 1e-6,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        storage_dtype: torch.dtype | None = None,
+        refactor_every: int | None = -1,
+        check_tol: float = 1e-10,
+    ) -> None:
+        self.dim = check_positive_int(dim, "dim")
+        self.num_grads = check_positive_int(num_grads, "num_grads")
+        self.damp = check_damping(damp)
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        storage_dtype = dtype if storage_dtype is None else storage_dtype
+        if not storage_dtype.is_floating_point:
+            raise TypeError(f"storage_dtype must be a floating dtype, got {storage_dtype}")
+        if refactor_every == -1:
+            refactor_every = num_grads
+        if refactor_every is not None:
+            check_positive_int(refactor_every, "refactor_every")
+        self.dtype = dtype
+        self.storage_dtype = storage_dtype
+        self.refactor_every = refactor_every
+        self.check_tol = check_tol
+
+        device = torch.device("cpu") if device is None else torch.device(device)
+        ensure_fits(
+            self.estimate_bytes(dim, num_grads, storage_dtype),
+            device,
+            what=f"a gradient window of {num_grads} x {dim} in {storage_dtype}",
+            advice="lower num_grads, or store the window in half precision "
+            "(storage_dtype=torch.bfloat16)",
+        )
+        self._grads = torch.zeros(num_grads, dim, dtype=storage_dtype, device=device)
+        self.device = self._grads.device
+        self._gram = torch.zeros(num_grads, num_grads, dtype=_SMALL, device=self.device)
+        self._factor = torch.zeros(0, 0, dtype=_SMALL, device=self.device)
+        self._pivots = torch.zeros(0, dtype=_SMALL, device=self.device)
+        self._num_stored = 0
+        self._next_slot = 0
+        self._updates_since_refactor = 0
+        self.num_refactors = 0
+        self.num_failed_checks = 0
+
+    @staticmethod
+    def estimate_bytes(dim: int, num_grads: int, storage_dtype: torch.dtype = torch.float32) -> int:
+        """Bytes held by a window: the gradients plus the ``n × n`` Gram matrix and its factor."""
+        itemsize = torch.empty(0, dtype=storage_dtype).element_size()
+        return num_grads * dim * itemsize + 2 * num_grads * num_grads * 8
+
+    @property
+    def num_stored(self) -> int:
+        """Number of gradients held, ``n ≤ num_grads``."""
+        return self._num_stored
+
+    def _small_matrix(self) -> torch.Tensor:
+        n = self._num_stored
+        K = self._gram[:n, :n].clone()
+        K.diagonal().add_(n * self.damp)
+        return K
+
+    def _refactor(self) -> None:
+        self._factor, self._pivots = ldl_factor(self._small_matrix())
+        self._updates_since_refactor = 0
+        self.num_refactors += 1
+
+    def _vector(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape != (self.dim,):
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; this window holds vectors of shape ({self.dim},)"
+            )
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the window is on {self.device}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        check_finite(x, name)
+        return x.to(self.dtype).contiguous()
+
+    def _insert(self, g: torch.Tensor) -> int:
+        """Write ``g`` into the ring and bring ``K``'s factor up to date; return its slot."""
+        filling = self._num_stored < self.num_grads
+        slot = self._num_stored if filling else self._next_slot
+        n = self._num_stored + filling
+        old_row = None if filling else self._gram[slot, :n].clone()
+        gram_row = kernels.write_row_and_dot(self._grads, slot, g, n).to(_SMALL)
+        self._gram[slot, :n] = gram_row
+        self._gram[:n, slot] = gram_row
+        self._num_stored = n
+        self._next_slot = (slot + 1) % self.num_grads
+        due = self.refactor_every is not None and self._updates_since_refactor + 1 >= self.refactor_every
+        if filling or due:
+            self._refactor()
+        else:
+            self._update_factor(slot, gram_row - old_row)
+        return slot
+
+    def _update_factor(self, slot: int, delta: torch.Tensor) -> None:
+        updated = ldl_replace_row(self._factor, self._pivots, slot, delta)
+        if updated is not None:
+            error = ldl_row_error(*updated, self._small_matrix(), slot)
+            if math.isfinite(error) and error <= self.check_tol:
+                self._factor, self._pivots = updated
+                self._updates_since_refactor += 1
+                return
+        self.num_failed_checks += 1
+        self._refactor()
+
+    def _solve_small(self, t: torch.Tensor) -> torch.Tensor:
+        """``K⁻¹ t`` with one step of iterative refinement."""
+        t = t.to(_SMALL)
+        c = ldl_solve(self._factor, self._pivots, t)
+        n = self._num_stored
+        residual = t - self._gram[:n, :n] @ c - (n * self.damp) * c
+        return c + ldl_solve(self._factor, self._pivots, residual)
+
+    def update(self, g: torch.Tensor) -> None:
+        """Add gradient ``g`` to the window (evicting the oldest once full).
+
+        Raises :class:`~secondorder._checks.NonFiniteError` for NaN or Inf, leaving the window unchanged.
+        """
+        self._insert(self._vector(g, "gradient"))
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``F⁻¹ x = (x − Gᵀ K⁻¹ G x) / λ`` for a vector ``x`` of length ``dim``.
+
+        When ``x`` lies mostly in the span of the window and ``λ`` is tiny the two
+        terms nearly cancel, and float32 loses ``log10(‖x‖² / (n λ))`` digits
+        (all of them at λ = 1e-7 for unit-scale gradients). Use ``dtype=torch.float64``
+        there; :meth:`update_solve`, the optimiser's product, has no such cancellation.
+        """
+        x = self._vector(x, "x")
+        n = self._num_stored
+        if n == 0:
+            return x / self.damp
+        coef = -self._solve_small(kernels.row_dots(self._grads, x, n)) / self.damp
+        return kernels.combine(self._grads, coef.to(self.dtype), n, x, 1.0 / self.damp)
+
+    def update_solve(self, g: torch.Tensor) -> torch.Tensor:
+        r"""Add ``g`` to the window and return ``F⁻¹ g`` with the new window: one optimiser step.
+
+        ``g`` is now row ``s`` of ``G``, so ``G g = (K − nλI) e_s`` and the Woodbury
+        form collapses to ``F⁻¹ g = n Gᵀ K⁻¹ e_s``. Unlike ``(g − Gᵀ c) / λ`` this
+        subtracts nothing, so it keeps its accuracy for tiny ``λ`` and with a
+        half-precision window (where it is the inverse applied to ``g`` as stored).
+        """
+        slot = self._insert(self._vector(g, "gradient"))
+        n = self._num_stored
+        unit = torch.zeros(n, dtype=_SMALL, device=self.device)
+        unit[slot] = n
+        return kernels.combine(self._grads, self._solve_small(unit).to(self.dtype), n)
+
+    def reset(self) -> None:
+        """Forget every gradient."""
+        self._grads.zero_()
+        self._gram.zero_()
+        self._factor = self._factor.new_zeros(0, 0)
+        self._pivots = self._pivots.new_zeros(0)
+        self._num_stored = self._next_slot = self._updates_since_refactor = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "dim": self.dim,
+            "num_grads": self.num_grads,
+            "damp": self.damp,
+            "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+            "num_stored": self._num_stored,
+            "next_slot": self._next_slot,
+            "updates_since_refactor": self._updates_since_refactor,
+            "grads": self._grads,
+            "gram": self._gram,
+            "factor": self._factor,
+            "pivots": self._pivots,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a window saved by :meth:`state_dict`; the next step is bit-identical."""
+        mine = self.state_dict()
+        for key in ("dim", "num_grads", "storage_dtype"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"cannot load a window with {key}={state[key]!r} into one with {key}={mine[key]!r}"
+                )
+        if state["damp"] != self.damp:
+            raise ValueError(
+                f"cannot load a window with damp={state['damp']!r} into one with damp={self.damp!r}"
+            )
+        self._grads.copy_(state["grads"])
+        self._gram.copy_(state["gram"])
+        self._factor = state["factor"].to(self.device, _SMALL, copy=True)
+        self._pivots = state["pivots"].to(self.device, _SMALL, copy=True)
+        self._num_stored = int(state["num_stored"])
+        self._next_slot = int(state["next_slot"])
+        self._updates_since_refactor = int(state["updates_since_refactor"])
+
+
+# Float64 temporaries of the precomputation are built this many elements at a time.
+_CHUNK_ELEMENTS = 1 << 24
+
+
+class DenseMFAC:
+    r"""Inverse empirical Fisher of a fixed set of gradients (the static M-FAC algorithm).
+
+    ``F = damp·I + (1/n) Gᵀ G`` for ``grads = G`` of shape ``[n, d]``.
+
+    Precomputation is GEMM-shaped, O(n² d): ``K = n·damp·I + G Gᵀ = L Lᵀ`` and
+    ``W = L⁻¹ G``, all in float64 and stored in float32 (or float64). Then
+
+    - :meth:`solve`: ``F⁻¹ x = (x − Wᵀ (W x)) / damp``, O(n d);
+    - :meth:`diag`: ``[F⁻¹]_kk = (1 − ‖W[:, k]‖²) / damp``, computed in float64
+      during precomputation, floored at the bound ``1 / F_kk``.
+
+    With ``block_size = B`` the Fisher is replaced by its block-diagonal part on
+    consecutive blocks of ``B`` coordinates (the last may be shorter), each
+    block using only its own columns of ``G``. A block of ``b`` coordinates
+    keeps whichever representation is smaller and faster: the explicit ``b × b``
+    inverse when ``b < n`` (``b²`` numbers, ``n b² + 4b³/3`` flops) or the
+    Woodbury form above when ``b ≥ n`` (``n b`` numbers, ``2 n² b + n³/3`` flops);
+    the two costs cross at ``b = n``.
+
+    Args:
+        grads: ``[n, d]`` gradients, one per row.
+        damp: ``λ > 0``.
+        block_size: ``None`` for the full Fisher, else the block length.
+    """
+
+    def __init__(
+        self, grads: torch.Tensor, damp: float = 1e-6, block_size: int | None = None
+    ) -> None:
+        if not isinstance(grads, torch.Tensor) or grads.dim() != 2 or not grads.is_floating_point():
+            raise ValueError("grads must be a floating [num_grads, dim] tensor")
+        if grads.shape[0] == 0 or grads.shape[1] == 0:
+            raise ValueError(
+                f"grads must hold at least one gradient of length >= 1, got {tuple(grads.shape)}"
+            )
+        check_finite(grads, "grads")
+        self.damp = check_damping(damp)
+        self.num_grads, self.dim = grads.shape
+        self.block_size = (
+            None if block_size is None else check_positive_int(block_size, "block_size")
+        )
+        self.device = grads.device
+        self.dtype = torch.float64 if grads.dtype == torch.float64 else torch.float32
+        ensure_fits(
+            self.estimate_bytes(self.num_grads, self.dim, self.block_size, self.dtype),
+            self.device,
+            what=f"the M-FAC inverse of {self.num_grads} gradients of length {self.dim}",
+            advice="lower num_grads or block_size",
+        )
+        size = self.dim if block_size is None else min(block_size, self.dim)
+        full_blocks, remainder = divmod(self.dim, size)
+        self._groups = [_BlockGroup(grads[:, : full_blocks * size], size, self.damp, self.dtype)]
+        if remainder:
+            self._groups.append(
+                _BlockGroup(grads[:, full_blocks * size :], remainder, self.damp, self.dtype)
+            )
+
+    @staticmethod
+    def estimate_bytes(
+        num_grads: int, dim: int, block_size: int | None = None, dtype: torch.dtype = torch.float32
+    ) -> int:
+        """Bytes of the precomputed inverse (float64 diagonal included)."""
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        b = dim if block_size is None else min(block_size, dim)
+        per_coordinate = b if b < num_grads else num_grads
+        return dim * per_coordinate * itemsize + dim * 8
+
+    @property
+    def methods(self) -> list[str]:
+        """Representation of each group of equal blocks: ``"woodbury"`` or ``"explicit"``."""
+        return [group.method for group in self._groups]
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``F⁻¹ x`` for ``x`` of shape ``[d]`` or ``[k, d]`` (``k`` vectors as rows)."""
+        if not isinstance(x, torch.Tensor) or x.shape[-1:] != (self.dim,) or x.dim() > 2:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must have shape ({self.dim},) or (k, {self.dim}), got {shape}")
+        if x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the inverse is on {self.device}")
+        check_finite(x, "x")
+        rows = x.reshape(-1, self.dim).to(self.dtype)
+        parts, start = [], 0
+        for group in self._groups:
+            parts.append(group.solve(rows[:, start : start + group.dim].contiguous()))
+            start += group.dim
+        return torch.cat(parts, dim=-1).reshape(x.shape)
+
+    def diag(self) -> torch.Tensor:
+        """The diagonal of ``F⁻¹`` (of its block-diagonal part when blockwise)."""
+        return torch.cat([group.diagonal for group in self._groups]).to(self.dtype)
+
+
+class _BlockGroup:
+    """Equal blocks of ``size`` consecutive coordinates, sharing one representation."""
+
+    def __init__(self, grads: torch.Tensor, size: int, damp: float, dtype: torch.dtype) -> None:
+        n, d = grads.shape
+        self.dim, self.size, self.damp = d, size, damp
+        self.method = "explicit" if size < n else "woodbury"
+        blocks = grads.reshape(n, d // size, size).transpose(0, 1)  # [blocks, n, size]
+        build = self._explicit if self.method == "explicit" else self._woodbury
+        self.operator, diagonal = build(blocks, damp, dtype)
+        self.diagonal = diagonal.reshape(d)
+
+    @staticmethod
+    def _explicit(blocks: torch.Tensor, damp: float, dtype: torch.dtype):
+        count, n, size = blocks.shape
+        inverse = torch.empty(count, size, size, dtype=dtype, device=blocks.device)
+        diagonal = torch.empty(count, size, dtype=_SMALL, device=blocks.device)
+        step = max(1, _CHUNK_ELEMENTS // (n * size))
+        for b in range(0, count, step):
+            G = blocks[b : b + step].to(_SMALL)
+            F = G.mT @ G / n
+            F.diagonal(dim1=-2, dim2=-1).add_(damp)
+            block_inverse = torch.cholesky_inverse(torch.linalg.cholesky(F))
+            inverse[b : b + step] = block_inverse
+            floor = 1.0 / F.diagonal(dim1=-2, dim2=-1)  # [F⁻¹]_kk ≥ 1 / F_kk
+            diagonal[b : b + step] = torch.maximum(block_inverse.diagonal(dim1=-2, dim2=-1), floor)
+        return inverse, diagonal
+
+    @staticmethod
+    def _woodbury(blocks: torch.Tensor, damp: float, dtype: torch.dtype):
+        count, n, size = blocks.shape
+        W = torch.empty(count, n, size, dtype=dtype, device=blocks.device)
+        diagonal = torch.empty(count, size, dtype=_SMALL, device=blocks.device)
+        block_step = max(1, _CHUNK_ELEMENTS // (n * size))
+        column_step = size if n * size <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // n)
+        for b in range(0, count, block_step):
+            G = blocks[b : b + block_step]
+            columns = [slice(c, c + column_step) for c in range(0, size, column_step)]
+            K = sum(G[..., c].to(_SMALL) @ G[..., c].to(_SMALL).mT for c in columns)
+            K.diagonal(dim1=-2, dim2=-1).add_(n * damp)
+            L = torch.linalg.cholesky(K)
+            for c in columns:
+                G_c = G[..., c].to(_SMALL)
+                W_c = torch.linalg.solve_triangular(L, G_c, upper=False)
+                W[b : b + block_step, :, c] = W_c
+                floor = 1.0 / (damp + G_c.square().sum(-2) / n)  # [F⁻¹]_kk ≥ 1 / F_kk
+                value = (1.0 - W_c.square().sum(-2)) / damp
+                diagonal[b : b + block_step, c] = torch.maximum(value, floor)
+        return W, diagonal
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``F⁻¹ x`` on this group's coordinates for ``x`` of shape ``[k, dim]``."""
+        k = x.shape[0]
+        if self.method == "woodbury" and self.operator.shape[0] == 1 and k == 1:
+            W = self.operator[0]
+            t = kernels.row_dots(W, x[0], W.shape[0])
+            out = kernels.combine(W, (-t / self.damp).to(x.dtype), W.shape[0], x[0], 1.0 / self.damp)
+            return out.unsqueeze(0)
+        blocks = x.reshape(k, self.dim // self.size, self.size).transpose(0, 1)  # [blocks, k, size]
+        if self.method == "explicit":
+            out = blocks @ self.operator  # each block inverse is symmetric
+        else:
+            out = (blocks - (blocks @ self.operator.mT) @ self.operator) / self.damp
+        return out.transpose(0, 1).reshape(k, self.dim)

@@ -1,0 +1,64 @@
+"""Demo section: AdamW, SGD and M-FAC training a CNN on the real scikit-learn digits."""
+
+from __future__ import annotations
+
+import torch
+
+from ..optim import MFAC
+from .data import load_digits
+from .models import digits_cnn
+from .report import Report, markdown_table, plot_curves, text_table
+from .training import train_classifier
+
+TITLE = "Optimisers on the digits CNN"
+
+# Learning rates and damping come from the sweep recorded in docs/benchmarks.md.
+OPTIMIZERS = {
+    "AdamW": lambda params: torch.optim.AdamW(params, lr=1e-3),
+    "SGD+momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
+    "MFAC": lambda params: MFAC(params, lr=0.05, num_grads=64, damp=0.1),
+}
+
+
+def run(report: Report, *, quick: bool, show_progress: bool) -> None:
+    train, test = load_digits()
+    epochs = 2 if quick else 15
+    results = []
+    for name, make_optimizer in OPTIMIZERS.items():
+        torch.manual_seed(0)
+        results.append(
+            train_classifier(
+                name, digits_cnn(), make_optimizer, train, test,
+                epochs=epochs, batch_size=64, show_progress=show_progress,
+            )
+        )  # fmt: skip
+    header = ["optimiser", "final train loss", "test loss", "test accuracy", "wall time (s)"]
+    rows = [
+        [
+            r.name,
+            f"{r.train_loss:.4f}",
+            f"{r.test_loss:.4f}",
+            f"{r.test_accuracy:.4f}",
+            f"{r.seconds:.1f}",
+        ]
+        for r in results
+    ]
+    print(f"\n{TITLE} ({len(train)} train / {len(test)} test images, {epochs} epochs)")
+    print(text_table(header, rows))
+    figure = plot_curves(
+        {r.name: r.step_losses for r in results},
+        report.out / "loss_curves.png",
+        title="Training loss, digits CNN",
+        xlabel="step",
+        ylabel="cross-entropy (running mean of 10 steps)",
+        smooth=10,
+        logy=True,
+    )
+    report.section(
+        TITLE,
+        f"{len(train)} training and {len(test)} test images of scikit-learn's digits, "
+        f"{epochs} epochs of batches of 64, same initialisation for every optimiser.\n\n"
+        + markdown_table(header, rows)
+        + "\n\n"
+        + report.figure(figure, "training loss"),
+    )

@@ -1,0 +1,72 @@
+"""Training and evaluation loops shared by the demo sections."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from .data import Split
+
+
+@dataclass
+class RunResult:
+    """What one training run produced."""
+
+    name: str
+    step_losses: list[float] = field(default_factory=list)
+    train_loss: float = float("nan")
+    test_loss: float = float("nan")
+    test_accuracy: float = float("nan")
+    seconds: float = float("nan")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of ``model`` on ``split``."""
+    model.eval()
+    logits = model(split.inputs)
+    loss = nn.functional.cross_entropy(logits, split.targets).item()
+    accuracy = (logits.argmax(1) == split.targets).float().mean().item()
+    return loss, accuracy
+
+
+def train_classifier(
+    name: str,
+    model: nn.Module,
+    make_optimizer: Callable[[list[nn.Parameter]], torch.optim.Optimizer],
+    train: Split,
+    test: Split,
+    *,
+    epochs: int,
+    batch_size: int,
+    seed: int = 0,
+    show_progress: bool = True,
+) -> RunResult:
+    """Train with cross-entropy on shuffled mini-batches; time the training only."""
+    optimizer = make_optimizer(list(model.parameters()))
+    generator = torch.Generator().manual_seed(seed)
+    result = RunResult(name)
+    steps_per_epoch = -(-len(train) // batch_size)
+    bar = progress(range(epochs * steps_per_epoch), desc=name, enabled=show_progress)
+    ticks = iter(bar)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        for inputs, targets in train.batches(batch_size, generator):
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(inputs), targets)
+            loss.backward()
+            optimizer.step()
+            result.step_losses.append(loss.item())
+            next(ticks, None)
+    result.seconds = time.perf_counter() - start
+    if hasattr(bar, "close"):
+        bar.close()
+    result.train_loss, _ = evaluate(model, train)
+    result.test_loss, result.test_accuracy = evaluate(model, test)
+    return result

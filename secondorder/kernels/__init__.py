@@ -1,0 +1,76 @@
+"""The hot loops of the library, each with a plain-torch twin.
+
+Dispatch: Triton for CUDA tensors when Triton is installed, the twin in
+:mod:`secondorder.kernels.reference` otherwise. The environment variable
+``SECONDORDER_KERNELS`` overrides the choice:
+
+- ``auto`` (default) as above;
+- ``torch`` always the twin;
+- ``triton`` always Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``,
+  which is how the kernels are tested without a GPU).
+
+This package imports nothing else of ``secondorder``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from types import ModuleType
+
+import torch
+
+from . import reference
+
+__all__ = ["backend", "combine", "row_dots", "write_row_and_dot"]
+
+_ENV = "SECONDORDER_KERNELS"
+_CHOICES = ("auto", "torch", "triton")
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def backend(tensor: torch.Tensor) -> str:
+    """``"triton"`` or ``"torch"``: which implementation runs for ``tensor``."""
+    choice = os.environ.get(_ENV, "auto").lower()
+    if choice not in _CHOICES:
+        raise ValueError(f"{_ENV}={choice!r}; expected one of {', '.join(_CHOICES)}")
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{_ENV}=triton but Triton is not installed")
+        if not tensor.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError(
+                f"{_ENV}=triton on a {tensor.device.type} tensor needs TRITON_INTERPRET=1 "
+                "(Triton compiles for GPUs only)"
+            )
+        return "triton"
+    return "triton" if tensor.is_cuda and triton_available() else "torch"
+
+
+def _implementation(tensor: torch.Tensor) -> ModuleType:
+    if backend(tensor) == "torch":
+        return reference
+    from . import mfac  # imports triton; deferred so CPU-only use never pays for it
+
+    return mfac
+
+
+def row_dots(G: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """``G[:n] @ x``, accumulated in float32 (float64 for float64 vectors)."""
+    return _implementation(G).row_dots(G, x, n)
+
+
+def write_row_and_dot(G: torch.Tensor, row: int, x: torch.Tensor, n: int) -> torch.Tensor:
+    """Store ``x`` in ``G[row]`` (in G's dtype); return ``G[:n] @ G[row]`` from the same pass."""
+    return _implementation(G).write_row_and_dot(G, row, x, n)
+
+
+def combine(
+    G: torch.Tensor, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
+) -> torch.Tensor:
+    """``scale * x + G[:n]ᵀ c`` from one pass over ``G`` (``G[:n]ᵀ c`` without ``x``)."""
+    return _implementation(G).combine(G, c, n, x, scale)

@@ -1,0 +1,180 @@
+r"""The M-FAC optimiser: preconditioning by the inverse empirical Fisher of recent gradients."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .._checks import check_damping, check_positive_int
+from ..curvature.mfac import SlidingWindowMFAC
+
+__all__ = ["MFAC"]
+
+
+class MFAC(torch.optim.Optimizer):
+    r"""M-FAC (Frantar, Kurtic and Alistarh, 2021) as a ``torch.optim`` optimiser.
+
+    Every step, for the flat gradient ``g`` of all parameters:
+
+    .. math::
+
+        g &\leftarrow g + \text{weight\_decay} \cdot w \quad \text{(L2, per group, before preconditioning)}\\
+        u &= F^{-1} g, \qquad F = \text{damp}\, I + \tfrac{1}{n} \textstyle\sum_{i} g_i g_i^\top
+              \text{ over the last } n \le \text{num\_grads} \text{ gradients (this one included)}\\
+        v &\leftarrow \mu v + (1 - \mu) u \quad \text{(when momentum } \mu > 0)\\
+        w &\leftarrow w - \text{lr} \cdot v
+
+    ``F⁻¹ g`` comes from a :class:`~secondorder.curvature.SlidingWindowMFAC`
+    spanning every parameter that requires grad, as one flat vector. ``lr``,
+    ``momentum`` and ``weight_decay`` may differ per parameter group;
+    ``num_grads``, ``damp`` and ``storage_dtype`` belong to the one window.
+
+    A parameter whose ``.grad`` is ``None`` at a step enters the window as zeros
+    and is neither updated nor decayed, and its momentum is left as it was. A
+    step where no parameter has a gradient does nothing. A gradient with NaN or
+    Inf raises :class:`~secondorder._checks.NonFiniteError` before anything changes.
+
+    The window and the momentum are float32 (float64 if every parameter is
+    float64), whatever the parameters' dtype, so bf16 models work.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim`` optimiser.
+        lr: learning rate.
+        num_grads: gradients in the window (512 to 1024 in the paper).
+        damp: Fisher damping ``λ > 0`` (1e-5 to 1e-6 in the paper).
+        momentum: ``μ`` in ``[0, 1)``.
+        weight_decay: L2 coefficient added to the gradient.
+        storage_dtype: dtype of the gradient window; ``torch.bfloat16`` halves its memory.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        num_grads: int = 1024,
+        damp: float = 1e-6,
+        momentum: float = 0.0,
+        weight_decay: float = 0.0,
+        storage_dtype: torch.dtype | None = None,
+    ) -> None:
+        check_positive_int(num_grads, "num_grads")
+        check_damping(damp)
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
+        self._window: SlidingWindowMFAC | None = None
+        super().__init__(params, defaults)
+
+        self._params = [
+            p for group in self.param_groups for p in group["params"] if p.requires_grad
+        ]
+        if not self._params:
+            raise ValueError("MFAC got no parameters that require grad")
+        devices = {p.device for p in self._params}
+        if len(devices) > 1:
+            raise ValueError(
+                f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}"
+            )
+        self._sizes = [p.numel() for p in self._params]
+        all_double = all(p.dtype == torch.float64 for p in self._params)
+        self._dtype = torch.float64 if all_double else torch.float32
+        self._window = SlidingWindowMFAC(
+            sum(self._sizes),
+            num_grads,
+            damp,
+            device=devices.pop(),
+            dtype=self._dtype,
+            storage_dtype=storage_dtype,
+        )
+        self._momentum: torch.Tensor | None = None
+        self._steps = 0
+
+    @property
+    def window(self) -> SlidingWindowMFAC:
+        """The inverse-Fisher estimator behind the optimiser."""
+        assert self._window is not None
+        return self._window
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if self._window is not None:
+            raise RuntimeError(
+                "MFAC's gradient window spans the parameters it was created with; "
+                "create a new optimiser to add parameters"
+            )
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        if not group["lr"] >= 0:
+            raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']}")
+        if not group["weight_decay"] >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+
+    def _flat_gradient(self) -> torch.Tensor | None:
+        """Gradients (with L2 terms) of all parameters as one vector; ``None`` if none has one."""
+        decay = {p: group["weight_decay"] for group in self.param_groups for p in group["params"]}
+        pieces, found = [], False
+        for p, size in zip(self._params, self._sizes, strict=True):
+            if p.grad is None:
+                pieces.append(torch.zeros(size, dtype=self._dtype, device=p.device))
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("MFAC does not support sparse gradients")
+            found = True
+            g = p.grad.reshape(-1).to(self._dtype)
+            if decay[p]:
+                g = g + decay[p] * p.detach().reshape(-1).to(self._dtype)
+            pieces.append(g)
+        return torch.cat(pieces) if found else None
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        flat = self._flat_gradient()
+        if flat is None:
+            return loss
+        update = self.window.update_solve(flat)
+        self._steps += 1
+
+        offsets = {}
+        start = 0
+        for p, size in zip(self._params, self._sizes, strict=True):
+            offsets[p] = slice(start, start + size)
+            start += size
+        for group in self.param_groups:
+            mu = group["momentum"]
+            if mu and self._momentum is None:
+                self._momentum = torch.zeros_like(update)
+            for p in group["params"]:
+                if p.grad is None or p not in offsets:
+                    continue
+                direction = update[offsets[p]]
+                if mu:
+                    velocity = self._momentum[offsets[p]]
+                    velocity.mul_(mu).add_(direction, alpha=1 - mu)
+                    direction = velocity
+                p.add_(direction.view_as(p).to(p.dtype), alpha=-group["lr"])
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["state"]["mfac"] = {
+            "steps": self._steps,
+            "window": self.window.state_dict(),
+            "momentum": self._momentum,
+        }
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = {**state_dict, "state": dict(state_dict["state"])}
+        saved = state_dict["state"].pop("mfac", None)
+        super().load_state_dict(state_dict)
+        if saved is None:
+            return
+        self.window.load_state_dict(saved["window"])
+        momentum = saved["momentum"]
+        self._momentum = None if momentum is None else momentum.to(self.window.device, copy=True)
+        self._steps = int(saved["steps"])

@@ -1,0 +1,209 @@
+import io
+
+import pytest
+import torch
+from _oracles import explicit_solve, relative_error, woodbury_solve
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secondorder._checks import InsufficientMemoryError, NonFiniteError
+from secondorder.curvature import SlidingWindowMFAC
+from secondorder.curvature.ldl import ldl_factor
+
+f64 = torch.float64
+
+
+def feed(window: SlidingWindowMFAC, grads: torch.Tensor) -> None:
+    for g in grads:
+        window.update(g)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dim=st.integers(1, 40),
+    num_grads=st.integers(1, 9),
+    steps=st.integers(1, 40),
+    log_damp=st.floats(-4, 1),
+    seed=st.integers(0, 2**16),
+)
+def test_solve_matches_explicit_and_woodbury_through_warmup_and_wraparound(dim, num_grads, steps, log_damp, seed):
+    damp = 10.0**log_damp
+    gen = torch.Generator().manual_seed(seed)
+    grads = torch.randn(steps, dim, generator=gen, dtype=f64)
+    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64)
+    for step in range(steps):
+        x = torch.randn(dim, generator=gen, dtype=f64)
+        returned = window.update_solve(grads[step])
+        held = grads[max(0, step + 1 - num_grads) : step + 1]  # only the last num_grads count
+        assert window.num_stored == len(held)
+        assert relative_error(returned, explicit_solve(held, damp, grads[step])) < 1e-9
+        assert relative_error(window.solve(x), explicit_solve(held, damp, x)) < 1e-9
+        assert relative_error(window.solve(x), woodbury_solve(held, damp, x)) < 1e-9
+
+
+def test_empty_window_is_scaled_identity():
+    window = SlidingWindowMFAC(5, 3, damp=0.5, dtype=f64)
+    x = torch.arange(5, dtype=f64)
+    assert torch.allclose(window.solve(x), x / 0.5)
+
+
+def test_update_solve_equals_update_then_solve():
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(12, 30, generator=gen, dtype=f64)
+    fused = SlidingWindowMFAC(30, 5, 1e-3, dtype=f64)
+    separate = SlidingWindowMFAC(30, 5, 1e-3, dtype=f64)
+    for g in grads:
+        a = fused.update_solve(g)
+        separate.update(g)
+        torch.testing.assert_close(a, separate.solve(g), rtol=1e-9, atol=0)
+
+
+def test_update_solve_keeps_float32_accuracy_at_tiny_damping():
+    """F⁻¹g for a g in the window, via n Gᵀ K⁻¹ e_s: nothing cancels, even at damp = 1e-7
+    (the subtracting form (g − Gᵀc)/λ loses all float32 digits there)."""
+    dim, num_grads, damp = 500, 16, 1e-7
+    gen = torch.Generator().manual_seed(8)
+    grads = torch.randn(40, dim, generator=gen)
+    window = SlidingWindowMFAC(dim, num_grads, damp)
+    for step, g in enumerate(grads):
+        out = window.update_solve(g)
+        held = grads[max(0, step + 1 - num_grads) : step + 1]
+        assert relative_error(out, explicit_solve(held, damp, g)) < 1e-5
+
+
+def test_result_depends_only_on_the_last_num_grads_gradients():
+    gen = torch.Generator().manual_seed(1)
+    grads = torch.randn(23, 17, generator=gen, dtype=f64)
+    long_run, fresh = SlidingWindowMFAC(17, 4, 1e-2, dtype=f64), SlidingWindowMFAC(17, 4, 1e-2, dtype=f64)
+    feed(long_run, grads)
+    feed(fresh, grads[-4:])
+    x = torch.randn(17, generator=gen, dtype=f64)
+    torch.testing.assert_close(long_run.solve(x), fresh.solve(x), rtol=1e-10, atol=0)
+
+
+def test_updated_factor_stays_within_1e_8_of_a_fresh_factorisation():
+    """10 · num_grads replacements by the O(n²) up/down-date alone (no periodic refactor)."""
+    dim, num_grads, damp = 400, 32, 1e-6
+    gen = torch.Generator().manual_seed(2)
+    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64, refactor_every=None)
+    feed(window, torch.randn(11 * num_grads, dim, generator=gen, dtype=f64))
+    assert window.num_refactors == num_grads  # the warm-up only: every later step was an up/down-date
+    assert window.num_failed_checks == 0
+    fresh_factor, fresh_pivots = ldl_factor(window._small_matrix())
+    assert relative_error(window._factor, fresh_factor) < 1e-8
+    assert relative_error(window._pivots, fresh_pivots) < 1e-8
+
+
+def test_safeguards_keep_an_ill_conditioned_window_accurate():
+    """Rank-deficient Gram (dim < num_grads) and tiny damping: cond(K) ~ 1e8."""
+    dim, num_grads, damp = 24, 48, 1e-6
+    gen = torch.Generator().manual_seed(3)
+    grads = 5 * torch.randn(10 * num_grads, dim, generator=gen, dtype=f64)
+    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64)
+    x = torch.randn(dim, generator=gen, dtype=f64)
+    worst = 0.0
+    for step, g in enumerate(grads):
+        window.update(g)
+        if step % 37 == 0 or step == len(grads) - 1:
+            held = grads[max(0, step + 1 - num_grads) : step + 1]
+            worst = max(worst, relative_error(window.solve(x), explicit_solve(held, damp, x)))
+    assert worst < 1e-6
+
+
+def test_a_failed_check_triggers_a_refactorisation():
+    gen = torch.Generator().manual_seed(4)
+    window = SlidingWindowMFAC(20, 4, 1e-3, dtype=f64, refactor_every=None, check_tol=0.0)
+    feed(window, torch.randn(9, 20, generator=gen, dtype=f64))
+    assert window.num_failed_checks == 5  # every post-warm-up update fails a zero tolerance
+    assert window.num_refactors == 4 + 5
+
+
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_half_precision_storage(storage):
+    """Exact for the window as stored; the rounding itself costs what the dtype costs."""
+    dim, num_grads, damp = 300, 8, 1e-3
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(13, dim, generator=gen)
+    window = SlidingWindowMFAC(dim, num_grads, damp, storage_dtype=storage)
+    for g in grads:
+        out = window.update_solve(g)
+    held = grads[-num_grads:]
+    assert relative_error(out, explicit_solve(held.to(storage), damp, grads[-1].to(storage))) < 1e-6
+    error = relative_error(out, explicit_solve(held, damp, grads[-1]))
+    assert error < (4e-3 if storage == torch.bfloat16 else 5e-4)
+    assert window._grads.dtype == storage and window._gram.dtype == f64
+
+
+def test_state_dict_round_trip_continues_bit_identically():
+    gen = torch.Generator().manual_seed(6)
+    grads = torch.randn(30, 50, generator=gen)
+    reference = SlidingWindowMFAC(50, 7, 1e-4)
+    interrupted = SlidingWindowMFAC(50, 7, 1e-4)
+    for g in grads[:11]:
+        reference.update_solve(g)
+        interrupted.update_solve(g)
+    buffer = io.BytesIO()
+    torch.save(interrupted.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = SlidingWindowMFAC(50, 7, 1e-4)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    for g in grads[11:]:
+        assert torch.equal(reference.update_solve(g), resumed.update_solve(g))
+
+
+def test_load_state_dict_rejects_a_different_window():
+    saved = SlidingWindowMFAC(10, 3, 1e-4).state_dict()
+    with pytest.raises(ValueError, match="num_grads=3"):
+        SlidingWindowMFAC(10, 4, 1e-4).load_state_dict(saved)
+    with pytest.raises(ValueError, match="damp"):
+        SlidingWindowMFAC(10, 3, 1e-3).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("damp", [0.0, -1e-3, float("nan"), float("inf")])
+def test_bad_damping_is_refused(damp):
+    with pytest.raises(ValueError, match="damp must be a finite number > 0"):
+        SlidingWindowMFAC(10, 3, damp)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_gradient_is_rejected_and_the_window_is_unchanged(bad):
+    gen = torch.Generator().manual_seed(7)
+    window = SlidingWindowMFAC(10, 3, 1e-3)
+    feed(window, torch.randn(4, 10, generator=gen))
+    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in window.state_dict().items()}
+    g = torch.randn(10, generator=gen)
+    g[3] = bad
+    with pytest.raises(NonFiniteError, match="1 NaN or Inf entries out of 10"):
+        window.update_solve(g)
+    for key, value in window.state_dict().items():
+        assert torch.equal(value, before[key]) if isinstance(value, torch.Tensor) else value == before[key]
+
+
+def test_shape_device_and_type_errors():
+    window = SlidingWindowMFAC(10, 3, 1e-3)
+    with pytest.raises(ValueError, match=r"shape \(9,\); this window holds vectors of shape \(10,\)"):
+        window.update(torch.zeros(9))
+    with pytest.raises(ValueError, match="shape"):
+        window.solve(torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="is on meta but the window is on cpu"):
+        window.update(torch.zeros(10, device="meta"))
+    with pytest.raises(TypeError, match="floating point"):
+        window.update(torch.zeros(10, dtype=torch.long))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        window.update([0.0] * 10)
+    with pytest.raises(ValueError, match="num_grads must be a positive integer"):
+        SlidingWindowMFAC(10, 0)
+
+
+def test_a_window_too_large_for_memory_is_refused_before_allocating():
+    with pytest.raises(InsufficientMemoryError, match=r"1024 x 1000000000000 .* needs 3\.6 PiB|needs .* but only"):
+        SlidingWindowMFAC(10**12, 1024)
+    assert SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16) == 10 * 1000 * 2 + 2 * 10 * 10 * 8
+
+
+def test_reset_forgets_everything():
+    window = SlidingWindowMFAC(6, 2, 0.25)
+    feed(window, torch.ones(3, 6))
+    window.reset()
+    assert window.num_stored == 0
+    torch.testing.assert_close(window.solve(torch.ones(6)), torch.full((6,), 4.0))
