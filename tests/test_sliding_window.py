@@ -26,7 +26,9 @@ def feed(window: SlidingWindowMFAC, grads: torch.Tensor) -> None:
     log_damp=st.floats(-4, 1),
     seed=st.integers(0, 2**16),
 )
-def test_solve_matches_explicit_and_woodbury_through_warmup_and_wraparound(dim, num_grads, steps, log_damp, seed):
+def test_solve_matches_explicit_and_woodbury_through_warmup_and_wraparound(
+    dim, num_grads, steps, log_damp, seed
+):
     damp = 10.0**log_damp
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(steps, dim, generator=gen, dtype=f64)
@@ -74,7 +76,10 @@ def test_update_solve_keeps_float32_accuracy_at_tiny_damping():
 def test_result_depends_only_on_the_last_num_grads_gradients():
     gen = torch.Generator().manual_seed(1)
     grads = torch.randn(23, 17, generator=gen, dtype=f64)
-    long_run, fresh = SlidingWindowMFAC(17, 4, 1e-2, dtype=f64), SlidingWindowMFAC(17, 4, 1e-2, dtype=f64)
+    long_run, fresh = (
+        SlidingWindowMFAC(17, 4, 1e-2, dtype=f64),
+        SlidingWindowMFAC(17, 4, 1e-2, dtype=f64),
+    )
     feed(long_run, grads)
     feed(fresh, grads[-4:])
     x = torch.randn(17, generator=gen, dtype=f64)
@@ -87,7 +92,9 @@ def test_updated_factor_stays_within_1e_8_of_a_fresh_factorisation():
     gen = torch.Generator().manual_seed(2)
     window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64, refactor_every=None)
     feed(window, torch.randn(11 * num_grads, dim, generator=gen, dtype=f64))
-    assert window.num_refactors == num_grads  # the warm-up only: every later step was an up/down-date
+    assert (
+        window.num_refactors == num_grads
+    )  # the warm-up only: every later step was an up/down-date
     assert window.num_failed_checks == 0
     fresh_factor, fresh_pivots = ldl_factor(window._small_matrix())
     assert relative_error(window._factor, fresh_factor) < 1e-8
@@ -170,18 +177,26 @@ def test_non_finite_gradient_is_rejected_and_the_window_is_unchanged(bad):
     gen = torch.Generator().manual_seed(7)
     window = SlidingWindowMFAC(10, 3, 1e-3)
     feed(window, torch.randn(4, 10, generator=gen))
-    before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in window.state_dict().items()}
+    before = {
+        k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in window.state_dict().items()
+    }
     g = torch.randn(10, generator=gen)
     g[3] = bad
     with pytest.raises(NonFiniteError, match="1 NaN or Inf entries out of 10"):
         window.update_solve(g)
     for key, value in window.state_dict().items():
-        assert torch.equal(value, before[key]) if isinstance(value, torch.Tensor) else value == before[key]
+        assert (
+            torch.equal(value, before[key])
+            if isinstance(value, torch.Tensor)
+            else value == before[key]
+        )
 
 
 def test_shape_device_and_type_errors():
     window = SlidingWindowMFAC(10, 3, 1e-3)
-    with pytest.raises(ValueError, match=r"shape \(9,\); this window holds vectors of shape \(10,\)"):
+    with pytest.raises(
+        ValueError, match=r"shape \(9,\); this window holds vectors of shape \(10,\)"
+    ):
         window.update(torch.zeros(9))
     with pytest.raises(ValueError, match="shape"):
         window.solve(torch.zeros(2, 10))
@@ -189,16 +204,21 @@ def test_shape_device_and_type_errors():
         window.update(torch.zeros(10, device="meta"))
     with pytest.raises(TypeError, match="floating point"):
         window.update(torch.zeros(10, dtype=torch.long))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         window.update([0.0] * 10)
     with pytest.raises(ValueError, match="num_grads must be a positive integer"):
         SlidingWindowMFAC(10, 0)
 
 
 def test_a_window_too_large_for_memory_is_refused_before_allocating():
-    with pytest.raises(InsufficientMemoryError, match=r"1024 x 1000000000000 .* needs 3\.6 PiB|needs .* but only"):
+    with pytest.raises(
+        InsufficientMemoryError, match=r"1024 x 1000000000000 .* needs 3\.6 PiB|needs .* but only"
+    ):
         SlidingWindowMFAC(10**12, 1024)
-    assert SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16) == 10 * 1000 * 2 + 2 * 10 * 10 * 8
+    assert (
+        SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
+        == 10 * 1000 * 2 + 2 * 10 * 10 * 8
+    )
 
 
 def test_reset_forgets_everything():

@@ -173,7 +173,10 @@ class SlidingWindowMFAC:
         self._gram[:n, slot] = gram_row
         self._num_stored = n
         self._next_slot = (slot + 1) % self.num_grads
-        due = self.refactor_every is not None and self._updates_since_refactor + 1 >= self.refactor_every
+        due = (
+            self.refactor_every is not None
+            and self._updates_since_refactor + 1 >= self.refactor_every
+        )
         if filling or due:
             self._refactor()
         else:
@@ -432,7 +435,9 @@ class _BlockGroup:
         if self.method == "woodbury" and self.operator.shape[0] == 1 and k == 1:
             W = self.operator[0]
             t = kernels.row_dots(W, x[0], W.shape[0])
-            out = kernels.combine(W, (-t / self.damp).to(x.dtype), W.shape[0], x[0], 1.0 / self.damp)
+            out = kernels.combine(
+                W, (-t / self.damp).to(x.dtype), W.shape[0], x[0], 1.0 / self.damp
+            )
             return out.unsqueeze(0)
         blocks = x.reshape(k, self.dim // self.size, self.size).transpose(0, 1)  # [blocks, k, size]
         if self.method == "explicit":

@@ -120,7 +120,9 @@ def _check(G: torch.Tensor, x: torch.Tensor | None, n: int) -> None:
     if not 0 <= n <= G.shape[0]:
         raise ValueError(f"n={n} rows requested from a window of {G.shape[0]}")
     if x is not None and (x.dim() != 1 or x.shape[0] != G.shape[1] or not x.is_contiguous()):
-        raise ValueError(f"expected a contiguous vector of length {G.shape[1]}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"expected a contiguous vector of length {G.shape[1]}, got {tuple(x.shape)}"
+        )
 
 
 def _dot(G, x, n, row, block_n, block_d, chunks):
@@ -136,7 +138,13 @@ def _dot(G, x, n, row, block_n, block_d, chunks):
 
 
 def row_dots(
-    G: torch.Tensor, x: torch.Tensor, n: int, *, block_n: int = 8, block_d: int = 512, chunks: int = 4
+    G: torch.Tensor,
+    x: torch.Tensor,
+    n: int,
+    *,
+    block_n: int = 8,
+    block_d: int = 512,
+    chunks: int = 4,
 ) -> torch.Tensor:
     """``G[:n] @ x``; see :func:`secondorder.kernels.reference.row_dots`."""
     return _dot(G, x, n, None, block_n, block_d, chunks)
