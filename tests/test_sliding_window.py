@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from secondorder._checks import InsufficientMemoryError, NonFiniteError
 from secondorder.curvature import SlidingWindowMFAC
 from secondorder.curvature.ldl import ldl_factor
+from secondorder.curvature.mfac import rank2_is_faster
 
 f64 = torch.float64
 
@@ -90,7 +91,9 @@ def test_updated_factor_stays_within_1e_8_of_a_fresh_factorisation():
     """10 · num_grads replacements by the O(n²) up/down-date alone (no periodic refactor)."""
     dim, num_grads, damp = 400, 32, 1e-6
     gen = torch.Generator().manual_seed(2)
-    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64, refactor_every=None)
+    window = SlidingWindowMFAC(
+        dim, num_grads, damp, dtype=f64, refactor_every=None, factor_update="rank2"
+    )
     feed(window, torch.randn(11 * num_grads, dim, generator=gen, dtype=f64))
     assert (
         window.num_refactors == num_grads
@@ -106,7 +109,7 @@ def test_safeguards_keep_an_ill_conditioned_window_accurate():
     dim, num_grads, damp = 24, 48, 1e-6
     gen = torch.Generator().manual_seed(3)
     grads = 5 * torch.randn(10 * num_grads, dim, generator=gen, dtype=f64)
-    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64)
+    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64, factor_update="rank2")
     x = torch.randn(dim, generator=gen, dtype=f64)
     worst = 0.0
     for step, g in enumerate(grads):
@@ -119,10 +122,27 @@ def test_safeguards_keep_an_ill_conditioned_window_accurate():
 
 def test_a_failed_check_triggers_a_refactorisation():
     gen = torch.Generator().manual_seed(4)
-    window = SlidingWindowMFAC(20, 4, 1e-3, dtype=f64, refactor_every=None, check_tol=0.0)
+    window = SlidingWindowMFAC(
+        20, 4, 1e-3, dtype=f64, refactor_every=None, check_tol=0.0, factor_update="rank2"
+    )
     feed(window, torch.randn(9, 20, generator=gen, dtype=f64))
     assert window.num_failed_checks == 5  # every post-warm-up update fails a zero tolerance
     assert window.num_refactors == 4 + 5
+
+
+def test_factor_update_policy():
+    assert rank2_is_faster(64, torch.device("cuda")) and not rank2_is_faster(
+        32, torch.device("cuda")
+    )
+    assert not rank2_is_faster(1024, torch.device("cpu")) and rank2_is_faster(
+        4096, torch.device("cpu")
+    )
+    assert SlidingWindowMFAC(10, 4).factor_update == "refactor"
+    refactoring = SlidingWindowMFAC(10, 2, factor_update="refactor")
+    feed(refactoring, torch.randn(5, 10))
+    assert refactoring.num_refactors == 5
+    with pytest.raises(ValueError, match="factor_update must be"):
+        SlidingWindowMFAC(10, 4, factor_update="sometimes")
 
 
 @pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])

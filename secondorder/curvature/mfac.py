@@ -37,10 +37,20 @@ from .._checks import (
 )
 from .ldl import ldl_factor, ldl_replace_row, ldl_row_error, ldl_solve
 
-__all__ = ["DenseMFAC", "SlidingWindowMFAC"]
+__all__ = ["DenseMFAC", "SlidingWindowMFAC", "rank2_is_faster"]
 
 # The n × n system is small; it is always solved in float64.
 _SMALL = torch.float64
+
+
+# Smallest window for which the O(n²) up/down-date of K's factor beats a fresh
+# Cholesky, per device type (measured: docs/benchmarks.md, "small system").
+_RANK2_THRESHOLD = {"cuda": 64, "cpu": 2048}
+
+
+def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
+    """Whether the O(n²) rank-2 up/down-date of an ``n × n`` LDLᵀ factor beats refactoring it."""
+    return num_grads >= _RANK2_THRESHOLD.get(device.type, _RANK2_THRESHOLD["cpu"])
 
 
 class SlidingWindowMFAC:
@@ -65,6 +75,11 @@ class SlidingWindowMFAC:
       rounding errors cannot build up. Each solve with ``K`` takes one step of
       iterative refinement.
 
+    The O(n²) modification is some twenty memory-bound passes over ``n × n``
+    float64, while a refactorisation is one compute-bound Cholesky of ``n³/3``
+    flops; which is faster depends on the device and on ``n``
+    (``factor_update="auto"``, see :func:`rank2_is_faster` and docs/benchmarks.md).
+
     Args:
         dim: length ``d`` of the gradients.
         num_grads: window size ``m``; bounded only by memory, checked before allocating.
@@ -76,6 +91,9 @@ class SlidingWindowMFAC:
             float32. Defaults to ``dtype``.
         refactor_every: refactor at least every this many updates (``None``: only when a check fails).
         check_tol: relative error of the factor that triggers a refactorisation.
+        factor_update: how a full window keeps ``K``'s factor current: ``"rank2"``
+            (the O(n²) up/down-date), ``"refactor"`` (O(n³) each step) or ``"auto"``
+            (whichever :func:`rank2_is_faster` says for the device and ``num_grads``).
     """
 
     def __init__(
@@ -89,6 +107,7 @@ class SlidingWindowMFAC:
         storage_dtype: torch.dtype | None = None,
         refactor_every: int | None = -1,
         check_tol: float = 1e-10,
+        factor_update: str = "auto",
     ) -> None:
         self.dim = check_positive_int(dim, "dim")
         self.num_grads = check_positive_int(num_grads, "num_grads")
@@ -102,6 +121,10 @@ class SlidingWindowMFAC:
             refactor_every = num_grads
         if refactor_every is not None:
             check_positive_int(refactor_every, "refactor_every")
+        if factor_update not in ("auto", "rank2", "refactor"):
+            raise ValueError(
+                f"factor_update must be 'auto', 'rank2' or 'refactor', got {factor_update!r}"
+            )
         self.dtype = dtype
         self.storage_dtype = storage_dtype
         self.refactor_every = refactor_every
@@ -117,6 +140,9 @@ class SlidingWindowMFAC:
         )
         self._grads = torch.zeros(num_grads, dim, dtype=storage_dtype, device=device)
         self.device = self._grads.device
+        if factor_update == "auto":
+            factor_update = "rank2" if rank2_is_faster(num_grads, self.device) else "refactor"
+        self.factor_update = factor_update
         self._gram = torch.zeros(num_grads, num_grads, dtype=_SMALL, device=self.device)
         self._factor = torch.zeros(0, 0, dtype=_SMALL, device=self.device)
         self._pivots = torch.zeros(0, dtype=_SMALL, device=self.device)
@@ -177,7 +203,7 @@ class SlidingWindowMFAC:
             self.refactor_every is not None
             and self._updates_since_refactor + 1 >= self.refactor_every
         )
-        if filling or due:
+        if filling or due or self.factor_update == "refactor":
             self._refactor()
         else:
             self._update_factor(slot, gram_row - old_row)
@@ -322,7 +348,6 @@ class DenseMFAC:
             raise ValueError(
                 f"grads must hold at least one gradient of length >= 1, got {tuple(grads.shape)}"
             )
-        check_finite(grads, "grads")
         self.damp = check_damping(damp)
         self.num_grads, self.dim = grads.shape
         self.block_size = (
@@ -336,6 +361,7 @@ class DenseMFAC:
             what=f"the M-FAC inverse of {self.num_grads} gradients of length {self.dim}",
             advice="lower num_grads or block_size",
         )
+        check_finite(grads, "grads")
         size = self.dim if block_size is None else min(block_size, self.dim)
         full_blocks, remainder = divmod(self.dim, size)
         self._groups = [_BlockGroup(grads[:, : full_blocks * size], size, self.damp, self.dtype)]

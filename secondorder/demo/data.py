@@ -17,6 +17,10 @@ class Split:
     def __len__(self) -> int:
         return len(self.targets)
 
+    def subset(self, count: int) -> Split:
+        """The first ``count`` examples."""
+        return Split(self.inputs[:count], self.targets[:count])
+
     def batches(self, batch_size: int, generator: torch.Generator | None = None):
         """``(inputs, targets)`` mini-batches, shuffled when a generator is given."""
         n = len(self)

@@ -30,6 +30,20 @@ _TL_ACC = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 
 @triton.jit
+def _to_storage(value, DTYPE: tl.constexpr):
+    """Round to the window's dtype, to nearest even, exactly as torch does.
+
+    bfloat16 is done by hand on the float32 bits: Triton's interpreter truncates
+    in ``.to(tl.bfloat16)``, and a kernel must write the same bits everywhere.
+    """
+    if tl.bfloat16 == DTYPE:
+        bits = value.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return value.to(DTYPE)
+
+
+@triton.jit
 def _dot_kernel(
     G,
     x,
@@ -54,8 +68,11 @@ def _dot_kernel(
         for k in tl.static_range(CHUNKS):
             cols = first_col + k * BLOCK_D + tl.arange(0, BLOCK_D)
             col_mask = cols < d
-            # The dot products are with the vector as stored, rounded to G's dtype.
-            vector = tl.load(x + cols, mask=col_mask, other=0.0).to(G.dtype.element_ty).to(ACC)
+            vector = tl.load(x + cols, mask=col_mask, other=0.0)
+            if WRITE:
+                # The dot products are with the new row as stored, rounded to G's dtype.
+                vector = _to_storage(vector, G.dtype.element_ty)
+            vector = vector.to(ACC)
             tile = tl.load(
                 G + row_offsets[:, None] + cols[None, :],
                 mask=row_mask[:, None] & col_mask[None, :],
@@ -72,7 +89,7 @@ def _dot_kernel(
             col_mask = cols < d
             value = tl.load(x + cols, mask=col_mask, other=0.0)
             target = G + write_row.to(tl.int64) * stride_row + cols
-            tl.store(target, value.to(G.dtype.element_ty), mask=col_mask)
+            tl.store(target, _to_storage(value, G.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
