@@ -1,0 +1,227 @@
+"""Speed and accuracy of the M-FAC estimators, side by side with their baselines.
+
+    python benchmarks/mfac_bench.py                 # every part, the sizes of docs/benchmarks.md
+    python benchmarks/mfac_bench.py --part window --quick
+
+Parts:
+  window    one SlidingWindowMFAC.update_solve (a full window) against the floor of two
+            plain passes over G (G @ g and Gᵀ @ c), the naive Woodbury rebuilt every step,
+            and both ways of keeping the small factor current (rank-2 up/down-date, refactor).
+  factor    the n × n system alone: rank-2 up/down-date (+ its check) against a refactor.
+  dense     DenseMFAC's GEMM-shaped precomputation against the paper's sequential recurrence.
+  accuracy  float32 F⁻¹g for a g in the window: update_solve's n Gᵀ K⁻¹ e_s against the
+            subtracting form (g − Gᵀ K⁻¹ G g)/λ, both against a float64 oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from baselines import sequential_static_mfac, sequential_static_solve, woodbury_from_scratch
+
+from secondorder.curvature import DenseMFAC, SlidingWindowMFAC
+from secondorder.curvature.ldl import ldl_factor, ldl_replace_row, ldl_row_error
+
+
+def timed(fn: Callable[[], object], *, budget: float = 2.0, max_repeats: int = 50) -> float:
+    """Median wall time of ``fn`` over as many calls as fit in ``budget`` seconds (at least 3)."""
+    fn()
+    times = []
+    start = time.perf_counter()
+    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < max_repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def full_window(n: int, d: int, damp: float, factor_update: str) -> SlidingWindowMFAC:
+    """A full window over random gradients, built in one GEMM instead of n updates."""
+    window = SlidingWindowMFAC(d, n, damp, factor_update=factor_update)
+    grads = torch.randn(n, d)
+    gram = (grads @ grads.T).double()
+    K = gram + n * damp * torch.eye(n, dtype=torch.float64)
+    factor, pivots = ldl_factor(K)
+    state = window.state_dict() | {
+        "grads": grads,
+        "gram": gram,
+        "factor": factor,
+        "pivots": pivots,
+        "num_stored": n,
+    }
+    window.load_state_dict(state)
+    return window
+
+
+def bench_window(sizes: list[tuple[int, int]], damp: float) -> str:
+    rows = []
+    for n, d in sizes:
+        window = full_window(n, d, damp, "refactor")
+        G = window._grads
+        g, c = torch.randn(d), torch.randn(n)
+        floor = timed(lambda G=G, g=g: G @ g) + timed(lambda G=G, c=c: G.T @ c)
+        fresh_gradients = itertools.cycle(torch.randn(8, d))
+
+        def step(window=window, fresh_gradients=fresh_gradients):
+            window.update_solve(next(fresh_gradients))
+
+        window.factor_update = "refactor"
+        refactor = timed(step)
+        window.factor_update = "rank2"
+        rank2 = timed(step)
+        naive = timed(lambda G=G, g=g: woodbury_from_scratch(G, damp, g), budget=0.0, max_repeats=3)
+        best = min(refactor, rank2)
+        rows.append(
+            [
+                str(n),
+                f"{d:.0e}",
+                f"{floor * 1e3:.1f}",
+                f"{rank2 * 1e3:.1f}",
+                f"{refactor * 1e3:.1f}",
+                f"{best / floor:.2f}",
+                f"{naive * 1e3:.0f}",
+                f"{naive / best:.0f}x",
+            ]
+        )
+        print(rows[-1], flush=True)
+        del window, G
+    header = [
+        "n",
+        "d",
+        "floor: G@g + Gᵀ@c (ms)",
+        "ours, rank-2 (ms)",
+        "ours, refactor (ms)",
+        "best / floor",
+        "naive Woodbury (ms)",
+        "naive / best",
+    ]
+    return table(header, rows)
+
+
+def bench_factor(sizes: list[int]) -> str:
+    rows = []
+    for n in sizes:
+        G = torch.randn(n, 2 * n, dtype=torch.float64)
+        K = G @ G.T + n * 1e-4 * torch.eye(n, dtype=torch.float64)
+        L, D = ldl_factor(K)
+        delta = 0.01 * torch.randn(n, dtype=torch.float64)
+
+        def rank2(L=L, D=D, K=K, delta=delta, row=n // 2):
+            updated = ldl_replace_row(L, D, row, delta)
+            ldl_row_error(*updated, K, row)
+
+        refactor = timed(lambda K=K: ldl_factor(K))
+        update = timed(rank2)
+        rows.append(
+            [str(n), f"{refactor * 1e3:.2f}", f"{update * 1e3:.2f}", f"{refactor / update:.2f}"]
+        )
+        print(rows[-1], flush=True)
+    header = ["n", "refactor (ms)", "rank-2 + check (ms)", "refactor / rank-2"]
+    return table(header, rows)
+
+
+def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
+    rows = []
+    for n, d in sizes:
+        grads = torch.randn(n, d)
+        x = torch.randn(d)
+        t0 = time.perf_counter()
+        ours = DenseMFAC(grads, damp)
+        t_ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        H, denom = sequential_static_mfac(grads, damp)
+        t_seq = time.perf_counter() - t0
+        agreement = (
+            ours.solve(x) - sequential_static_solve(H, denom, damp, x)
+        ).norm() / ours.solve(x).norm()
+        rows.append(
+            [
+                str(n),
+                f"{d:.0e}",
+                f"{t_ours:.2f}",
+                f"{t_seq:.2f}",
+                f"{t_seq / t_ours:.1f}x",
+                f"{agreement:.1e}",
+            ]
+        )
+        print(rows[-1], flush=True)
+    header = [
+        "n",
+        "d",
+        "DenseMFAC (s)",
+        "sequential recurrence (s)",
+        "speed-up",
+        "relative difference of F⁻¹x",
+    ]
+    return table(header, rows)
+
+
+def bench_accuracy(damps: list[float], n: int = 64, d: int = 2000) -> str:
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    grads = torch.randn(2 * n, d, generator=gen)
+    for damp in damps:
+        fused, subtracting = SlidingWindowMFAC(d, n, damp), SlidingWindowMFAC(d, n, damp)
+        errors_fused, errors_sub = [], []
+        for step, g in enumerate(grads):
+            out = fused.update_solve(g)
+            subtracting.update(g)
+            held = grads[max(0, step + 1 - n) : step + 1].double()
+            F = damp * torch.eye(d, dtype=torch.float64) + held.T @ held / len(held)
+            exact = torch.linalg.solve(F, g.double())
+            errors_fused.append(float((out.double() - exact).norm() / exact.norm()))
+            errors_sub.append(float((subtracting.solve(g).double() - exact).norm() / exact.norm()))
+        rows.append([f"{damp:.0e}", f"{max(errors_fused):.1e}", f"{max(errors_sub):.1e}"])
+        print(rows[-1], flush=True)
+    header = ["damp", "update_solve: n Gᵀ K⁻¹ e_s", "subtracting form (g − Gᵀc)/λ"]
+    return table(header, rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--part", choices=["window", "factor", "dense", "accuracy", "all"], default="all"
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(
+        f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
+    )
+    parts = ["window", "factor", "dense", "accuracy"] if args.part == "all" else [args.part]
+    if "window" in parts:
+        sizes = (
+            [(64, 10**4)]
+            if args.quick
+            else [(n, d) for d in (10**5, 10**6) for n in (64, 256, 1024)]
+        )
+        print("\n## Sliding-window step\n\n" + bench_window(sizes, damp=1e-6))
+    if "factor" in parts:
+        sizes = [64, 256] if args.quick else [64, 128, 256, 512, 1024, 2048, 4096]
+        print("\n## Small system\n\n" + bench_factor(sizes))
+    if "dense" in parts:
+        sizes = [(64, 10**4)] if args.quick else [(256, 10**5), (1024, 10**5)]
+        print("\n## Static precomputation\n\n" + bench_dense(sizes, damp=1e-4))
+    if "accuracy" in parts:
+        damps = [1e-4] if args.quick else [1e-2, 1e-4, 1e-6, 1e-8]
+        print("\n## float32 accuracy\n\n" + bench_accuracy(damps))
+
+
+if __name__ == "__main__":
+    main()
