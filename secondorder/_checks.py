@@ -30,6 +30,8 @@ def check_positive_int(value: int, name: str) -> int:
 
 def check_finite(t: torch.Tensor, what: str) -> None:
     """Raise :class:`NonFiniteError` naming how many entries of ``t`` are NaN or Inf."""
+    if bool(torch.isfinite(t.sum())):
+        return  # one reduction, no mask: a NaN or Inf anywhere makes the sum non-finite
     finite = torch.isfinite(t)
     if not bool(finite.all()):
         bad = int(t.numel() - finite.sum())

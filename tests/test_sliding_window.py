@@ -131,12 +131,9 @@ def test_a_failed_check_triggers_a_refactorisation():
 
 
 def test_factor_update_policy():
-    assert rank2_is_faster(64, torch.device("cuda")) and not rank2_is_faster(
-        32, torch.device("cuda")
-    )
-    assert not rank2_is_faster(1024, torch.device("cpu")) and rank2_is_faster(
-        4096, torch.device("cpu")
-    )
+    assert rank2_is_faster(256, torch.device("cuda"))
+    assert not rank2_is_faster(255, torch.device("cuda"))
+    assert not rank2_is_faster(10**6, torch.device("cpu"))
     assert SlidingWindowMFAC(10, 4).factor_update == "refactor"
     refactoring = SlidingWindowMFAC(10, 2, factor_update="refactor")
     feed(refactoring, torch.randn(5, 10))
@@ -247,3 +244,9 @@ def test_reset_forgets_everything():
     window.reset()
     assert window.num_stored == 0
     torch.testing.assert_close(window.solve(torch.ones(6)), torch.full((6,), 4.0))
+
+
+def test_finite_gradients_whose_sum_overflows_are_accepted():
+    window = SlidingWindowMFAC(4, 2, 1e-3)
+    window.update(torch.full((4,), 3e38))  # the float32 sum is inf, every entry is finite
+    assert window.num_stored == 1

@@ -44,13 +44,17 @@ _SMALL = torch.float64
 
 
 # Smallest window for which the O(n²) up/down-date of K's factor beats a fresh
-# Cholesky, per device type (measured: docs/benchmarks.md, "small system").
-_RANK2_THRESHOLD = {"cuda": 64, "cpu": 2048}
+# Cholesky, per device type; None: never (docs/benchmarks.md, "Small system").
+# CPU: measured slower than refactoring at every n from 64 to 4096. CUDA: an
+# estimate (no GPU was available to measure it): ~40 small kernels against a
+# latency-bound cuSOLVER factorisation.
+_RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": None}
 
 
 def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
     """Whether the O(n²) rank-2 up/down-date of an ``n × n`` LDLᵀ factor beats refactoring it."""
-    return num_grads >= _RANK2_THRESHOLD.get(device.type, _RANK2_THRESHOLD["cpu"])
+    threshold = _RANK2_THRESHOLD.get(device.type)
+    return threshold is not None and num_grads >= threshold
 
 
 class SlidingWindowMFAC:
