@@ -30,11 +30,13 @@ import torch
 
 from .. import kernels
 from .._checks import (
+    NonFiniteError,
     check_damping,
     check_finite,
     check_positive_int,
     ensure_fits,
 )
+from .._distributed import all_reduce_sum, rank_and_world
 from .ldl import ldl_factor, ldl_replace_row, ldl_row_error, ldl_solve
 
 __all__ = ["DenseMFAC", "SlidingWindowMFAC", "rank2_is_faster"]
@@ -98,6 +100,13 @@ class SlidingWindowMFAC:
         factor_update: how a full window keeps ``K``'s factor current: ``"rank2"``
             (the O(n²) up/down-date), ``"refactor"`` (O(n³) each step) or ``"auto"``
             (whichever :func:`rank2_is_faster` says for the device and ``num_grads``).
+        process_group: shard the window over the ranks of this ``torch.distributed``
+            group. ``dim`` is then the length of this rank's shard of the coordinates
+            and the Fisher is over the concatenation of all shards; each rank passes
+            its own shard of the same gradient, in the same order. The only extra
+            communication is one all-reduce of ``n`` numbers per pass over the
+            window (and one of a single number for the NaN check); every rank
+            solves the same ``n × n`` system and returns its shard of the result.
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class SlidingWindowMFAC:
         refactor_every: int | None = -1,
         check_tol: float = 1e-10,
         factor_update: str = "auto",
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         self.dim = check_positive_int(dim, "dim")
         self.num_grads = check_positive_int(num_grads, "num_grads")
@@ -129,6 +139,8 @@ class SlidingWindowMFAC:
             raise ValueError(
                 f"factor_update must be 'auto', 'rank2' or 'refactor', got {factor_update!r}"
             )
+        self.process_group = process_group
+        self.rank, self.world_size = rank_and_world(process_group)
         self.dtype = dtype
         self.storage_dtype = storage_dtype
         self.refactor_every = refactor_every
@@ -189,7 +201,16 @@ class SlidingWindowMFAC:
             raise ValueError(f"{name} is on {x.device} but the window is on {self.device}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
-        check_finite(x, name)
+        if self.process_group is None:
+            check_finite(x, name)
+        else:  # every rank must raise, or the others would wait in the next all-reduce
+            bad = 0 if bool(torch.isfinite(x.sum())) else int((~torch.isfinite(x)).sum())
+            total = all_reduce_sum(torch.tensor([bad], device=self.device), self.process_group)
+            if total.item():
+                raise NonFiniteError(
+                    f"{name} has {total.item()} NaN or Inf entries in the shards of "
+                    f"{self.world_size} ranks ({bad} here, on rank {self.rank})"
+                )
         return x.to(self.dtype).contiguous()
 
     def _insert(self, g: torch.Tensor) -> int:
@@ -198,7 +219,8 @@ class SlidingWindowMFAC:
         slot = self._num_stored if filling else self._next_slot
         n = self._num_stored + filling
         old_row = None if filling else self._gram[slot, :n].clone()
-        gram_row = kernels.write_row_and_dot(self._grads, slot, g, n).to(_SMALL)
+        partial = kernels.write_row_and_dot(self._grads, slot, g, n)
+        gram_row = all_reduce_sum(partial, self.process_group).to(_SMALL)
         self._gram[slot, :n] = gram_row
         self._gram[:n, slot] = gram_row
         self._num_stored = n
@@ -251,7 +273,8 @@ class SlidingWindowMFAC:
         n = self._num_stored
         if n == 0:
             return x / self.damp
-        coef = -self._solve_small(kernels.row_dots(self._grads, x, n)) / self.damp
+        t = all_reduce_sum(kernels.row_dots(self._grads, x, n), self.process_group)
+        coef = -self._solve_small(t) / self.damp
         return kernels.combine(self._grads, coef.to(self.dtype), n, x, 1.0 / self.damp)
 
     def update_solve(self, g: torch.Tensor) -> torch.Tensor:
@@ -283,6 +306,8 @@ class SlidingWindowMFAC:
             "num_grads": self.num_grads,
             "damp": self.damp,
             "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+            "world_size": self.world_size,
+            "rank": self.rank,
             "num_stored": self._num_stored,
             "next_slot": self._next_slot,
             "updates_since_refactor": self._updates_since_refactor,
@@ -295,6 +320,14 @@ class SlidingWindowMFAC:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a window saved by :meth:`state_dict`; the next step is bit-identical."""
         mine = self.state_dict()
+        for key in ("world_size", "rank"):
+            if state.get(key, mine[key] if key == "rank" else 1) != mine[key]:
+                raise ValueError(
+                    f"this window was saved by rank {state.get('rank', 0)} of "
+                    f"{state.get('world_size', 1)} and is loaded by rank {self.rank} of "
+                    f"{self.world_size}: a sharded window resumes only on the same ranks "
+                    "(resharding is not supported)"
+                )
         for key in ("dim", "num_grads", "storage_dtype"):
             if state[key] != mine[key]:
                 raise ValueError(

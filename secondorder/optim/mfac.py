@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_damping, check_positive_int
+from .._distributed import Shard, all_gather_shards, rank_and_world
 from ..curvature.mfac import SlidingWindowMFAC
 
 __all__ = ["MFAC"]
@@ -47,6 +48,16 @@ class MFAC(torch.optim.Optimizer):
         momentum: ``μ`` in ``[0, 1)``.
         weight_decay: L2 coefficient added to the gradient.
         storage_dtype: dtype of the gradient window; ``torch.bfloat16`` halves its memory.
+        process_group: under data parallelism (DDP), shard the window over the ranks of
+            this group: each rank keeps the last ``num_grads`` gradients only for its
+            contiguous ``1/world`` of the flat coordinates, so the window's memory
+            per rank is ``num_grads · d / world``. A step all-reduces ``num_grads``
+            partial dot products (independent of ``d``), solves the same small
+            system on every rank, forms this rank's shard of the update and
+            all-gathers the update (``d`` numbers, as much as DDP's gradient
+            all-reduce). The gradients must be the same on every rank, as DDP
+            leaves them. ``state_dict()`` then holds this rank's shard: save one
+            per rank and resume on the same number of ranks.
     """
 
     def __init__(
@@ -58,6 +69,7 @@ class MFAC(torch.optim.Optimizer):
         momentum: float = 0.0,
         weight_decay: float = 0.0,
         storage_dtype: torch.dtype | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         check_positive_int(num_grads, "num_grads")
         check_damping(damp)
@@ -78,13 +90,16 @@ class MFAC(torch.optim.Optimizer):
         self._sizes = [p.numel() for p in self._params]
         all_double = all(p.dtype == torch.float64 for p in self._params)
         self._dtype = torch.float64 if all_double else torch.float32
+        self._shard = Shard(*rank_and_world(process_group), sum(self._sizes))
+        self._process_group = process_group
         self._window = SlidingWindowMFAC(
-            sum(self._sizes),
+            self._shard.size,
             num_grads,
             damp,
             device=devices.pop(),
             dtype=self._dtype,
             storage_dtype=storage_dtype,
+            process_group=process_group,
         )
         self._momentum: torch.Tensor | None = None
         self._steps = 0
@@ -136,28 +151,35 @@ class MFAC(torch.optim.Optimizer):
         flat = self._flat_gradient()
         if flat is None:
             return loss
-        update = self.window.update_solve(flat)
+        update = self.window.update_solve(self._shard.take(flat))
         self._steps += 1
-
-        offsets = {}
-        start = 0
-        for p, size in zip(self._params, self._sizes, strict=True):
-            offsets[p] = slice(start, start + size)
-            start += size
-        for group in self.param_groups:
-            mu = group["momentum"]
-            if mu and self._momentum is None:
-                self._momentum = torch.zeros_like(update)
-            for p in group["params"]:
-                if p.grad is None or p not in offsets:
-                    continue
-                direction = update[offsets[p]]
-                if mu:
-                    velocity = self._momentum[offsets[p]]
-                    velocity.mul_(mu).add_(direction, alpha=1 - mu)
-                    direction = velocity
-                p.add_(direction.view_as(p).to(p.dtype), alpha=-group["lr"])
+        if any(group["momentum"] for group in self.param_groups):
+            self._apply_momentum(update)
+        direction = all_gather_shards(update, self._shard, self._process_group)
+        lr = {p: group["lr"] for group in self.param_groups for p in group["params"]}
+        for p, coordinates in zip(self._params, self._slices(), strict=True):
+            if p.grad is not None:
+                p.add_(direction[coordinates].view_as(p).to(p.dtype), alpha=-lr[p])
         return loss
+
+    def _slices(self) -> list[slice]:
+        """Each parameter's coordinates in the flat vector."""
+        ends = torch.tensor(self._sizes).cumsum(0).tolist()
+        return [slice(end - size, end) for end, size in zip(ends, self._sizes, strict=True)]
+
+    def _apply_momentum(self, update: torch.Tensor) -> None:
+        """``v ← μ v + (1 − μ) u`` on this rank's shard, then ``u ← v``, per parameter."""
+        if self._momentum is None:
+            self._momentum = torch.zeros_like(update)
+        mu = {p: group["momentum"] for group in self.param_groups for p in group["params"]}
+        for p, coordinates in zip(self._params, self._slices(), strict=True):
+            start = max(coordinates.start, self._shard.start) - self._shard.start
+            stop = min(coordinates.stop, self._shard.stop) - self._shard.start
+            if p.grad is None or not mu[p] or stop <= start:
+                continue
+            velocity = self._momentum[start:stop]
+            velocity.mul_(mu[p]).add_(update[start:stop], alpha=1 - mu[p])
+            update[start:stop] = velocity
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
