@@ -109,7 +109,14 @@ def test_prune_step_matches_the_explicit_block_diagonal_obs_on_the_alive_weights
     expected[alive] = (w + F_inv @ v).masked_fill(remove, 0)
 
     pruner = MFACPruner(
-        model, ce, batches, num_grads=6, block_size=block, damp=damp, progress=False
+        model,
+        ce,
+        batches,
+        num_grads=6,
+        block_size=block,
+        damp=damp,
+        relative_damp=0.0,
+        progress=False,
     )
     assert pruner.prune(0.5, recompute_steps=1) == 0.5
 
@@ -155,7 +162,14 @@ def test_on_least_squares_obs_loses_less_than_magnitude_and_reoptimises_the_kept
     model, data, X, residuals, loss = least_squares(seed)
     w_star = model.weight.detach().flatten().clone()
     pruner = MFACPruner(
-        model, mse, data, num_grads=len(data), block_size=None, damp=1e-9, progress=False
+        model,
+        mse,
+        data,
+        num_grads=len(data),
+        block_size=None,
+        damp=1e-9,
+        relative_damp=0.0,
+        progress=False,
     )
     # The empirical Fisher in closed form: per-sample gradients r_i x_i.
     torch.testing.assert_close(pruner.collect_gradients(), residuals[:, None] * X)
@@ -163,7 +177,14 @@ def test_on_least_squares_obs_loses_less_than_magnitude_and_reoptimises_the_kept
     for sparsity in (0.25, 0.5, 0.75):
         obs = copy.deepcopy(model)
         MFACPruner(
-            obs, mse, data, num_grads=len(data), block_size=None, damp=1e-9, progress=False
+            obs,
+            mse,
+            data,
+            num_grads=len(data),
+            block_size=None,
+            damp=1e-9,
+            relative_damp=0.0,
+            progress=False,
         ).prune(sparsity, recompute_steps=8)
         magnitude = copy.deepcopy(model)
         MagnitudePruner(magnitude).prune(sparsity)
@@ -179,9 +200,21 @@ def test_on_least_squares_obs_loses_less_than_magnitude_and_reoptimises_the_kept
         assert obs_increase <= (loss(best) - loss(w_star)) * 1.001 + 1e-9
 
 
+def test_relative_damping_makes_pruning_independent_of_the_loss_scale():
+    batches = small_data(4, seed=10)
+    results = []
+    for scale in (1.0, 1e-4):
+        model = small_model(10)
+        loss = lambda outputs, targets, scale=scale: scale * ce(outputs, targets)  # noqa: E731
+        MFACPruner(model, loss, batches, num_grads=4, progress=False).prune(0.6, recompute_steps=2)
+        results.append((flat_masks(model), flat_weights(model)))
+    assert torch.equal(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
+
+
 def test_gradual_pruning_composes_and_pruned_weights_stay_zero():
     model, batches = small_model(2), small_data(8, seed=2)
-    pruner = MFACPruner(model, ce, batches, num_grads=4, damp=1e-3, progress=False)
+    pruner = MFACPruner(model, ce, batches, num_grads=4, progress=False)
     pruner.prune(0.3, recompute_steps=2)
     first = flat_masks(model)
     pruner.prune(0.7, recompute_steps=2)
@@ -195,7 +228,7 @@ def test_gradual_pruning_composes_and_pruned_weights_stay_zero():
 
 def test_per_layer_scope_brings_every_layer_to_the_sparsity():
     model, batches = small_model(3), small_data(4, seed=3)
-    MFACPruner(model, ce, batches, num_grads=4, scope="layer", damp=1e-3, progress=False).prune(0.5)
+    MFACPruner(model, ce, batches, num_grads=4, scope="layer", progress=False).prune(0.5)
     assert int((model[0].weight == 0).sum()) == 10 and int((model[2].weight == 0).sum()) == 16
     other = small_model(3)
     MagnitudePruner(other, scope="layer").prune(0.25)
@@ -217,7 +250,6 @@ def test_n_m_masks_are_exact(make, nm, steps):
             ce,
             [(torch.randn(6, 8), t) for _, t in batches],
             num_grads=4,
-            damp=1e-3,
             progress=False,
         )
     )
@@ -243,7 +275,7 @@ def test_magnitude_matches_torch_global_unstructured():
 
 def test_masks_interoperate_with_torch_prune_and_checkpoints_round_trip():
     model, batches = small_model(6), small_data(4, seed=6)
-    pruner = MFACPruner(model, ce, batches, num_grads=4, damp=1e-3, progress=False)
+    pruner = MFACPruner(model, ce, batches, num_grads=4, progress=False)
     pruner.prune(0.6)
     inputs = batches[0][0]
     expected = model(inputs)
@@ -312,10 +344,15 @@ def test_memory_guard_refuses_before_drawing_any_batch(monkeypatch):
 def test_argument_errors():
     model = small_model()
     data = small_data(2)
-    with pytest.raises(ValueError, match="damp must be a finite number > 0"):
-        MFACPruner(model, ce, data, damp=0.0)
-    with pytest.raises(ValueError, match="relative_damp"):
+    with pytest.raises(ValueError, match="damp must be a finite number >= 0"):
+        MFACPruner(model, ce, data, damp=float("nan"))
+    with pytest.raises(ValueError, match="relative_damp must be a finite number >= 0"):
         MFACPruner(model, ce, data, relative_damp=-1.0)
+    with pytest.raises(ValueError, match="both 0"):
+        MFACPruner(model, ce, data, relative_damp=0.0)
+    with pytest.raises(ValueError, match="every gradient is zero"):
+        zero_loss = lambda outputs, targets: 0 * outputs.sum()  # noqa: E731
+        MFACPruner(model, zero_loss, data, progress=False).prune(0.1)
     with pytest.raises(ValueError, match="scope"):
         MagnitudePruner(model, scope="row")
     with pytest.raises(ValueError, match=r"no parameter '0\.wieght'"):
@@ -347,7 +384,7 @@ def test_which_weights_are_pruned():
 def test_bfloat16_model():
     model = small_model().to(torch.bfloat16)
     data = [(x.to(torch.bfloat16), t) for x, t in small_data(2)]
-    pruner = MFACPruner(model, ce, data, num_grads=2, damp=1e-3, progress=False)
+    pruner = MFACPruner(model, ce, data, num_grads=2, progress=False)
     assert pruner.prune(0.5) == 0.5
     assert model[0].weight_orig.dtype == torch.bfloat16
     assert torch.isfinite(model(data[0][0])).all()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .._checks import check_damping, check_finite, check_positive_int, ensure_fits
+from .._checks import check_finite, check_positive_int, ensure_fits
 from .._progress import progress
 from ..curvature.mfac import DenseMFAC
 from .masks import count_to_prune, prune_lowest, prune_n_m
@@ -221,9 +221,19 @@ class MFACPruner(Pruner):
     alive weight by ``ρ_q = w_q² / (2 [F⁻¹]_qq)``, removes the lowest and moves
     the others by ``δw = −Σ_q (w_q / [F⁻¹]_qq) F⁻¹ e_q`` (:mod:`.obs`).
 
-    Several ``recompute_steps`` re-collect gradients at the updated weights
-    between steps; that, and the damping, decide the result (see the measurement
-    in ``docs/benchmarks.md``).
+    The damping is ``λ = damp + relative_damp · mean_k [(1/n) Σ_i g_ik²]``: by
+    default 1% of the mean diagonal of the Fisher estimate, as SparseGPT damps,
+    because the scale of a trained model's gradients varies by orders of
+    magnitude between models (a 175x difference between the two digits models of
+    the benchmark) and an absolute damping right for one swamps another.
+    Relative damping makes the result independent of the loss scale.
+
+    Removing all the weights at once sums single-weight updates that interact;
+    several ``recompute_steps``, each re-collecting gradients at the updated
+    weights, decide the result far more than the damping does. The defaults (16
+    steps, ``relative_damp=0.01``) come from the measurement in ``docs/benchmarks.md``:
+    at 90% sparsity on the digits models, one step scores 0.42 and 0.77 test
+    accuracy, 16 steps 0.96 and 0.97; any relative damping from 1e-3 to 1 does as well.
 
     Args:
         model: the model; pruned in place.
@@ -235,9 +245,10 @@ class MFACPruner(Pruner):
         num_grads: gradients per step, one per batch.
         block_size: length of the diagonal blocks of ``F``; ``None`` for the full
             matrix (memory ``num_grads × alive weights``).
-        damp: absolute damping, added to the relative one.
-        relative_damp: damping as a fraction of the mean diagonal of
-            ``(1/n) Σ g_i g_iᵀ`` (SparseGPT's percentage damping).
+        damp: absolute part of ``λ`` (``>= 0``).
+        relative_damp: part of ``λ`` relative to the mean diagonal of
+            ``(1/n) Σ g_i g_iᵀ`` (``>= 0``); ``relative_damp=0, damp=1e-5`` is the
+            absolute damping of the reference implementation.
         scope: ``"global"`` or ``"layer"`` (see :class:`Pruner`).
         progress: show a progress bar while collecting gradients.
     """
@@ -253,8 +264,8 @@ class MFACPruner(Pruner):
         params: Iterable[ParamSpec] | None = None,
         num_grads: int = 64,
         block_size: int | None = 128,
-        damp: float = 1e-5,
-        relative_damp: float = 0.0,
+        damp: float = 0.0,
+        relative_damp: float = 0.01,
         scope: Scope = "global",
         progress: bool = True,
     ) -> None:
@@ -265,19 +276,20 @@ class MFACPruner(Pruner):
         self.block_size = (
             None if block_size is None else check_positive_int(block_size, "block_size")
         )
-        self.damp = check_damping(damp)
-        if (
-            not (isinstance(relative_damp, (int, float)) and math.isfinite(relative_damp))
-            or relative_damp < 0
-        ):
-            raise ValueError(f"relative_damp must be a finite number >= 0, got {relative_damp!r}")
-        self.relative_damp = float(relative_damp)
+        self.damp = _non_negative(damp, "damp")
+        self.relative_damp = _non_negative(relative_damp, "relative_damp")
+        if self.damp == self.relative_damp == 0:
+            raise ValueError("damp and relative_damp are both 0: the Fisher needs damping > 0")
         self.progress = progress
         self._batches: Iterator[tuple[Any, Any]] | None = None
 
     def _score(self, weights: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, Update]:
         grads = self.collect_gradients(alive)
         damp = self.damp + relative_damping(grads, self.relative_damp)
+        if damp == 0:
+            raise ValueError(
+                "every gradient is zero, so damping relative to them is zero: pass damp > 0"
+            )
         inverse = DenseMFAC(grads, damp, self.block_size)
         diag = inverse.diag()
 
@@ -305,6 +317,7 @@ class MFACPruner(Pruner):
             advice="lower num_grads or block_size",
         )
         params = [t.parameter for t in self.targets]
+        alive_index = alive.nonzero().squeeze(1)
         grads = torch.empty(self.num_grads, dim, dtype=self._dtype, device=self.device)
         was_training = self.model.training
         self.model.eval()
@@ -320,14 +333,17 @@ class MFACPruner(Pruner):
                     parts = torch.autograd.grad(loss, params, allow_unused=True)
                 flat = torch.cat(
                     [
-                        (torch.zeros_like(p) if g is None else g).flatten().to(self._dtype)
+                        (torch.zeros_like(p) if g is None else g).flatten()
                         for p, g in zip(params, parts, strict=True)
                     ]
                 )
-                check_finite(flat, f"the gradient of pruning batch {row}")
-                grads[row] = flat[alive]
+                grads[row] = flat[alive_index]
         finally:
             self.model.train(was_training)
+        finite = torch.isfinite(grads).all(dim=1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0])
+            check_finite(grads[row], f"the gradient of pruning batch {row}")
         return grads
 
     def _next_batch(self) -> tuple[Any, Any]:
@@ -344,6 +360,14 @@ class MFACPruner(Pruner):
             "data yielded no batches; pass a re-iterable of (inputs, targets) such as a "
             "list or a DataLoader"
         )
+
+
+def _non_negative(value: float, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
