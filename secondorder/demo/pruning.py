@@ -70,17 +70,27 @@ def make_pruner(
     return MFACPruner(model, loss, pruning_batches(train, seed), progress=show_progress, **options)
 
 
+@dataclass(frozen=True)
+class OneShot:
+    """What one ``prune()`` call did to a copy of the model: test accuracy and loss, seconds."""
+
+    accuracy: float
+    loss: float
+    seconds: float
+
+
 def one_shot(
     model: nn.Module, method: str, sparsity: float, train: Split, test: Split, **options
-) -> tuple[float, float]:
-    """Accuracy of a copy of ``model`` after one ``prune(sparsity)`` call, and its seconds."""
+) -> OneShot:
+    """Prune a copy of ``model`` by one ``prune(sparsity)`` call and evaluate it on ``test``."""
     pruned = copy.deepcopy(model)
     prune_options = {k: options.pop(k) for k in ("recompute_steps", "n_m") if k in options}
     pruner = make_pruner(method, pruned, train, **options)
     start = time.perf_counter()
     pruner.prune(sparsity, **prune_options)
     seconds = time.perf_counter() - start
-    return evaluate(pruned, test)[1], seconds
+    loss, accuracy = evaluate(pruned, test)
+    return OneShot(accuracy, loss, seconds)
 
 
 def gradual(
@@ -166,9 +176,9 @@ def compare(
     options = {method: dict(mfac_options or {}) if method == "M-FAC" else {} for method in METHODS}
     for method in METHODS:
         accuracy[method, "one-shot"] = [
-            one_shot(model, method, s, train, test, show_progress=show_progress, **options[method])[
-                0
-            ]
+            one_shot(
+                model, method, s, train, test, show_progress=show_progress, **options[method]
+            ).accuracy
             for s in sparsities
         ]
     if gradual_epochs > 0:
@@ -198,8 +208,10 @@ def plot_sparsity_accuracy(comparisons: Sequence[Comparison], path: Path) -> Pat
     )
     for axes, comparison in zip(panels[0], comparisons, strict=True):
         for (method, mode), values in comparison.accuracy.items():
-            style = "-" if mode == "one-shot" else "--"
-            axes.plot(comparison.sparsities, values, style, marker="o", label=f"{method} {mode}")
+            axes.plot(
+                comparison.sparsities, values, "-" if mode == "one-shot" else "--", marker="o",
+                color=f"C{METHODS.index(method)}", label=f"{method} {mode}",
+            )  # fmt: skip
         axes.axhline(comparison.dense_accuracy, color="grey", lw=0.8, label="dense")
         axes.set(
             title=f"digits {comparison.model}",

@@ -134,7 +134,10 @@ class Pruner:
             raise ValueError("give exactly one of sparsity and n_m")
         if n_m is not None:
             n, m = n_m
-            if not (isinstance(n, int) and isinstance(m, int) and 1 <= n < m):
+            if (
+                not all(isinstance(k, int) and not isinstance(k, bool) for k in n_m)
+                or not 1 <= n < m
+            ):
                 raise ValueError(f"n_m must be (n, m) with 1 <= n < m, got {n_m!r}")
             for target in self.targets:
                 shape = target.parameter.shape
@@ -147,13 +150,14 @@ class Pruner:
             return [_Goal(n=m - math.ceil(j * (m - n) / steps), m=m) for j in range(1, steps + 1)]
         if not (isinstance(sparsity, (int, float)) and 0 <= sparsity < 1):
             raise ValueError(f"sparsity must be in [0, 1), got {sparsity!r}")
-        current = self.sparsity
         total = sum(t.parameter.numel() for t in self.targets)
-        if count_to_prune(sparsity, total, 0) < round(current * total):
+        pruned = sum(int((~t.mask()).sum()) for t in self.targets)
+        if count_to_prune(sparsity, total, 0) < pruned:
             raise ValueError(
-                f"the weights are already {current:.4f} sparse; pruned weights stay pruned, "
-                f"so the sparsity cannot go down to {sparsity}"
+                f"the weights are already {pruned / total:.4f} sparse; pruned weights stay "
+                f"pruned, so the sparsity cannot go down to {sparsity}"
             )
+        current = pruned / total
         # Equal fractions of the remaining weights: densities in geometric progression.
         ratio = (1 - sparsity) / (1 - current)
         goals = [_Goal(sparsity=1 - (1 - current) * ratio ** (j / steps)) for j in range(1, steps)]
@@ -221,19 +225,20 @@ class MFACPruner(Pruner):
     alive weight by ``ρ_q = w_q² / (2 [F⁻¹]_qq)``, removes the lowest and moves
     the others by ``δw = −Σ_q (w_q / [F⁻¹]_qq) F⁻¹ e_q`` (:mod:`.obs`).
 
-    The damping is ``λ = damp + relative_damp · mean_k [(1/n) Σ_i g_ik²]``: by
-    default 1% of the mean diagonal of the Fisher estimate, as SparseGPT damps,
-    because the scale of a trained model's gradients varies by orders of
-    magnitude between models (a 175x difference between the two digits models of
-    the benchmark) and an absolute damping right for one swamps another.
-    Relative damping makes the result independent of the loss scale.
+    The damping is ``λ = damp + relative_damp · mean_k [(1/n) Σ_i g_ik²]``, by
+    default 1% of the mean diagonal of the Fisher estimate (SparseGPT's percentage
+    damping). The scale of a trained model's gradients varies by orders of
+    magnitude (175x between the two digits models of the benchmark), and with
+    it the right absolute damping; relative damping leaves the result unchanged
+    when the loss is rescaled, while ``damp=1e-5`` alone drops the digits MLP
+    from 0.97 to 0.49 test accuracy (90% sparsity) when the loss is scaled by 0.01.
 
-    Removing all the weights at once sums single-weight updates that interact;
-    several ``recompute_steps``, each re-collecting gradients at the updated
-    weights, decide the result far more than the damping does. The defaults (16
-    steps, ``relative_damp=0.01``) come from the measurement in ``docs/benchmarks.md``:
-    at 90% sparsity on the digits models, one step scores 0.42 and 0.77 test
-    accuracy, 16 steps 0.96 and 0.97; any relative damping from 1e-3 to 1 does as well.
+    Removing many weights at once sums single-weight updates that interact;
+    ``recompute_steps``, each re-collecting gradients at the updated weights,
+    decide the result far more than the damping does. The defaults (16 steps,
+    ``relative_damp=0.01``) come from the measurement in ``docs/benchmarks.md``:
+    at 90% sparsity, one step scores 0.37 (MLP) and 0.92 (CNN) test accuracy,
+    16 steps 0.97 and 0.98; any relative damping from 1e-3 to 1 does about as well.
 
     Args:
         model: the model; pruned in place.
