@@ -212,7 +212,7 @@ def agreement(dim: int = 4096, num_grads: int = 256, damp: float = 1e-4) -> None
         )
 
 
-def inverse(threads: int, repeats: int) -> None:
+def inverse(threads: int, repeats: int, large: bool) -> None:
     agreement()
     cases = [
         (2**17, 64, 128),
@@ -222,6 +222,8 @@ def inverse(threads: int, repeats: int) -> None:
         (2**20, 64, 128),
         (2**20, 64, None),
     ]
+    if large:  # minutes per measurement on a CPU
+        cases = [(2**20, 256, 128)]
     damp = 1e-4
     print(
         f"\ntorch {torch.__version__}, {threads} thread(s); every measurement a fresh process, "
@@ -259,6 +261,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="orders of the pruning batches")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="inverse: fastest of this many")
+    parser.add_argument("--large", action="store_true", help="inverse: only d=2^20, n=256")
     parser.add_argument("--inverse-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -271,7 +274,7 @@ def main() -> None:
     if args.part in ("all", "accuracy"):
         accuracy(args.seeds)
     if args.part in ("all", "inverse"):
-        inverse(args.threads, args.repeats)
+        inverse(args.threads, args.repeats, args.large)
     if args.part == "sweep":
         sweep(args.seeds)
 
