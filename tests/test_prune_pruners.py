@@ -382,6 +382,22 @@ def test_which_weights_are_pruned():
         MagnitudePruner(model, params=["2.weight"])
 
 
+def test_a_weight_the_loss_does_not_use_gets_zero_gradients():
+    class OneUnused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(5, 8), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    model = OneUnused()
+    pruner = MFACPruner(model, ce, small_data(2), num_grads=2, progress=False)
+    grads = pruner.collect_gradients()
+    assert grads.shape == (2, 40 + 9) and (grads[:, 40:] == 0).all() and (grads[:, :40] != 0).any()
+    assert pruner.prune(0.5, recompute_steps=2) == pytest.approx(25 / 49)  # 24.5 rounds up
+
+
 def test_bfloat16_model():
     model = small_model().to(torch.bfloat16)
     data = [(x.to(torch.bfloat16), t) for x, t in small_data(2)]
