@@ -12,6 +12,19 @@ def _demo(args: argparse.Namespace) -> None:
     run_demo(args.out, quick=args.quick, sections=args.sections, show_progress=not args.no_progress)
 
 
+def _prune(args: argparse.Namespace) -> None:
+    from .demo.pruning import prune_digits
+
+    prune_digits(
+        args.models,
+        args.sparsities,
+        out=args.out,
+        gradual_epochs=args.gradual_epochs,
+        train_epochs=args.train_epochs,
+        show_progress=not args.no_progress,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secondorder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -24,6 +37,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--sections", nargs="+", help="only these sections")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
+
+    prune = commands.add_parser(
+        "prune",
+        help="train digits models, prune them with M-FAC and magnitude, report accuracy",
+    )
+    prune.add_argument("--models", nargs="+", choices=["mlp", "cnn"], default=["mlp"])
+    prune.add_argument("--sparsities", nargs="+", type=float, default=[0.5, 0.7, 0.8, 0.9, 0.95])
+    prune.add_argument(
+        "--gradual-epochs",
+        type=int,
+        default=4,
+        help="epochs of fine-tuning for gradual pruning (0: one-shot only)",
+    )
+    prune.add_argument("--train-epochs", type=int, default=30, help="epochs of dense training")
+    prune.add_argument("--out", default="runs/prune", help="folder for the table and the plot")
+    prune.add_argument("--no-progress", action="store_true", help="no progress bars")
+    prune.set_defaults(handler=_prune)
     return parser
 
 

@@ -1,0 +1,283 @@
+"""Pruning benchmark; results and commands in docs/benchmarks.md.
+
+    python benchmarks/prune_bench.py                  # accuracy and inverse
+    python benchmarks/prune_bench.py --part accuracy  # one-shot M-FAC vs magnitude, digits MLP and CNN
+    python benchmarks/prune_bench.py --part inverse   # DenseMFAC vs the paper's sequential recurrence
+    python benchmarks/prune_bench.py --part sweep     # damping x recompute steps x num_grads (slow)
+
+accuracy: one ``prune()`` call with MFACPruner's defaults, no fine-tuning, at
+50/70/80/90/95% sparsity, against global magnitude pruning, on the digits MLP
+64-128-10 and the digits CNN trained here (seconds on a CPU). M-FAC is repeated
+over three orders of the pruning batches (``--seeds``).
+
+inverse: time and peak memory of building the blockwise (or full) inverse and
+its diagonal. Ours (``DenseMFAC``: ``K = n·λ·I + G Gᵀ = L Lᵀ``, ``W = L⁻¹ G``,
+GEMM-shaped) against the static algorithm as the M-FAC paper states it, a
+sequential recurrence of ``n`` matrix-vector passes written out below. Each
+measurement runs in a fresh process, so peak RSS is its own.
+
+sweep: test accuracy at 90% sparsity for recompute steps, absolute and relative
+damping and num_grads, over three seeds: the measurement the defaults come from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from secondorder.curvature import DenseMFAC
+from secondorder.demo.data import load_digits
+from secondorder.demo.pruning import make_pruner, one_shot, pruning_batches, train_dense
+from secondorder.demo.training import evaluate
+from secondorder.prune import MFACPruner
+
+SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def accuracy(seeds: int) -> None:
+    train, test = load_digits()
+    for kind in ("mlp", "cnn"):
+        start = time.perf_counter()
+        model, dense = train_dense(kind, train, test)
+        print(
+            f"\ndigits {kind}: dense test accuracy {dense:.3f} (trained in {time.perf_counter() - start:.0f} s)"
+        )
+        print(
+            "| sparsity | magnitude accuracy | M-FAC accuracy (mean) | M-FAC min | M-FAC − magnitude "
+            "| magnitude test loss | M-FAC test loss (mean) | M-FAC s/prune |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        for sparsity in SPARSITIES:
+            magnitude = one_shot(model, "magnitude", sparsity, train, test)
+            runs = [one_shot(model, "M-FAC", sparsity, train, test, seed=s) for s in range(seeds)]
+            accuracy = statistics.mean(r.accuracy for r in runs)
+            print(
+                f"| {sparsity:.2f} | {magnitude.accuracy:.3f} | {accuracy:.3f} "
+                f"| {min(r.accuracy for r in runs):.3f} "
+                f"| {100 * (accuracy - magnitude.accuracy):+.1f} points | {magnitude.loss:.3f} "
+                f"| {statistics.mean(r.loss for r in runs):.3f} "
+                f"| {statistics.mean(r.seconds for r in runs):.1f} |",
+                flush=True,
+            )
+
+
+# --------------------------------------------------------------------------- sweep
+
+
+def sweep(seeds: int, sparsity: float = 0.9) -> None:
+    train, test = load_digits()
+    kwdefaults = MFACPruner.__init__.__kwdefaults__
+    defaults = {k: kwdefaults[k] for k in ("num_grads", "damp", "relative_damp")}
+    absolute = {"relative_damp": 0.0}
+    settings: list[tuple[str, dict, float]] = []  # name, options, loss scale
+    settings += [
+        (f"recompute_steps={k}", {"recompute_steps": k}, 1.0) for k in (1, 2, 4, 8, 16, 32)
+    ]
+    settings += [
+        (f"relative_damp={r:g}", {"relative_damp": r}, 1.0) for r in (1e-3, 1e-2, 1e-1, 1.0)
+    ]
+    settings += [
+        (f"damp={d:g}, relative_damp=0", {"damp": d, **absolute}, 1.0)
+        for d in (1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2)
+    ]
+    settings += [(f"num_grads={n}", {"num_grads": n}, 1.0) for n in (16, 32, 128)]
+    settings += [
+        ("defaults, loss x 0.01", {}, 0.01),
+        ("damp=1e-5, relative_damp=0, loss x 0.01", {"damp": 1e-5, **absolute}, 0.01),
+    ]
+    for kind in ("mlp", "cnn"):
+        model, dense = train_dense(kind, train, test)
+        magnitude = one_shot(model, "magnitude", sparsity, train, test).accuracy
+        grads = make_pruner("M-FAC", copy.deepcopy(model), train).collect_gradients()
+        mean_diagonal = float(grads.double().square().mean())
+        print(
+            f"\ndigits {kind}, {sparsity:.0%} sparsity: dense {dense:.3f}, magnitude {magnitude:.3f}, "
+            f"mean diagonal of the Fisher estimate {mean_diagonal:.1e}; M-FAC with the defaults "
+            f"({defaults}, recompute_steps={MFACPruner.default_recompute_steps}) except:"
+        )
+        print("| setting | accuracy mean | min | max | s/prune |")
+        print("|---|---|---|---|---|")
+        for name, options, scale in settings:
+            accs, times = [], []
+            for seed in range(seeds):
+                pruned = copy.deepcopy(model)
+                prune_options = {k: options[k] for k in ("recompute_steps",) if k in options}
+                pruner_options = {k: v for k, v in options.items() if k not in prune_options}
+
+                def loss(outputs, targets, scale=scale):
+                    return scale * nn.functional.cross_entropy(outputs, targets)
+
+                pruner = MFACPruner(
+                    pruned, loss, pruning_batches(train, seed), progress=False, **pruner_options
+                )
+                start = time.perf_counter()
+                pruner.prune(sparsity, **prune_options)
+                times.append(time.perf_counter() - start)
+                accs.append(evaluate(pruned, test)[1])
+            print(
+                f"| {name} | {statistics.mean(accs):.3f} | {min(accs):.3f} | {max(accs):.3f} "
+                f"| {statistics.mean(times):.1f} |",
+                flush=True,
+            )
+
+
+# --------------------------------------------------------------------------- inverse
+
+
+def sequential_recurrence(
+    grads: torch.Tensor, damp: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""The static M-FAC algorithm as the paper states it, on ``[blocks, n, b]`` gradients.
+
+    ``F_0 = λ I`` and ``F_i = F_{i−1} + g_i g_iᵀ / n``. Sherman–Morrison gives
+    ``F_i⁻¹ = F_{i−1}⁻¹ − h_i h_iᵀ / (n + g_iᵀ h_i)`` with ``h_i = F_{i−1}⁻¹ g_i``,
+    and unrolling ``F_{i−1}⁻¹`` expresses every ``h_i`` through the earlier ones:
+
+        h_i = g_i / λ − Σ_{j<i} (h_jᵀ g_i / c_j) h_j,     c_j = n + g_jᵀ h_j.
+
+    Then ``F⁻¹ x = x / λ − Σ_j (h_jᵀ x / c_j) h_j`` and
+    ``[F⁻¹]_kk = 1/λ − Σ_j h_jk² / c_j``. Step ``i`` is two matrix-vector
+    products with ``H[:i]`` (per block), so the whole is ``n`` sequential
+    passes of growing length: O(n² b) per block, like ours, but as GEMVs.
+    Returns ``H``, ``c`` and the diagonal.
+    """
+    blocks, n, _ = grads.shape
+    H = torch.empty_like(grads)
+    c = torch.empty(blocks, n, dtype=grads.dtype)
+    for i in range(n):
+        g = grads[:, i, :]
+        coef = torch.bmm(H[:, :i, :], g.unsqueeze(-1)).squeeze(-1) / c[:, :i]
+        H[:, i, :] = g / damp - torch.bmm(coef.unsqueeze(1), H[:, :i, :]).squeeze(1)
+        c[:, i] = n + (g * H[:, i, :]).sum(-1)
+    diagonal = 1 / damp - (H.square() / c.unsqueeze(-1)).sum(1)
+    return H, c, diagonal
+
+
+def as_blocks(grads: torch.Tensor, block_size: int | None) -> torch.Tensor:
+    n, d = grads.shape
+    size = d if block_size is None else block_size
+    return grads.reshape(n, d // size, size).transpose(0, 1).contiguous()
+
+
+def inverse_child(
+    method: str, dim: int, num_grads: int, block_size: int | None, damp: float
+) -> None:
+    """Run in its own process: build one inverse and print its time and peak memory as JSON."""
+    grads = torch.randn(num_grads, dim, generator=torch.Generator().manual_seed(0)) / dim**0.5
+    if method == "sequential":
+        grads = as_blocks(grads, block_size)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    if method == "sequential":
+        sequential_recurrence(grads, damp)
+    else:
+        DenseMFAC(grads, damp, block_size).diag()
+    seconds = time.perf_counter() - start
+    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    print(json.dumps({"seconds": seconds, "extra_bytes": extra}))
+
+
+def agreement(dim: int = 4096, num_grads: int = 256, damp: float = 1e-4) -> None:
+    """Both algorithms in float64 agree; in float32 (what the timings use), how far is each off?"""
+    gen = torch.Generator().manual_seed(1)
+    grads = torch.randn(num_grads, dim, generator=gen, dtype=torch.float64) / dim**0.5
+    for block in (128, None):
+        truth = DenseMFAC(grads, damp, block).diag()
+        recurrence = sequential_recurrence(as_blocks(grads, block), damp)[2].reshape(-1)
+        ours32 = DenseMFAC(grads.float(), damp, block).diag()
+        recurrence32 = sequential_recurrence(as_blocks(grads.float(), block), damp)[2].reshape(-1)
+
+        def error(x: torch.Tensor, truth: torch.Tensor = truth) -> float:
+            return float(((x.double() - truth) / truth).abs().max())
+
+        print(
+            f"d={dim}, n={num_grads}, block={block or 'full'}, damp={damp:g}: largest relative "
+            f"difference of the diagonals, float64 recurrence vs ours {error(recurrence):.1e}; "
+            f"in float32, ours {error(ours32):.1e}, the recurrence {error(recurrence32):.1e}"
+        )
+
+
+def inverse(threads: int, repeats: int, large: bool) -> None:
+    agreement()
+    cases = [
+        (2**17, 64, 128),
+        (2**17, 256, 128),
+        (2**17, 64, None),
+        (2**17, 256, None),
+        (2**20, 64, 128),
+        (2**20, 64, None),
+    ]
+    if large:  # minutes per measurement on a CPU
+        cases = [(2**20, 256, 128)]
+    damp = 1e-4
+    print(
+        f"\ntorch {torch.__version__}, {threads} thread(s); every measurement a fresh process, "
+        f"the two methods alternating; fastest of {repeats}, largest peak"
+    )
+    print(
+        "| d | n | block | ours (s) | sequential (s) | speed-up | ours peak extra | sequential peak extra |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for dim, num_grads, block in cases:
+        results: dict[str, list[dict]] = {"ours": [], "sequential": []}
+        for _ in range(repeats):
+            for method, runs in results.items():
+                command = [
+                    sys.executable, __file__, "--inverse-child", method, str(dim), str(num_grads),
+                    str(block), str(damp), "--threads", str(threads),
+                ]  # fmt: skip
+                out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+                runs.append(json.loads(out.strip().splitlines()[-1]))
+        seconds = {m: min(r["seconds"] for r in runs) for m, runs in results.items()}
+        peak = {m: max(r["extra_bytes"] for r in runs) / 2**20 for m, runs in results.items()}
+        print(
+            f"| {dim} | {num_grads} | {block or 'full'} | {seconds['ours']:.2f} "
+            f"| {seconds['sequential']:.2f} | {seconds['sequential'] / seconds['ours']:.1f}x "
+            f"| {peak['ours']:.0f} MiB | {peak['sequential']:.0f} MiB |",
+            flush=True,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", choices=["all", "accuracy", "inverse", "sweep"], default="all")
+    parser.add_argument("--seeds", type=int, default=3, help="orders of the pruning batches")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=int, default=3, help="inverse: fastest of this many")
+    parser.add_argument("--large", action="store_true", help="inverse: only d=2^20, n=256")
+    parser.add_argument("--inverse-child", nargs=5, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.inverse_child:
+        method, dim, num_grads, block, damp = args.inverse_child
+        inverse_child(
+            method, int(dim), int(num_grads), None if block == "None" else int(block), float(damp)
+        )
+        return
+    if args.part in ("all", "accuracy"):
+        accuracy(args.seeds)
+    if args.part in ("all", "inverse"):
+        inverse(args.threads, args.repeats, args.large)
+    if args.part == "sweep":
+        sweep(args.seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,287 @@
+"""Demo section and shared workflow: OBS on the M-FAC inverse against magnitude pruning.
+
+The functions here are also what ``secondorder prune``, ``examples/prune_digits.py``
+and ``benchmarks/prune_bench.py`` run: train a small digits model, prune copies of
+it one-shot or gradually, and measure test accuracy.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..prune import MagnitudePruner, MFACPruner, Pruner, cubic_sparsity_schedule, keep_masks_applied
+from .data import Split, load_digits
+from .models import digits_cnn, digits_mlp
+from .report import Report, markdown_table, text_table
+from .training import evaluate, train_classifier
+
+TITLE = "Pruning: OBS on the M-FAC inverse against magnitude"
+
+MODELS: dict[str, Callable[[], nn.Module]] = {"mlp": digits_mlp, "cnn": digits_cnn}
+METHODS = ("M-FAC", "magnitude")
+# Each M-FAC gradient is the mean over a mini-batch of this many training images.
+PRUNE_BATCH = 16
+
+
+def train_dense(
+    kind: str,
+    train: Split,
+    test: Split,
+    *,
+    epochs: int = 30,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> tuple[nn.Module, float]:
+    """Train the digits ``"mlp"`` (64-128-10) or ``"cnn"`` with AdamW; return it and its test accuracy."""
+    torch.manual_seed(seed)
+    model = MODELS[kind]()
+    result = train_classifier(
+        kind, model, lambda params: torch.optim.AdamW(params, lr=2e-3), train, test,
+        epochs=epochs, batch_size=32, seed=seed, show_progress=show_progress,
+    )  # fmt: skip
+    return model, result.test_accuracy
+
+
+def pruning_batches(train: Split, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The training set in shuffled mini-batches of ``PRUNE_BATCH``: the data M-FAC draws gradients from."""
+    return list(train.batches(PRUNE_BATCH, torch.Generator().manual_seed(seed)))
+
+
+def make_pruner(
+    method: str,
+    model: nn.Module,
+    train: Split,
+    *,
+    seed: int = 0,
+    show_progress: bool = False,
+    **options,
+) -> Pruner:
+    """``"M-FAC"`` (cross-entropy, :func:`pruning_batches`) or ``"magnitude"``; ``options`` go to the pruner."""
+    if method == "magnitude":
+        return MagnitudePruner(model, **options)
+    loss = nn.functional.cross_entropy
+    return MFACPruner(model, loss, pruning_batches(train, seed), progress=show_progress, **options)
+
+
+@dataclass(frozen=True)
+class OneShot:
+    """What one ``prune()`` call did to a copy of the model: test accuracy and loss, seconds."""
+
+    accuracy: float
+    loss: float
+    seconds: float
+
+
+def one_shot(
+    model: nn.Module, method: str, sparsity: float, train: Split, test: Split, **options
+) -> OneShot:
+    """Prune a copy of ``model`` by one ``prune(sparsity)`` call and evaluate it on ``test``."""
+    pruned = copy.deepcopy(model)
+    prune_options = {k: options.pop(k) for k in ("recompute_steps", "n_m") if k in options}
+    pruner = make_pruner(method, pruned, train, **options)
+    start = time.perf_counter()
+    pruner.prune(sparsity, **prune_options)
+    seconds = time.perf_counter() - start
+    loss, accuracy = evaluate(pruned, test)
+    return OneShot(accuracy, loss, seconds)
+
+
+def gradual(
+    model: nn.Module,
+    method: str,
+    sparsity: float,
+    train: Split,
+    test: Split,
+    *,
+    epochs: int = 4,
+    prune_every: int = 10,
+    seed: int = 0,
+    show_progress: bool = False,
+    **options,
+) -> float:
+    """Accuracy of a copy of ``model`` pruned while fine-tuning, on the cubic schedule.
+
+    AdamW fine-tunes for ``epochs``; the sparsity rises from 0 to ``sparsity``
+    over the first half of the steps, one ``prune()`` every ``prune_every``
+    steps, and the masks are kept on the weights after each optimiser step.
+    Each ``prune()`` takes one step; ``options`` go to the pruner.
+    """
+    model = copy.deepcopy(model)
+    pruner = make_pruner(method, model, train, seed=seed, show_progress=show_progress, **options)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    keep_masks_applied(optimizer, model)
+    steps_per_epoch = -(-len(train) // 32)
+    schedule = cubic_sparsity_schedule(0.0, sparsity, 0, epochs * steps_per_epoch // 2, prune_every)
+    generator = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        for inputs, targets in train.batches(32, generator):
+            if schedule.is_pruning_step(step):
+                pruner.prune(schedule(step), recompute_steps=1)
+            model.train()
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(inputs), targets).backward()
+            optimizer.step()
+            step += 1
+    return evaluate(model, test)[1]
+
+
+@dataclass
+class Comparison:
+    """Test accuracy per sparsity for each method and mode (``"one-shot"``, ``"gradual"``)."""
+
+    model: str
+    dense_accuracy: float
+    sparsities: list[float]
+    accuracy: dict[tuple[str, str], list[float]]
+
+    def header(self) -> list[str]:
+        return ["sparsity", *(f"{method} {mode}" for method, mode in self.accuracy)]
+
+    def rows(self) -> list[list[str]]:
+        return [
+            [f"{s:.2f}", *(f"{values[i]:.3f}" for values in self.accuracy.values())]
+            for i, s in enumerate(self.sparsities)
+        ]
+
+
+def compare(
+    kind: str,
+    sparsities: Sequence[float],
+    *,
+    gradual_epochs: int = 0,
+    train_epochs: int = 30,
+    mfac_options: dict | None = None,
+    seed: int = 0,
+    show_progress: bool = False,
+) -> Comparison:
+    """Train the digits ``kind`` model, then prune copies to each sparsity with both methods.
+
+    One-shot always, with ``MFACPruner``'s defaults unless ``mfac_options`` (pruner
+    arguments and ``recompute_steps``) says otherwise; gradual (with
+    ``gradual_epochs`` of fine-tuning) when ``gradual_epochs > 0``.
+    """
+    train, test = load_digits()
+    model, dense = train_dense(
+        kind, train, test, epochs=train_epochs, seed=seed, show_progress=show_progress
+    )
+    accuracy: dict[tuple[str, str], list[float]] = {}
+    options = {method: dict(mfac_options or {}) if method == "M-FAC" else {} for method in METHODS}
+    for method in METHODS:
+        accuracy[method, "one-shot"] = [
+            one_shot(
+                model, method, s, train, test, show_progress=show_progress, **options[method]
+            ).accuracy
+            for s in sparsities
+        ]
+    if gradual_epochs > 0:
+        for method in METHODS:
+            options[method].pop("recompute_steps", None)
+            accuracy[method, "gradual"] = [
+                gradual(
+                    model, method, s, train, test, epochs=gradual_epochs, seed=seed,
+                    **options[method],
+                )
+                for s in sparsities
+            ]  # fmt: skip
+    return Comparison(kind, dense, list(sparsities), accuracy)
+
+
+def plot_sparsity_accuracy(comparisons: Sequence[Comparison], path: Path) -> Path | None:
+    """Test accuracy against sparsity, one panel per model; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    figure, panels = plt.subplots(
+        1, len(comparisons), figsize=(5.2 * len(comparisons), 3.8), squeeze=False
+    )
+    for axes, comparison in zip(panels[0], comparisons, strict=True):
+        for (method, mode), values in comparison.accuracy.items():
+            axes.plot(
+                comparison.sparsities, values, "-" if mode == "one-shot" else "--", marker="o",
+                color=f"C{METHODS.index(method)}", label=f"{method} {mode}",
+            )  # fmt: skip
+        axes.axhline(comparison.dense_accuracy, color="grey", lw=0.8, label="dense")
+        axes.set(
+            title=f"digits {comparison.model}",
+            xlabel="sparsity",
+            ylabel="test accuracy",
+            ylim=(0, 1),
+        )
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def prune_digits(
+    kinds: Sequence[str],
+    sparsities: Sequence[float],
+    *,
+    out: str | Path = "runs/prune",
+    gradual_epochs: int = 4,
+    train_epochs: int = 30,
+    show_progress: bool = True,
+) -> list[Comparison]:
+    """``secondorder prune``: compare M-FAC and magnitude on digits models; print and plot."""
+    out = Path(out)
+    comparisons = []
+    for kind in kinds:
+        c = compare(
+            kind, sparsities, gradual_epochs=gradual_epochs, train_epochs=train_epochs,
+            show_progress=show_progress,
+        )  # fmt: skip
+        print(f"\ndigits {kind}: dense test accuracy {c.dense_accuracy:.3f}")
+        print(text_table(c.header(), c.rows()))
+        comparisons.append(c)
+    figure = plot_sparsity_accuracy(comparisons, out / "sparsity_accuracy.png")
+    print(f"\nplot written to {figure}" if figure else "\n(no plot: install matplotlib)")
+    return comparisons
+
+
+def run(report: Report, *, quick: bool, show_progress: bool) -> None:
+    sparsities = [0.5, 0.9] if quick else [0.5, 0.7, 0.8, 0.9, 0.95]
+    kinds = ["mlp"] if quick else ["mlp", "cnn"]
+    # quick: a smoke run in seconds, with fewer gradients and steps than the defaults
+    mfac_options = {"num_grads": 16, "recompute_steps": 4} if quick else None
+    comparisons = [
+        compare(
+            kind, sparsities, gradual_epochs=(1 if quick else 4) if kind == "mlp" else 0,
+            train_epochs=3 if quick else 30, mfac_options=mfac_options,
+            show_progress=show_progress,
+        )
+        for kind in kinds
+    ]  # fmt: skip
+    body = []
+    for c in comparisons:
+        print(f"\n{TITLE}: digits {c.model}, dense test accuracy {c.dense_accuracy:.3f}")
+        print(text_table(c.header(), c.rows()))
+        body.append(
+            f"**digits {c.model}** (dense test accuracy {c.dense_accuracy:.3f})\n\n"
+            + markdown_table(c.header(), c.rows())
+        )
+    figure = plot_sparsity_accuracy(comparisons, report.out / "pruning.png")
+    report.section(
+        TITLE,
+        "Test accuracy of copies of a trained model pruned to each sparsity (fraction of the "
+        "weights of linear and convolution layers set to zero). One-shot: one `prune()` call, "
+        "default settings, no fine-tuning. Gradual: the cubic schedule during a few epochs of "
+        "fine-tuning.\n\n"
+        + "\n\n".join(body)
+        + "\n\n"
+        + report.figure(figure, "sparsity against accuracy"),
+    )
