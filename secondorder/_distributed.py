@@ -70,5 +70,7 @@ def all_gather_shards(piece: torch.Tensor, shard: Shard, process_group) -> torch
     if process_group is None:
         return piece[: shard.total]
     full = piece.new_empty(shard.size * shard.world)
-    dist.all_gather_into_tensor(full, piece.contiguous(), group=process_group)
+    # all_gather_single replaces all_gather_into_tensor from torch 2.13 on
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(full, piece.contiguous(), group=process_group)
     return full[: shard.total]

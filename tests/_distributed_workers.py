@@ -15,13 +15,17 @@ STEPS = 7
 SAVE_AT = 4
 
 
-def launch(worker: Callable, *args) -> None:
-    """Run ``worker(rank, *args)`` on WORLD gloo processes; a failure in any re-raises here."""
+def free_port() -> int:
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def launch(worker: Callable, *args) -> None:
+    """Run ``worker(rank, *args)`` on WORLD gloo processes; a failure in any re-raises here."""
+    port = free_port()
     torch.multiprocessing.spawn(_init_and_run, args=(port, worker, args), nprocs=WORLD, join=True)
 
 

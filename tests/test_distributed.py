@@ -12,3 +12,31 @@ def test_sharded_mfac_equals_one_process_and_resumes_per_rank(tmp_path):
     1/world; per-rank checkpoints resume bit-identically; wrong rank or world is refused; a
     NaN in one rank's gradient raises on every rank instead of hanging the others."""
     launch(sharded_mfac, str(tmp_path))
+
+
+def test_ddp_example_runs_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from _distributed_workers import free_port
+
+    root = Path(__file__).resolve().parents[1]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    result = subprocess.run(
+        [
+            *torchrun,
+            "--master_port",
+            str(free_port()),
+            str(root / "examples" / "ddp_mfac.py"),
+            "--epochs",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "epoch 1: test loss" in result.stdout
+    assert "gradient window per rank" in result.stdout

@@ -477,14 +477,19 @@ class _BlockGroup:
         diagonal = torch.empty(count, size, dtype=_SMALL, device=blocks.device)
         block_step = max(1, _CHUNK_ELEMENTS // (n * size))
         column_step = size if n * size <= _CHUNK_ELEMENTS else max(1, _CHUNK_ELEMENTS // n)
+        columns = [slice(c, c + column_step) for c in range(0, size, column_step)]
         for b in range(0, count, block_step):
             G = blocks[b : b + block_step]
-            columns = [slice(c, c + column_step) for c in range(0, size, column_step)]
-            K = sum(G[..., c].to(_SMALL) @ G[..., c].to(_SMALL).mT for c in columns)
+            # Each float64 piece is made once for K, and reused for W when it is the only one.
+            pieces = [G[..., c].to(_SMALL) for c in columns[:1]]
+            K = pieces[0] @ pieces[0].mT
+            for c in columns[1:]:
+                piece = G[..., c].to(_SMALL)
+                K += piece @ piece.mT
             K.diagonal(dim1=-2, dim2=-1).add_(n * damp)
             L = torch.linalg.cholesky(K)
-            for c in columns:
-                G_c = G[..., c].to(_SMALL)
+            for index, c in enumerate(columns):
+                G_c = pieces[0] if index == 0 else G[..., c].to(_SMALL)
                 W_c = torch.linalg.solve_triangular(L, G_c, upper=False)
                 W[b : b + block_step, :, c] = W_c
                 floor = 1.0 / (damp + G_c.square().sum(-2) / n)  # [F⁻¹]_kk ≥ 1 / F_kk
