@@ -61,4 +61,5 @@ def relative_damping(grads: torch.Tensor, fraction: float) -> float:
     keeps the same balance between curvature and identity everywhere.
     """
     n, d = grads.shape
-    return fraction * float(grads.to(torch.float64).square().sum()) / (n * d)
+    total = sum(float(torch.linalg.vector_norm(row, dtype=torch.float64)) ** 2 for row in grads)
+    return fraction * total / (n * d)
