@@ -48,43 +48,51 @@ __all__ = [
     "GGNOperator",
     "HessianOperator",
     "NondeterminismError",
-    "empirical_fisher_matmat",
-    "ggn_matmat",
-    "hessian_matmat",
+    "empirical_fisher_product",
+    "ggn_product",
+    "hessian_product",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Params = dict[str, torch.Tensor]
 
 
+# The default chunk of columns holds about this many samples' activations (see chunk_size).
+_SAMPLE_COLUMNS = 1024
+
+
 class NondeterminismError(RuntimeError):
     """Two passes over the data gave different losses or gradients."""
 
 
-# -- the products on one batch: pure functions of (params, batch, columns) -----------------------
+# -- the products on one batch -----------------------------------------------------------------
 #
-# ``params`` maps names to tensors, ``columns`` the same names to ``[K, *shape]``
-# tensors (K vectors); each returns the K products in the format of ``columns``.
+# Each is a pure function of (model, loss_fn, params, inputs, targets) that does the
+# work shared by all vectors once (forward and backward passes) and returns the
+# product with ONE vector, a dict shaped like ``params``; the operator applies it to
+# K vectors at once with ``vmap``.
+
+Product = Callable[[Params], Params]
 
 
-def hessian_matmat(
-    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any, columns: Params
-) -> Params:
-    """``∇²L_b V`` by reverse-over-reverse: one backward pass, then its vjp for all K columns."""
+def hessian_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ ∇²L_b v`` by reverse-over-reverse: one backward pass, then the vjp of the gradient."""
 
     def batch_loss(p: Params) -> torch.Tensor:
         return loss_fn(functional_call(model, p, (inputs,)), targets)
 
-    _, hvp = vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
-    return vmap(lambda v: hvp(v)[0])(columns)
+    _, gradient_vjp = vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
+    return lambda v: gradient_vjp(v)[0]
 
 
-def ggn_matmat(
-    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any, columns: Params
-) -> Params:
-    """``J_bᵀ H_b J_b V`` in reverse mode only: ``J v`` as the vjp of the (linear) pullback
-    ``u ↦ Jᵀu``, ``H_b`` as the vjp of the loss's gradient in output space, ``Jᵀ`` as the
-    pullback. Forward mode would be ~30% faster but many layers (fused attention,
+def ggn_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ J_bᵀ H_b J_b v`` in reverse mode only: ``J v`` as the vjp of the (linear)
+    pullback ``u ↦ Jᵀu``, ``H_b`` as the vjp of the loss's gradient in output space, ``Jᵀ``
+    as the pullback. Forward mode would be ~30% faster but many layers (fused attention,
     custom autograd functions) have no forward derivative; every layer with a double
     backward works here, as for the Hessian."""
 
@@ -100,21 +108,21 @@ def ggn_matmat(
         (hjv,) = output_hessian(jv)
         return pullback(hjv)[0]
 
-    return vmap(product)(columns)
+    return product
 
 
-def empirical_fisher_matmat(
-    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any, columns: Params
-) -> Params:
-    """``(1/B) Gᵀ G V`` with ``G`` the ``B × D`` per-sample gradients of the batch."""
+def empirical_fisher_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ (1/B) Gᵀ (G v)`` with ``G`` the ``B × D`` per-sample gradients, formed once."""
     grads = sample_gradients(model, loss_fn, params, inputs, targets)
     num_samples = next(iter(grads.values())).shape[0]
-    # coefficients[i, k] = ∇ℓ_i · v_k, summed over the parameters.
-    coefficients = sum(grads[n].flatten(1) @ columns[n].flatten(1).T for n in columns)
-    return {
-        n: (coefficients.T @ grads[n].flatten(1)).reshape(columns[n].shape) / num_samples
-        for n in columns
-    }
+
+    def product(v: Params) -> Params:
+        coefficients = sum(grads[n].flatten(1) @ v[n].flatten() for n in v)  # ∇ℓ_i · v
+        return {n: torch.tensordot(coefficients, grads[n], dims=1) / num_samples for n in v}
+
+    return product
 
 
 # -- the operators ------------------------------------------------------------------------------
@@ -125,8 +133,9 @@ class CurvatureOperator:
 
     ``op @ x`` takes a flat vector ``[D]``, a ``[D, K]`` matrix or a list of
     tensors shaped like ``params`` (ordered as ``params``), and returns the
-    same format. Each product is one pass over ``data``; the ``K`` columns go
-    through ``vmap`` ``chunk_size`` at a time.
+    same format. Each product is one pass over ``data``; on each batch the
+    shared work is done once and the ``K`` columns go through ``vmap``
+    ``chunk_size`` at a time.
 
     Args:
         model: any ``nn.Module`` whose output on a batch of inputs is a tensor;
@@ -139,6 +148,10 @@ class CurvatureOperator:
             Tensors are moved to the parameters' device.
         chunk_size: at most this many columns go through one vmapped call; memory
             grows with it, about ``chunk_size`` times the activations of one batch.
+            ``None``: ``max(1, 1024 // batch size)`` (at most 64), so that a call
+            holds the activations of about 1,024 samples. On the digits CNN (CPU),
+            that is also about the fastest: larger calls leave the caches and are
+            slower per column (docs/benchmarks.md).
         check_deterministic: at construction, compute the loss and the gradient
             twice over ``data`` (two passes with one backward per batch) and raise
             :class:`NondeterminismError` if they differ (dropout or batch norm in
@@ -153,7 +166,7 @@ class CurvatureOperator:
         params: Iterable[torch.Tensor] | None,
         data: Iterable[tuple[Any, Any]],
         *,
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         check_deterministic: bool = True,
         progress: bool = False,
     ) -> None:
@@ -166,7 +179,9 @@ class CurvatureOperator:
         self.loss_fn = loss_fn
         self.names, self.params = resolve_params(model, params)
         self.data = data
-        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.chunk_size = (
+            None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
+        )
         self.progress = progress
         self._shapes = tuple(p.shape for p in self.params)
         self.dim = sum(p.numel() for p in self.params)
@@ -174,16 +189,11 @@ class CurvatureOperator:
             self.check_deterministic()
 
     @staticmethod
-    def _batch_matmat(
-        model: nn.Module,
-        loss_fn: LossFn,
-        params: Params,
-        inputs: Any,
-        targets: Any,
-        columns: Params,
-    ) -> Params:
-        """The one method a subclass provides: its matrix on one batch (mean over the batch)
-        times the ``K`` columns, as a pure function like :func:`hessian_matmat`."""
+    def _batch_product(
+        model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+    ) -> Product:
+        """The one method a subclass provides: ``v ↦ A_b v`` for its matrix on one batch
+        (of the batch's mean loss), a pure function like :func:`hessian_product`."""
         raise NotImplementedError
 
     @property
@@ -244,14 +254,6 @@ class CurvatureOperator:
         result = torch.zeros_like(matrix)
         if num_columns == 0:
             return result
-        chunks = [
-            (start, dict(zip(self.names, split_columns(block, self._shapes), strict=True)))
-            for start, block in zip(
-                range(0, num_columns, self.chunk_size),
-                matrix.split(self.chunk_size, dim=1),
-                strict=True,
-            )
-        ]
         params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
         num_samples = 0
         # torch.func ignores an outer no_grad; it stops the graph back to the model's own tensors.
@@ -259,25 +261,18 @@ class CurvatureOperator:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, targets in self._batches(type(self).__name__):
                 batch_size = _num_samples(targets)
-                for start, columns in chunks:
-                    products = self._call_batch_matmat(params, inputs, targets, columns)
-                    block = flatten_columns([products[n] for n in self.names])
-                    result[:, start : start + block.shape[1]].add_(block, alpha=batch_size)
+                product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
+                width = self.chunk_size or min(64, max(1, _SAMPLE_COLUMNS // batch_size))
+                for start in range(0, num_columns, width):
+                    blocks = split_columns(matrix[:, start : start + width], self._shapes)
+                    products = _apply(product, dict(zip(self.names, blocks, strict=True)))
+                    result[:, start : start + width].add_(
+                        flatten_columns([products[n] for n in self.names]), alpha=batch_size
+                    )
                 num_samples += batch_size
         if num_samples == 0:
             raise ValueError("data holds no samples")
         return result.div_(num_samples)
-
-    def _call_batch_matmat(self, params, inputs, targets, columns) -> Params:
-        try:
-            return self._batch_matmat(self.model, self.loss_fn, params, inputs, targets, columns)
-        except RuntimeError as error:
-            if "randomness" in str(error):
-                raise NondeterminismError(
-                    "the model calls a random operation (dropout in train mode?); "
-                    "call model.eval() before building the operator"
-                ) from error
-            raise
 
     def _batches(self, desc: str):
         for inputs, targets in progress_bar(self.data, desc=desc, enabled=self.progress):
@@ -373,12 +368,12 @@ class CurvatureOperator:
 class HessianOperator(CurvatureOperator):
     r"""The Hessian ``∇²L = Σ_b (B_b/N) ∇²L_b`` of the mean loss over ``data``.
 
-    Each product: per batch, one forward and backward pass (``grad``), then the
-    vjp of that gradient for ``chunk_size`` columns at a time (``vmap``).
+    Per batch: one forward and backward pass (``grad``), then the vjp of that
+    gradient, vmapped over the columns.
     Arguments as :class:`CurvatureOperator`.
     """
 
-    _batch_matmat = staticmethod(hessian_matmat)
+    _batch_product = staticmethod(hessian_product)
 
 
 class GGNOperator(CurvatureOperator):
@@ -390,7 +385,7 @@ class GGNOperator(CurvatureOperator):
     Arguments as :class:`CurvatureOperator`.
     """
 
-    _batch_matmat = staticmethod(ggn_matmat)
+    _batch_product = staticmethod(ggn_product)
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
@@ -398,11 +393,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     ``ℓ_i = loss_fn(model(x_i[None]), y_i[None])``, so each sample is run on its
     own (``vmap`` over the batch): the model must not mix samples (no batch
-    statistics). Each product forms the batch's ``B × D`` per-sample gradients
-    once per chunk of columns. Arguments as :class:`CurvatureOperator`.
+    statistics). Per batch, the ``B × D`` per-sample gradients are formed once
+    (memory ``B × D``), then each column costs two matrix-vector products.
+    Arguments as :class:`CurvatureOperator`.
     """
 
-    _batch_matmat = staticmethod(empirical_fisher_matmat)
+    _batch_product = staticmethod(empirical_fisher_product)
 
     def diagonal(self) -> torch.Tensor:
         """The exact diagonal ``(1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i``, flat (one pass of per-sample gradients)."""
@@ -410,6 +406,21 @@ class EmpiricalFisherOperator(CurvatureOperator):
             self.model, self.loss_fn, self.params, self._batches("EF diagonal")
         )
         return torch.cat([b.reshape(-1) for b in blocks])
+
+
+def _apply(product: Product, columns: Params) -> Params:
+    """``product`` on each of the ``K`` columns (``[K, *shape]`` per name), vectorised by ``vmap``."""
+    try:
+        if next(iter(columns.values())).shape[0] == 1:  # vmap costs more than it saves here
+            return {n: t[None] for n, t in product({n: c[0] for n, c in columns.items()}).items()}
+        return vmap(product)(columns)
+    except RuntimeError as error:
+        if "randomness" in str(error):
+            raise NondeterminismError(
+                "the model calls a random operation (dropout in train mode?); "
+                "call model.eval() before building the operator"
+            ) from error
+        raise
 
 
 def _num_samples(targets: Any) -> int:
