@@ -22,8 +22,9 @@ what its samples weigh, not what a full batch weighs.
 
 The base class :class:`CurvatureOperator` owns the loop over the data, the
 weighting, the input and output formats and the checks; each subclass gives
-one pure function, the product of its matrix on one batch with ``K`` columns,
-vectorised over the columns with ``vmap``.
+one pure function that, on one batch, does the work shared by all vectors once
+(forward and backward passes) and returns the product with one vector, which
+the base applies to all the columns of ``V`` at once with ``vmap``.
 """
 
 from __future__ import annotations
