@@ -46,6 +46,7 @@ def test_monitor_logs_the_right_values_on_the_right_steps(tmp_path):
     gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
     for row in monitor.history:
         assert row["top_eigenvalue"] == pytest.approx(float(torch.linalg.eigvalsh(hessian)[-1]))
+        assert 0 <= row["top_eigenvalue_residual"] < 1e-6
         assert row["fisher_trace"] == pytest.approx(float(fisher.trace()))
         assert row["grad_norm"] == pytest.approx(float(gradient.norm()))
         assert row["loss"] == pytest.approx(loss.item())

@@ -40,7 +40,8 @@ class CurvatureMonitor:
       ``hessian_trace_std_error``.
     - ``"top_eigenvalue"``: the sharpness, largest Hessian eigenvalue, by Lanczos:
       at most ``lanczos_iters + 1`` products, stopping early at relative residual
-      ``lanczos_tol``.
+      ``lanczos_tol``; the true residual ``‖Hx − λx‖`` (a bound on the error of λ)
+      is logged as ``top_eigenvalue_residual``.
     - ``"fisher_trace"``: the exact trace of the empirical Fisher, ``(1/N) Σ_i ‖∇ℓ_i‖²``:
       one pass of per-sample gradients.
     - ``"grad_norm"`` and ``"loss"``: ``‖∇L‖`` and ``L``: one backward pass (shared).
@@ -101,6 +102,8 @@ class CurvatureMonitor:
             self.columns.append(name)
             if name == "hessian_trace":
                 self.columns.append("hessian_trace_std_error")
+            if name == "top_eigenvalue":
+                self.columns.append("top_eigenvalue_residual")
         self.columns.append("seconds")
 
         self.tensorboard = writer if hasattr(writer, "add_scalar") else None
@@ -148,6 +151,7 @@ class CurvatureMonitor:
                 generator=self.generator, progress=False,
             )  # fmt: skip
             values["top_eigenvalue"] = float(top.eigenvalues[0])
+            values["top_eigenvalue_residual"] = float(top.residual_norms[0])
         if "fisher_trace" in self.metrics:
             diagonal = empirical_fisher_diagonal(self.model, self.loss_fn, op.params, self.data)
             values["fisher_trace"] = float(sum(d.sum() for d in diagonal))
