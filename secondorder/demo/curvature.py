@@ -23,7 +23,8 @@ TITLE = "Curvature during training"
 def _one_thread() -> Iterator[None]:
     """Products on a held batch of small images are too small for a thread pool to pay:
     on an idle 2-core machine one thread costs little, and on a busy shared one the
-    pool's spinning barriers made this section 2-4x slower (docs/benchmarks.md)."""
+    pool's spinning barriers made this section over twice as slow with half the held
+    batch (docs/benchmarks.md)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
