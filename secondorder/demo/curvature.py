@@ -21,10 +21,10 @@ TITLE = "Curvature during training"
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """Products on a held batch of small images are too small for a thread pool to pay:
-    on an idle 2-core machine one thread costs little, and on a busy shared one the
-    pool's spinning barriers made this section over twice as slow with half the held
-    batch (docs/benchmarks.md)."""
+    """Products on a held batch of small images are too small for a thread pool to pay,
+    and on a busy machine its spinning barriers stall them: on the shared 2-core
+    development machine this section took 64 s on one thread and 415 s on two
+    (docs/benchmarks.md)."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
