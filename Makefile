@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/mfac_bench.py
 	$(BIN)/python benchmarks/prune_bench.py
 	$(BIN)/python benchmarks/distributed_bench.py
+	$(BIN)/python benchmarks/curvature_bench.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -25,6 +25,26 @@ def _prune(args: argparse.Namespace) -> None:
     )
 
 
+def _diagnose(args: argparse.Namespace) -> None:
+    import torch
+
+    from .demo.diagnose import run_diagnose
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run_diagnose(
+        args.out,
+        checkpoint=args.checkpoint,
+        optimizer=args.optimizer,
+        epochs=args.epochs,
+        samples=args.samples,
+        num_matvecs=args.matvecs,
+        top_k=args.top_k,
+        quick=args.quick,
+        show_progress=not args.no_progress,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secondorder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -54,6 +74,26 @@ def build_parser() -> argparse.ArgumentParser:
     prune.add_argument("--out", default="runs/prune", help="folder for the table and the plot")
     prune.add_argument("--no-progress", action="store_true", help="no progress bars")
     prune.set_defaults(handler=_prune)
+
+    diagnose = commands.add_parser(
+        "diagnose",
+        help="Hessian trace, top eigenvalues and spectral density of a digits CNN, with plots",
+    )
+    diagnose.add_argument("--out", default="runs/diagnose", help="folder for the figures")
+    diagnose.add_argument(
+        "--checkpoint", help="a state_dict of the digits CNN (e.g. model.pt of an earlier run)"
+    )
+    diagnose.add_argument(
+        "--optimizer", default="SGD+momentum", help="optimiser of the demo that trains the model"
+    )
+    diagnose.add_argument("--epochs", type=int, default=5, help="epochs of training")
+    diagnose.add_argument("--samples", type=int, default=512, help="training images measured on")
+    diagnose.add_argument("--matvecs", type=int, default=60, help="products for the trace")
+    diagnose.add_argument("--top-k", type=int, default=5, help="how many top eigenvalues")
+    diagnose.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    diagnose.add_argument("--quick", action="store_true", help="a short run (seconds)")
+    diagnose.add_argument("--no-progress", action="store_true", help="no progress bars")
+    diagnose.set_defaults(handler=_diagnose)
     return parser
 
 

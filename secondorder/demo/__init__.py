@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import optimizers, pruning
+from . import curvature, optimizers, pruning
 from .report import Report
 
 SECTIONS = {
     "optimizers": optimizers,
+    "curvature": curvature,
     "pruning": pruning,
 }
 

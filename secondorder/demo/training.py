@@ -46,14 +46,20 @@ def train_classifier(
     batch_size: int,
     seed: int = 0,
     show_progress: bool = True,
+    on_step: Callable[[int], object] | None = None,
 ) -> RunResult:
-    """Train with cross-entropy on shuffled mini-batches; time the training only."""
+    """Train with cross-entropy on shuffled mini-batches; time the training only.
+
+    ``on_step(step)`` is called after each optimiser step (``step`` counts from 1),
+    outside the timed training; the model may be in train mode.
+    """
     optimizer = make_optimizer(list(model.parameters()))
     generator = torch.Generator().manual_seed(seed)
     result = RunResult(name)
     steps_per_epoch = -(-len(train) // batch_size)
     bar = progress(range(epochs * steps_per_epoch), desc=name, enabled=show_progress)
     ticks = iter(bar)
+    callback_seconds = 0.0
     start = time.perf_counter()
     for _ in range(epochs):
         model.train()
@@ -64,7 +70,11 @@ def train_classifier(
             optimizer.step()
             result.step_losses.append(loss.item())
             next(ticks, None)
-    result.seconds = time.perf_counter() - start
+            if on_step is not None:
+                callback_start = time.perf_counter()
+                on_step(len(result.step_losses))
+                callback_seconds += time.perf_counter() - callback_start
+    result.seconds = time.perf_counter() - start - callback_seconds
     if hasattr(bar, "close"):
         bar.close()
     result.train_loss, _ = evaluate(model, train)

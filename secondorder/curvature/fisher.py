@@ -1,0 +1,165 @@
+r"""Per-sample gradients, the exact diagonal of the empirical Fisher, and Fisher merging.
+
+For a loss that is a mean over samples, ``L = (1/N) Σ_i ℓ_i``, the per-sample
+loss ``ℓ_i`` is ``loss_fn`` evaluated on the batch holding sample ``i`` alone, and
+the empirical Fisher (EF) is
+
+    F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ,
+
+whose diagonal ``(1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` is computed exactly here from the
+per-sample gradients (``vmap`` of ``grad`` over the samples of each batch).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from .._progress import progress as progress_bar
+from ._params import resolve_params
+
+__all__ = ["empirical_fisher_diagonal", "fisher_merge", "per_sample_gradients"]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+
+def sample_gradients(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: torch.Tensor
+) -> Params:
+    """``∇ℓ_i`` for every sample of the batch: ``{name: [B, *shape]}`` (a pure function)."""
+
+    def sample_loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+
+
+def per_sample_gradients(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Iterable[torch.Tensor] | None,
+    batch: tuple[torch.Tensor, torch.Tensor],
+) -> list[torch.Tensor]:
+    """The gradient of each sample's loss, one ``[B, *p.shape]`` tensor per parameter ``p``.
+
+    ``ℓ_i = loss_fn(model(x_i[None]), y_i[None])``; with a mean-reduced ``loss_fn``
+    the batch loss is the mean of the ``ℓ_i``, so the mean of the returned
+    gradients over the batch is the ordinary gradient. ``params`` are tensors of
+    ``model.parameters()`` (``None``: all that require grad). The model should be
+    in eval mode (no dropout, no batch statistics): each sample is run alone.
+    """
+    names, tensors = resolve_params(model, params)
+    inputs, targets = batch
+    with torch.no_grad():
+        grads = sample_gradients(
+            model, loss_fn, {n: t.detach() for n, t in zip(names, tensors, strict=True)},
+            inputs, targets,
+        )  # fmt: skip
+    return [grads[n] for n in names]
+
+
+def empirical_fisher_diagonal(
+    model: nn.Module,
+    loss_fn: LossFn,
+    params: Iterable[torch.Tensor] | None,
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    progress: bool = False,
+) -> list[torch.Tensor]:
+    """``diag F = (1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` over all samples of ``data``, exactly; one tensor per param.
+
+    ``data`` is an iterable of ``(inputs, targets)`` batches; ``N`` counts
+    samples, so a short last batch weighs what its samples weigh.
+    """
+    names, tensors = resolve_params(model, params)
+    detached = {n: t.detach() for n, t in zip(names, tensors, strict=True)}
+    total = [torch.zeros_like(t) for t in tensors]
+    count = 0
+    with torch.no_grad():
+        for inputs, targets in progress_bar(data, desc="EF diagonal", enabled=progress):
+            grads = sample_gradients(model, loss_fn, detached, inputs, targets)
+            for acc, name in zip(total, names, strict=True):
+                acc.add_(grads[name].square().sum(0))
+            count += len(targets)
+    if count == 0:
+        raise ValueError("data holds no samples")
+    return [t / count for t in total]
+
+
+def fisher_merge(
+    models: Sequence[nn.Module],
+    fishers: Sequence[Mapping[str, torch.Tensor] | Sequence[torch.Tensor]],
+    *,
+    weights: Sequence[float] | None = None,
+    fisher_floor: float = 1e-6,
+) -> nn.Module:
+    r"""Fisher-weighted average of models with the same architecture (Matena & Raffel, 2022).
+
+    Each parameter of the merged model is, elementwise,
+
+        θ = Σ_m λ_m F_m θ_m / Σ_m λ_m F_m,
+
+    with ``F_m`` the diagonal Fisher of model ``m`` (e.g. from
+    :func:`empirical_fisher_diagonal`), clamped below at ``fisher_floor`` so that
+    coordinates no model has information about fall back to the plain
+    ``λ``-weighted average, and ``λ_m`` the ``weights`` (default: all equal).
+
+    ``fishers[m]`` is a dict ``{parameter name: tensor}`` or a list aligned with
+    ``models[m].parameters()``; a parameter missing from any model's dict is
+    averaged with the ``λ`` alone. Returns a new model (a deep copy of ``models[0]``,
+    buffers included) holding the merged parameters; the inputs are not changed.
+    """
+    if not models:
+        raise ValueError("fisher_merge needs at least one model")
+    if len(fishers) != len(models):
+        raise ValueError(f"got {len(models)} models but {len(fishers)} Fisher diagonals")
+    weights = [1.0] * len(models) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(models) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights must be {len(models)} numbers >= 0, not all 0; got {weights}")
+    if not fisher_floor > 0:
+        raise ValueError(f"fisher_floor must be > 0, got {fisher_floor}")
+
+    reference = dict(models[0].named_parameters())
+    named_params, named_fishers = [], []
+    for index, (model, fisher) in enumerate(zip(models, fishers, strict=True)):
+        named = dict(model.named_parameters())
+        shapes = {n: p.shape for n, p in named.items()}
+        if shapes != {n: p.shape for n, p in reference.items()}:
+            raise ValueError(f"models[{index}] does not have the parameters of models[0]")
+        if not isinstance(fisher, Mapping):
+            fisher = list(fisher)
+            if len(fisher) != len(named):
+                raise ValueError(
+                    f"fishers[{index}] has {len(fisher)} tensors but the model has "
+                    f"{len(named)} parameters; pass a dict {{name: tensor}} for a subset"
+                )
+            fisher = dict(zip(named, fisher, strict=True))
+        for name, f in fisher.items():
+            if name not in named:
+                raise ValueError(f"fishers[{index}] names {name!r}, not a parameter of the model")
+            if f.shape != named[name].shape:
+                raise ValueError(
+                    f"fishers[{index}][{name!r}] has shape {tuple(f.shape)}, "
+                    f"the parameter {tuple(named[name].shape)}"
+                )
+        named_params.append(named)
+        named_fishers.append(fisher)
+
+    merged = copy.deepcopy(models[0])
+    with torch.no_grad():
+        for name, target in merged.named_parameters():
+            numerator = torch.zeros_like(target, dtype=torch.float64)
+            denominator = torch.zeros_like(numerator)
+            known = all(name in fisher for fisher in named_fishers)
+            for weight, named, fisher in zip(weights, named_params, named_fishers, strict=True):
+                f = fisher[name].to(numerator).clamp_min(fisher_floor) if known else 1.0
+                numerator += weight * f * named[name].to(numerator)
+                denominator += weight * f
+            target.copy_(numerator / denominator)
+    return merged

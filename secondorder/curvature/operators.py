@@ -1,0 +1,434 @@
+r"""Curvature matrices of a model's loss as matrix-free linear operators, on ``torch.func``.
+
+Every operator here is a symmetric ``D × D`` matrix, ``D`` the number of
+entries of ``params``, of the loss averaged over the ``N`` samples of ``data``:
+
+    L(θ) = (1/N) Σ_i ℓ_i(θ).
+
+``data`` is any re-iterable of ``(inputs, targets)`` batches (a list, a
+``DataLoader``) and ``loss_fn(outputs, targets)`` averages over its batch
+(``reduction="mean"``, torch's default), so batch ``b`` of ``B_b`` samples,
+with loss ``L_b``, enters with weight ``B_b / N``: a short last batch weighs
+what its samples weigh, not what a full batch weighs.
+
+- :class:`HessianOperator`: ``∇²L = Σ_b (B_b/N) ∇²L_b``.
+- :class:`GGNOperator`: the generalised Gauss-Newton ``G = Σ_b (B_b/N) J_bᵀ H_b J_b``,
+  ``J_b`` the Jacobian of the model's outputs on batch ``b`` with respect to
+  ``params`` and ``H_b`` the Hessian of ``loss_fn`` with respect to those outputs.
+  It is the Hessian without the terms in the model's second derivatives, and
+  positive semi-definite when the loss is convex in the outputs (cross-entropy, MSE).
+- :class:`EmpiricalFisherOperator`: ``F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ``, ``ℓ_i`` the loss of
+  sample ``i`` alone (``loss_fn`` on a batch of one).
+
+The base class :class:`CurvatureOperator` owns the loop over the data, the
+weighting, the input and output formats and the checks; each subclass gives
+one pure function that, on one batch, does the work shared by all vectors once
+(forward and backward passes) and returns the product with one vector, which
+the base applies to all the columns of ``V`` at once with ``vmap``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .._checks import check_finite, check_positive_int, ensure_fits
+from .._progress import progress as progress_bar
+from ._params import flatten_columns, resolve_params, split_columns
+from .fisher import empirical_fisher_diagonal, sample_gradients
+
+__all__ = [
+    "CurvatureOperator",
+    "EmpiricalFisherOperator",
+    "GGNOperator",
+    "HessianOperator",
+    "NondeterminismError",
+    "empirical_fisher_product",
+    "ggn_product",
+    "hessian_product",
+]
+
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Params = dict[str, torch.Tensor]
+
+
+# The default chunk of columns holds about this many samples' activations (see chunk_size).
+_SAMPLE_COLUMNS = 1024
+
+
+class NondeterminismError(RuntimeError):
+    """Two passes over the data gave different losses or gradients."""
+
+
+# -- the products on one batch -----------------------------------------------------------------
+#
+# Each is a pure function of (model, loss_fn, params, inputs, targets) that does the
+# work shared by all vectors once (forward and backward passes) and returns the
+# product with ONE vector, a dict shaped like ``params``; the operator applies it to
+# K vectors at once with ``vmap``.
+
+Product = Callable[[Params], Params]
+
+
+def hessian_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ ∇²L_b v`` by reverse-over-reverse: one backward pass, then the vjp of the gradient."""
+
+    def batch_loss(p: Params) -> torch.Tensor:
+        return loss_fn(functional_call(model, p, (inputs,)), targets)
+
+    _, gradient_vjp = vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
+    return lambda v: gradient_vjp(v)[0]
+
+
+def ggn_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ J_bᵀ H_b J_b v`` in reverse mode only: ``J v`` as the vjp of the (linear)
+    pullback ``u ↦ Jᵀu``, ``H_b`` as the vjp of the loss's gradient in output space, ``Jᵀ``
+    as the pullback. Forward mode would be ~30% faster but many layers (fused attention,
+    custom autograd functions) have no forward derivative; every layer with a double
+    backward works here, as for the Hessian."""
+
+    def outputs(p: Params) -> torch.Tensor:
+        return functional_call(model, p, (inputs,))
+
+    f, pullback = vjp(outputs, params)
+    _, push_forward = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
+    _, output_hessian = vjp(lambda f: grad(loss_fn)(f, targets), f)
+
+    def product(v: Params) -> Params:
+        (jv,) = push_forward(v)
+        (hjv,) = output_hessian(jv)
+        return pullback(hjv)[0]
+
+    return product
+
+
+def empirical_fisher_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ (1/B) Gᵀ (G v)`` with ``G`` the ``B × D`` per-sample gradients, formed once."""
+    grads = sample_gradients(model, loss_fn, params, inputs, targets)
+    num_samples = next(iter(grads.values())).shape[0]
+
+    def product(v: Params) -> Params:
+        coefficients = sum(grads[n].flatten(1) @ v[n].flatten() for n in v)  # ∇ℓ_i · v
+        return {n: torch.tensordot(coefficients, grads[n], dims=1) / num_samples for n in v}
+
+    return product
+
+
+# -- the operators ------------------------------------------------------------------------------
+
+
+class CurvatureOperator:
+    """A symmetric ``D × D`` curvature matrix of ``L = (1/N) Σ_i ℓ_i``, applied without forming it.
+
+    ``op @ x`` takes a flat vector ``[D]``, a ``[D, K]`` matrix or a list of
+    tensors shaped like ``params`` (ordered as ``params``), and returns the
+    same format. Each product is one pass over ``data``; on each batch the
+    shared work is done once and the ``K`` columns go through ``vmap``
+    ``chunk_size`` at a time.
+
+    Args:
+        model: any ``nn.Module`` whose output on a batch of inputs is a tensor;
+            it should be deterministic (eval mode: no dropout, no batch statistics).
+        loss_fn: ``loss_fn(outputs, targets)``, the MEAN over the batch.
+        params: tensors of ``model.parameters()`` to differentiate with respect
+            to, in the order of the vector's blocks; ``None``: all that require grad.
+            The other parameters and the buffers are held fixed.
+        data: re-iterable of ``(inputs, targets)`` batches, batch dimension first.
+            Tensors are moved to the parameters' device.
+        chunk_size: at most this many columns go through one vmapped call; memory
+            grows with it, about ``chunk_size`` times the activations of one batch.
+            ``None``: ``max(1, 1024 // batch size)`` (at most 64), so that a call
+            holds the activations of about 1,024 samples. On the digits CNN (CPU),
+            that is also about the fastest: larger calls leave the caches and are
+            slower per column (docs/benchmarks.md).
+        check_deterministic: at construction, compute the loss and the gradient
+            twice over ``data`` (two passes with one backward per batch) and raise
+            :class:`NondeterminismError` if they differ (dropout or batch norm in
+            train mode, random augmentation, shuffling).
+        progress: show a progress bar over the batches of each product.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn,
+        params: Iterable[torch.Tensor] | None,
+        data: Iterable[tuple[Any, Any]],
+        *,
+        chunk_size: int | None = None,
+        check_deterministic: bool = True,
+        progress: bool = False,
+    ) -> None:
+        if iter(data) is data:
+            raise TypeError(
+                "data must be re-iterable (a list of batches or a DataLoader), not an iterator "
+                "or generator: every product makes a new pass over it"
+            )
+        self.model = model
+        self.loss_fn = loss_fn
+        self.names, self.params = resolve_params(model, params)
+        self.data = data
+        self.chunk_size = (
+            None if chunk_size is None else check_positive_int(chunk_size, "chunk_size")
+        )
+        self.progress = progress
+        self._shapes = tuple(p.shape for p in self.params)
+        self.dim = sum(p.numel() for p in self.params)
+        if check_deterministic:
+            self.check_deterministic()
+
+    @staticmethod
+    def _batch_product(
+        model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+    ) -> Product:
+        """The one method a subclass provides: ``v ↦ A_b v`` for its matrix on one batch
+        (of the batch's mean loss), a pure function like :func:`hessian_product`."""
+        raise NotImplementedError
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.dim, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.params[0].dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={self.dtype}, "
+            f"device={self.device}, params={len(self.params)})"
+        )
+
+    # -- products --------------------------------------------------------------------------------
+
+    def __matmul__(self, x: torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor, ...]):
+        if isinstance(x, torch.Tensor):
+            self._check_vector(x, "the vector")
+            if x.ndim == 1 and x.shape[0] == self.dim:
+                return self._matmat(x[:, None])[:, 0]
+            if x.ndim == 2 and x.shape[0] == self.dim:
+                return self._matmat(x)
+            raise ValueError(
+                f"expected a vector of length {self.dim} or a [{self.dim}, K] matrix, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if isinstance(x, (list, tuple)):
+            if len(x) != len(self.params) or not all(
+                isinstance(t, torch.Tensor) and t.shape == s
+                for t, s in zip(x, self._shapes, strict=False)
+            ):
+                got = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t) for t in x]
+                expected = [tuple(s) for s in self._shapes]
+                raise ValueError(f"expected tensors shaped like params {expected}, got {got}")
+            for index, t in enumerate(x):
+                self._check_vector(t, f"block {index} of the vector")
+            out = self._matmat(flatten_columns([t[None] for t in x]))
+            return type(x)(block[0] for block in split_columns(out, self._shapes))
+        return NotImplemented
+
+    def _check_vector(self, x: torch.Tensor, what: str) -> None:
+        if x.dtype != self.dtype:
+            raise TypeError(f"{what} is {x.dtype} but the operator is {self.dtype}")
+        if x.device != self.device:
+            raise ValueError(f"{what} is on {x.device} but the operator on {self.device}")
+        check_finite(x, what)
+
+    def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
+        """``A @ matrix`` for a ``[D, K]`` matrix: one pass over the data."""
+        num_columns = matrix.shape[1]
+        result = torch.zeros_like(matrix)
+        if num_columns == 0:
+            return result
+        params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
+        num_samples = 0
+        # torch.func ignores an outer no_grad; it stops the graph back to the model's own tensors.
+        # The fused attention kernels have no second derivatives; the math one has.
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+            for inputs, targets in self._batches(type(self).__name__):
+                batch_size = _num_samples(targets)
+                product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
+                width = self.chunk_size or min(64, max(1, _SAMPLE_COLUMNS // batch_size))
+                for start in range(0, num_columns, width):
+                    blocks = split_columns(matrix[:, start : start + width], self._shapes)
+                    products = _apply(product, dict(zip(self.names, blocks, strict=True)))
+                    result[:, start : start + width].add_(
+                        flatten_columns([products[n] for n in self.names]), alpha=batch_size
+                    )
+                num_samples += batch_size
+        if num_samples == 0:
+            raise ValueError("data holds no samples")
+        return result.div_(num_samples)
+
+    def _batches(self, desc: str):
+        for inputs, targets in progress_bar(self.data, desc=desc, enabled=self.progress):
+            yield _to_device(inputs, self.device), _to_device(targets, self.device)
+
+    # -- loss, gradient and the determinism check ------------------------------------------------
+
+    def loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``L`` and the flat gradient ``∇L`` over all of ``data`` (one pass, one backward a batch)."""
+        _, _, loss, gradient = self._loss_and_gradient_pass()
+        return loss, gradient
+
+    def _loss_and_gradient_pass(self):
+        params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
+
+        def batch_loss(p: Params, inputs: Any, targets: Any) -> torch.Tensor:
+            return self.loss_fn(functional_call(self.model, p, (inputs,)), targets)
+
+        sizes, losses = [], []
+        gradient = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for inputs, targets in self._batches("loss and gradient"):
+                grads, loss = grad_and_value(batch_loss)(params, inputs, targets)
+                batch_size = _num_samples(targets)
+                gradient += batch_size * torch.cat([grads[n].reshape(-1) for n in self.names])
+                sizes.append(batch_size)
+                losses.append(loss.detach())
+        if not sizes:
+            raise ValueError("data holds no samples")
+        num_samples = sum(sizes)
+        losses = torch.stack(losses)
+        total = (losses * torch.tensor(sizes, dtype=losses.dtype, device=losses.device)).sum()
+        return sizes, losses, total / num_samples, gradient / num_samples
+
+    def check_deterministic(self) -> None:
+        """Raise :class:`NondeterminismError` unless two passes over the data agree.
+
+        Compares the batch sizes, every batch's loss and the gradient, to a
+        relative tolerance of ``sqrt(eps)`` of the dtype.
+        """
+        sizes1, losses1, _, gradient1 = self._loss_and_gradient_pass()
+        sizes2, losses2, _, gradient2 = self._loss_and_gradient_pass()
+        rtol = math.sqrt(torch.finfo(self.dtype).eps)
+        causes = (
+            "the operator would average over a moving target. Likely causes: dropout or batch "
+            "norm in train mode (call model.eval()), random augmentation, or a DataLoader with "
+            "shuffle=True"
+        )
+        if sizes1 != sizes2:
+            raise NondeterminismError(
+                f"two passes over data gave different batch sizes ({sizes1} vs {sizes2}); {causes}"
+            )
+        scale = gradient1.norm() + torch.finfo(self.dtype).tiny
+        if not torch.allclose(losses1, losses2, rtol=rtol, atol=0.0) or not bool(
+            (gradient1 - gradient2).norm() <= rtol * scale
+        ):
+            raise NondeterminismError(
+                f"two passes over data gave different losses or gradients; {causes}"
+            )
+
+    # -- other views -----------------------------------------------------------------------------
+
+    def to_dense(self) -> torch.Tensor:
+        """The ``D × D`` matrix (``D`` products in one pass); for small models and tests."""
+        nbytes = 2 * self.dim * self.dim * self.params[0].element_size()  # identity and result
+        ensure_fits(
+            nbytes,
+            self.device,
+            what=f"a dense {self.dim} x {self.dim} matrix",
+            advice="use products (op @ v) or the estimators instead",
+        )
+        return self._matmat(torch.eye(self.dim, dtype=self.dtype, device=self.device))
+
+    def to_scipy(self):
+        """A ``scipy.sparse.linalg.LinearOperator`` (numpy in, numpy out) for scipy's solvers."""
+        try:
+            import numpy as np
+            from scipy.sparse.linalg import LinearOperator
+        except ImportError as error:  # pragma: no cover - depends on the environment
+            raise ImportError("to_scipy needs scipy: pip install 'secondorder[scipy]'") from error
+
+        def matmat(x):
+            x = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+            return self._matmat(x.reshape(self.dim, -1)).reshape(x.shape).cpu().numpy()
+
+        numpy_dtype = torch.empty((), dtype=self.dtype).numpy().dtype
+        return LinearOperator(
+            self.shape, matvec=matmat, rmatvec=matmat, matmat=matmat, rmatmat=matmat,
+            dtype=numpy_dtype,
+        )  # fmt: skip
+
+
+class HessianOperator(CurvatureOperator):
+    r"""The Hessian ``∇²L = Σ_b (B_b/N) ∇²L_b`` of the mean loss over ``data``.
+
+    Per batch: one forward and backward pass (``grad``), then the vjp of that
+    gradient, vmapped over the columns.
+    Arguments as :class:`CurvatureOperator`.
+    """
+
+    _batch_product = staticmethod(hessian_product)
+
+
+class GGNOperator(CurvatureOperator):
+    r"""The generalised Gauss-Newton ``G = Σ_b (B_b/N) J_bᵀ H_b J_b`` of the mean loss over ``data``.
+
+    ``J_b = ∂f(x_b; θ)/∂θ`` is the Jacobian of the model's outputs on batch
+    ``b`` and ``H_b = ∂²loss_fn(f, y_b)/∂f²`` the Hessian of the batch's mean loss
+    with respect to those outputs, taken by ``torch.func`` for any ``loss_fn``.
+    Arguments as :class:`CurvatureOperator`.
+    """
+
+    _batch_product = staticmethod(ggn_product)
+
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    r"""The empirical Fisher ``F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ`` over the samples of ``data``.
+
+    ``ℓ_i = loss_fn(model(x_i[None]), y_i[None])``, so each sample is run on its
+    own (``vmap`` over the batch): the model must not mix samples (no batch
+    statistics). Per batch, the ``B × D`` per-sample gradients are formed once
+    (memory ``B × D``), then each column costs two matrix-vector products.
+    Arguments as :class:`CurvatureOperator`.
+    """
+
+    _batch_product = staticmethod(empirical_fisher_product)
+
+    def diagonal(self) -> torch.Tensor:
+        """The exact diagonal ``(1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i``, flat (one pass of per-sample gradients)."""
+        blocks = empirical_fisher_diagonal(
+            self.model, self.loss_fn, self.params, self._batches("EF diagonal")
+        )
+        return torch.cat([b.reshape(-1) for b in blocks])
+
+
+def _apply(product: Product, columns: Params) -> Params:
+    """``product`` on each of the ``K`` columns (``[K, *shape]`` per name), vectorised by ``vmap``."""
+    try:
+        if next(iter(columns.values())).shape[0] == 1:  # vmap costs more than it saves here
+            return {n: t[None] for n, t in product({n: c[0] for n, c in columns.items()}).items()}
+        return vmap(product)(columns)
+    except RuntimeError as error:
+        if "randomness" in str(error):
+            raise NondeterminismError(
+                "the model calls a random operation (dropout in train mode?); "
+                "call model.eval() before building the operator"
+            ) from error
+        raise
+
+
+def _num_samples(targets: Any) -> int:
+    if isinstance(targets, torch.Tensor) and targets.ndim > 0:
+        return targets.shape[0]
+    return len(targets)
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -1,0 +1,113 @@
+"""Figures of curvature diagnostics, written as PNG files (matplotlib, the ``plot`` extra)."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from ..curvature.spectrum import SpectralDensity
+
+__all__ = ["plot_metrics", "plot_spectral_density", "read_metrics"]
+
+
+def read_metrics(path: str | Path) -> dict[str, list[float]]:
+    """The columns of a :class:`~.CurvatureMonitor` CSV file as lists of floats."""
+    with Path(path).open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        raise ValueError(f"{path} holds no rows")
+    return {name: [float(row[name]) for row in rows] for name in rows[0]}
+
+
+def plot_metrics(
+    runs: str | Path | Mapping[str, str | Path],
+    out: str | Path,
+    *,
+    metrics: Sequence[str] | None = None,
+    title: str = "Curvature during training",
+) -> Path:
+    """One panel per metric against the step, one line per run; returns ``out``.
+
+    ``runs`` is a monitor CSV file, or ``{label: CSV file}`` to compare runs.
+    ``metrics`` defaults to every metric column of the first run (not
+    ``seconds``); ``hessian_trace`` gets a band of ± its standard error.
+    """
+    if not isinstance(runs, Mapping):
+        runs = {"": runs}
+    tables = {label: read_metrics(path) for label, path in runs.items()}
+    if metrics is None:
+        first = next(iter(tables.values()))
+        metrics = [
+            c for c in first if c not in ("step", "seconds") and not c.endswith("_std_error")
+        ]
+    columns = min(len(metrics), 2)
+    rows = math.ceil(len(metrics) / columns)
+    figure = _figure(figsize=(5.2 * columns, 3.4 * rows))
+    axes = figure.subplots(rows, columns, squeeze=False)
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for label, table in tables.items():
+            if metric not in table:
+                raise ValueError(f"{runs[label]} has no column {metric!r}")
+            (line,) = ax.plot(table["step"], table[metric], marker=".", label=label or None)
+            error = table.get(f"{metric}_std_error")
+            if error is not None:
+                low = [v - e for v, e in zip(table[metric], error, strict=True)]
+                high = [v + e for v, e in zip(table[metric], error, strict=True)]
+                ax.fill_between(table["step"], low, high, color=line.get_color(), alpha=0.2)
+        ax.set(title=metric.replace("_", " "), xlabel="step")
+        ax.grid(alpha=0.3)
+        if len(tables) > 1:
+            ax.legend(fontsize="small")
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.set_visible(False)
+    figure.suptitle(title)
+    return _save(figure, out)
+
+
+def plot_spectral_density(
+    density: SpectralDensity,
+    out: str | Path,
+    *,
+    eigenvalues: torch.Tensor | Sequence[float] | None = None,
+    title: str = "Spectral density",
+) -> Path:
+    """The density on a log scale (the bulk and the outliers both show); returns ``out``.
+
+    ``eigenvalues`` (e.g. from :func:`~secondorder.curvature.top_eigenvalues`)
+    are marked as vertical lines.
+    """
+    figure = _figure(figsize=(6.4, 4.0))
+    ax = figure.subplots()
+    floor = 1e-12 * float(density.density.max())
+    ax.semilogy(density.grid.numpy(), density.density.clamp_min(floor).numpy())
+    for value in [] if eigenvalues is None else [float(v) for v in eigenvalues]:
+        ax.axvline(value, color="tab:red", alpha=0.5, linewidth=1)
+    ax.set(
+        title=title,
+        xlabel="eigenvalue",
+        ylabel=f"density (Gaussian σ = {density.sigma:.3g})",
+        ylim=(max(floor, 1e-6 * float(density.density.max())), None),
+    )
+    ax.grid(alpha=0.3)
+    return _save(figure, out)
+
+
+def _figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` not attached to pyplot: no backend is chosen or changed."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError("plots need matplotlib: pip install 'secondorder[plot]'") from error
+    return Figure(figsize=figsize)
+
+
+def _save(figure, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.tight_layout()
+    figure.savefig(out, dpi=120)
+    return out
