@@ -9,23 +9,12 @@ costs seconds of TorchScript compilation.
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch import nn
 from torch.func import functional_call, grad, jacrev
 
 f64 = torch.float64
 NUM_CLASSES = 3
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny products are pure overhead for a thread pool; on a shared, busy machine two
-    OpenMP threads make them ~10x slower than one. Import this into a test module."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def tiny_mlp() -> nn.Module:

@@ -2,8 +2,6 @@
 
 import json
 
-from _curvature_oracles import one_thread  # noqa: F401
-
 from secondorder.cli import main
 from secondorder.demo import curvature
 from secondorder.demo.optimizers import OPTIMIZERS

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from _curvature_oracles import DENSE, LOSSES, MODELS, f64, make_data, one_thread, tiny_mlp  # noqa: F401
+from _curvature_oracles import DENSE, LOSSES, MODELS, f64, make_data, tiny_mlp
 from torch import nn
 
 from secondorder._checks import NonFiniteError

@@ -5,7 +5,6 @@ from _curvature_oracles import (
     dense_hessian,
     f64,
     make_data,
-    one_thread,  # noqa: F401
 )
 from torch import nn
 

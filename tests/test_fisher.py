@@ -6,7 +6,6 @@ from _curvature_oracles import (
     dense_empirical_fisher,
     f64,
     make_data,
-    one_thread,  # noqa: F401
     stacked_sample_gradients,
     tiny_mlp,
 )

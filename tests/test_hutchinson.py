@@ -6,7 +6,6 @@ from _curvature_oracles import (
     decaying_matrix,
     f64,
     make_data,
-    one_thread,  # noqa: F401
     tiny_cnn,
 )
 from torch import nn

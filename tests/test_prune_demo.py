@@ -1,20 +1,8 @@
 """The pruning scripts run end to end on the real digits (smoke tests; quality is in the benchmark)."""
 
-import pytest
-import torch
-
 from secondorder.cli import main
 from secondorder.demo import pruning
 from secondorder.demo.report import Report
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small run fastest on one thread, and a busy machine cannot oversubscribe it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_demo_section_quick(tmp_path):
