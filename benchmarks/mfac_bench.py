@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
-import statistics
 import time
 from collections.abc import Callable
 
@@ -32,8 +31,9 @@ from secondorder.curvature.ldl import ldl_factor, ldl_replace_row, ldl_row_error
 def timed(
     fn: Callable[[], object], *, budget: float = 2.0, max_repeats: int = 50, warmup: bool = True
 ) -> float:
-    """Median wall time of ``fn`` over as many calls as fit in ``budget`` seconds
-    (at least ``min(3, max_repeats)``), after one untimed call if ``warmup``."""
+    """Best wall time of ``fn`` over as many calls as fit in ``budget`` seconds (at least
+    ``min(3, max_repeats)``), after one untimed call if ``warmup``. The best, as timeit
+    reports, since on a shared machine other jobs only ever add time."""
     if warmup:
         fn()
     times = []
@@ -44,7 +44,7 @@ def timed(
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
