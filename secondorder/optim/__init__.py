@@ -3,5 +3,6 @@
 from .dct import DCTAdamW
 from .galore import GaLoreAdamW, NaturalGaLore
 from .mfac import MFAC
+from .sst import SST
 
-__all__ = ["MFAC", "DCTAdamW", "GaLoreAdamW", "NaturalGaLore"]
+__all__ = ["MFAC", "SST", "DCTAdamW", "GaLoreAdamW", "NaturalGaLore"]

@@ -47,7 +47,7 @@ from .._checks import check_finite, check_positive_int
 from ._state import load_state_dict_exactly
 from .projectors import Projector, Side, orient, rotation
 
-__all__ = ["LowRankConfig", "ProjectedAdam"]
+__all__ = ["LowRankConfig", "ProjectedAdam", "adam_moments"]
 
 ProjType = Literal["std", "reverse_std", "left", "right"]
 OnRefresh = Literal["keep", "rotate"]
@@ -113,8 +113,9 @@ class ProjectedAdam(torch.optim.Optimizer):
     r"""AdamW whose moments live in a rank-``r`` projection of each weight matrix.
 
     Subclasses choose the :class:`~secondorder.optim.projectors.Projector` and may
-    precondition the projected gradient (:meth:`_precondition`). The maths is in the
-    module docstring.
+    precondition the projected gradient (:meth:`_precondition`); SST replaces the
+    low-rank step altogether (:meth:`_low_rank_update`). The maths is in the module
+    docstring.
 
     Args:
         params: parameters or groups. A group with ``rank`` is low-rank and may set
@@ -131,7 +132,7 @@ class ProjectedAdam(torch.optim.Optimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        projector: Projector,
+        projector: Projector | None,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
@@ -278,12 +279,19 @@ class ProjectedAdam(torch.optim.Optimizer):
             if "exp_avg" not in state:
                 state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            step_size, denom = self._adam(state, grad, group)
+            step_size, denom = adam_moments(state, grad, group)
             with _writable(p, dtype) as target:
                 _decay(target, group)
                 target.addcdiv_(state["exp_avg"], denom, value=-step_size)
             return
+        self._low_rank_update(p, group, config, grad)
 
+    def _low_rank_update(
+        self, p: torch.Tensor, group: dict[str, Any], config: LowRankConfig, grad: torch.Tensor
+    ) -> None:
+        """The projected step for a matrix (or conv) weight ``p`` whose gradient is ``grad``."""
+        state = self.state[p]
+        dtype = grad.dtype
         rows, cols = as_matrix(p).shape
         side = config.side(rows, cols)
         size = cols if side == "right" else rows
@@ -305,7 +313,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(low)
             state["exp_avg_sq"] = torch.zeros_like(low)
-        step_size, denom = self._adam(state, low, group)
+        step_size, denom = adam_moments(state, low, group)
         update = orient((state["exp_avg"] / denom) @ basis.mT, side).reshape(p.shape)
         with _writable(p, dtype) as target:
             _decay(target, group)
@@ -325,31 +333,32 @@ class ProjectedAdam(torch.optim.Optimizer):
             state["exp_avg"] = state["exp_avg"] @ R
             state["exp_avg_sq"] = state["exp_avg_sq"] @ R.square()
 
-    @staticmethod
-    def _adam(
-        state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]
-    ) -> tuple[float, torch.Tensor]:
-        """Count the step, update the moments with ``g``; return AdamW's step size and denominator.
-
-        The same operations, in the same order, as ``torch.optim.AdamW``'s single-tensor path.
-        """
-        beta1, beta2 = group["betas"]
-        state["step"] += 1
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-        exp_avg.lerp_(g, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        if not group["correct_bias"]:
-            return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
-        step = state["step"]
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        return group["lr"] / (1 - beta1**step), denom
-
     # ----------------------------------------------------------------- state
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
         load_state_dict_exactly(self, state_dict)
         self._backward_counts.clear()
+
+
+def adam_moments(
+    state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]
+) -> tuple[float, torch.Tensor]:
+    """Count the step and update ``state``'s moments with ``g``; return AdamW's step size and denominator.
+
+    The update is then ``-step_size · exp_avg / denom``: the same operations, in the same
+    order, as ``torch.optim.AdamW``'s single-tensor path.
+    """
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if not group["correct_bias"]:
+        return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
+    step = state["step"]
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    return group["lr"] / (1 - beta1**step), denom
 
 
 def _decay(target: torch.Tensor, group: dict[str, Any]) -> None:
