@@ -9,11 +9,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import optimizers
+from . import lowrank, optimizers
 from .report import Report
 
 SECTIONS = {
     "optimizers": optimizers,
+    "lowrank": lowrank,
 }
 
 
