@@ -80,7 +80,7 @@ def test_to_spectral_keeps_the_function_and_drops_the_dense_weights():
     x = torch.randn(7, 12, dtype=f64)
     torch.testing.assert_close(spectral(x), model(x), rtol=1e-12, atol=1e-12)
     assert isinstance(spectral[0], SpectralLinear) and isinstance(spectral[2], SpectralLinear)
-    torch.testing.assert_close(spectral[0].weight(), model[0].weight, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(spectral[0].dense_weight(), model[0].weight, rtol=1e-12, atol=1e-12)
     shapes = {tuple(p.shape) for p in spectral.parameters()}
     assert (16, 12) not in shapes and (5, 16) not in shapes  # no dense weight, and no dense grad
     assert spectral[0].bias is not None and spectral[0].bias.shape == (16,)
@@ -95,7 +95,7 @@ def test_spectral_layer_gradients_are_the_enhanced_ones():
     target = torch.randn(4, 3, 5, dtype=f64)
     (layer(x) - target).square().sum().backward()
 
-    W = layer.weight().clone().requires_grad_(True)
+    W = layer.dense_weight().clone().requires_grad_(True)
     x_dense = x.detach().clone().requires_grad_(True)
     (nn.functional.linear(x_dense, W, layer.bias) - target).square().sum().backward()
     G = W.grad
@@ -196,10 +196,10 @@ def test_refactor_of_a_drifted_spectral_layer_keeps_its_function():
         layer.v.add_(0.3 * torch.randn_like(layer.v))
         layer.s.mul_(torch.rand_like(layer.s) + 0.5)
     x = torch.randn(6, 7, dtype=f64)
-    before, weight = layer(x).detach(), layer.weight()
+    before, weight = layer(x).detach(), layer.dense_weight()
     layer.refactor()
     torch.testing.assert_close(layer(x), before, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer.weight(), weight, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.dense_weight(), weight, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.U.T @ layer.U, torch.eye(5, dtype=f64), rtol=0, atol=1e-12)
     assert torch.equal(layer.u, layer.U[:, layer.indices])
 

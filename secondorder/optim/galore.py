@@ -50,7 +50,6 @@ class GaLoreAdamW(ProjectedAdam):
         on_refresh: OnRefresh = "rotate",
         layerwise: bool = False,
         accumulation_steps: int = 1,
-        **extra_defaults: Any,
     ) -> None:
         super().__init__(
             params,
@@ -67,7 +66,6 @@ class GaLoreAdamW(ProjectedAdam):
             on_refresh=on_refresh,
             layerwise=layerwise,
             accumulation_steps=accumulation_steps,
-            **extra_defaults,
         )
 
 
@@ -118,11 +116,33 @@ class NaturalGaLore(GaLoreAdamW):
         *,
         history: int = 20,
         damp: float = 5e-5,
-        **kwargs: Any,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: ProjType = "std",
+        on_refresh: OnRefresh = "rotate",
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
     ) -> None:
         self._windows: dict[torch.Tensor, SlidingWindowMFAC] = {}
-        super().__init__(
-            params, lr, betas, eps, weight_decay, correct_bias, history=history, damp=damp, **kwargs
+        # GaLoreAdamW's own __init__ takes no further settings; build the common base directly
+        ProjectedAdam.__init__(
+            self,
+            params,
+            SVDProjector(),
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            correct_bias,
+            rank=rank,
+            update_proj_gap=update_proj_gap,
+            scale=scale,
+            proj_type=proj_type,
+            on_refresh=on_refresh,
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            extra_defaults={"history": history, "damp": damp},
         )
 
     def _validate_group(self, group: dict[str, Any]) -> None:

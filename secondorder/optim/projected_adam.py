@@ -127,6 +127,7 @@ class ProjectedAdam(torch.optim.Optimizer):
             accumulated, and free that gradient, so full gradients never coexist.
             See :meth:`step` for the contract.
         accumulation_steps: with ``layerwise``, update on every this many backward passes.
+        extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's ``history``).
     """
 
     def __init__(
@@ -146,7 +147,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         on_refresh: OnRefresh = "rotate",
         layerwise: bool = False,
         accumulation_steps: int = 1,
-        **extra_defaults: Any,
+        extra_defaults: dict[str, Any] | None = None,
     ) -> None:
         self.projector = projector
         defaults = {
@@ -160,7 +161,7 @@ class ProjectedAdam(torch.optim.Optimizer):
             "scale": scale,
             "proj_type": proj_type,
             "on_refresh": on_refresh,
-            **extra_defaults,
+            **(extra_defaults or {}),
         }
         super().__init__(params, defaults)
         self.layerwise = layerwise
@@ -245,8 +246,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         work = [
             (p, group) for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
-        for p, _ in work:
-            self._check_gradient(p)
+        _check_gradients([p for p, _ in work])
         for p, group in work:
             self._update(p, group)
         return loss
@@ -258,15 +258,9 @@ class ProjectedAdam(torch.optim.Optimizer):
             return
         group = self.param_groups[self._group_of[p]]
         with torch.no_grad():
-            self._check_gradient(p)
+            _check_gradients([p])
             self._update(p, group)
         p.grad = None
-
-    @staticmethod
-    def _check_gradient(p: torch.Tensor) -> None:
-        if p.grad.is_sparse:
-            raise RuntimeError("the low-rank optimisers do not support sparse gradients")
-        check_finite(p.grad, f"the gradient of a parameter of shape {tuple(p.shape)}")
 
     def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
@@ -359,6 +353,20 @@ def adam_moments(
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
     return group["lr"] / (1 - beta1**step), denom
+
+
+def _check_gradients(params: list[torch.Tensor]) -> None:
+    """Raise before anything changes if a gradient is sparse or holds NaN or Inf (one sync per device)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError("the low-rank optimisers do not support sparse gradients")
+        by_device.setdefault(p.grad.device, []).append(p)
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in group])
+        if not bool(finite.all()):
+            bad = group[int((~finite).nonzero()[0, 0])]
+            check_finite(bad.grad, f"the gradient of a parameter of shape {tuple(bad.shape)}")
 
 
 def _decay(target: torch.Tensor, group: dict[str, Any]) -> None:

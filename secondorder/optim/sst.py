@@ -182,7 +182,7 @@ class SpectralLinear(nn.Module):
         self.V[:, self.indices] = self.v.to(self.V.dtype)
 
     @torch.no_grad()
-    def weight(self) -> torch.Tensor:
+    def dense_weight(self) -> torch.Tensor:
         """The dense ``out × in`` weight this layer stands for (for inspection; costs ``mn``)."""
         U, V = self.U.clone(), self.V.clone()
         U[:, self.indices], V[:, self.indices] = self.u, self.v
@@ -300,7 +300,7 @@ class SST(ProjectedAdam):
             correct_bias,
             rank=rank,
             update_proj_gap=update_proj_gap,
-            uniform_mix=uniform_mix,
+            extra_defaults={"uniform_mix": uniform_mix},
         )
         for index, layer in enumerate(self._layers):
             group = next(g for g in self.param_groups if g.get("spectral_layer") == index)
