@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mfac_bench.py
+	$(BIN)/python benchmarks/lowrank_bench.py --no-progress
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

@@ -4,6 +4,7 @@
     python benchmarks/lowrank_bench.py --part refresh  # (1) DCT against SVD refresh, side by side
     python benchmarks/lowrank_bench.py --part memory   # (2) state bytes on a 58M Llama-style model
     python benchmarks/lowrank_bench.py --part quality  # (3) tiny Llama on the standard library
+    python benchmarks/lowrank_bench.py --part speed    # (3) its training throughput, interleaved
     python benchmarks/lowrank_bench.py --part sweep    # learning-rate sweep behind (3)
 
 Prints markdown tables; the numbers in docs/benchmarks.md come from these commands.
@@ -18,6 +19,7 @@ from functools import partial
 
 import torch
 
+from secondorder.demo.data import load_stdlib_corpus
 from secondorder.demo.lowrank import (
     OPTIMIZERS,
     LMSetup,
@@ -25,8 +27,10 @@ from secondorder.demo.lowrank import (
     compare,
     low_rank_groups,
     matrix_layers,
+    new_model,
     optimizer_state_bytes,
     results_table,
+    train_step,
 )
 from secondorder.demo.report import markdown_table
 from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
@@ -146,10 +150,37 @@ def quality_part(steps: int, show_progress: bool) -> None:
     print(markdown_table(header, rows))
 
 
+def speed_part(steps: int, repeats: int) -> None:
+    """Training throughput, interleaved: each optimiser runs ``steps`` steps in turn, ``repeats`` times."""
+    setup = LMSetup()
+    corpus = load_stdlib_corpus(setup.corpus_bytes)
+    runs = {
+        name: build(new_model(corpus, setup), setup, lr) for name, (build, lr) in OPTIMIZERS.items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, optimizer) in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, optimizer, corpus, setup, generator)
+            seconds[name].append(time.perf_counter() - start)
+    print(f"\n### Training throughput: {steps} steps of {setup.tokens_per_step} bytes, "
+          f"interleaved, median of {repeats}\n")  # fmt: skip
+    adamw = statistics.median(seconds["AdamW"])
+    rows = []
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        rows.append(
+            [name, f"{steps * setup.tokens_per_step / median:,.0f}", f"{adamw / median:.2f}"]
+        )
+    print(markdown_table(["optimiser", "tokens/s", "speed / AdamW"], rows))
+
+
 def sweep_part(steps: int, show_progress: bool) -> None:
     setup = LMSetup(steps=steps)
     print(f"\n### Learning-rate sweep, {steps} steps: validation loss\n")
-    rates = [1e-3, 3e-3, 1e-2, 3e-2]
+    rates = [3e-4, 1e-3, 3e-3, 1e-2]
     rows = []
     for name, (build, _) in OPTIMIZERS.items():
         runs = {lr: (build, lr) for lr in rates}
@@ -187,6 +218,8 @@ def main() -> None:
         sweep_part(args.steps, show)
     if args.part in ("all", "quality"):
         quality_part(args.steps, show)
+    if args.part in ("all", "speed"):
+        speed_part(50, 3)
 
 
 if __name__ == "__main__":

@@ -41,15 +41,15 @@ def galore_groups(model: nn.Module, **low_rank: object) -> list[dict]:
 
 def make_optimizer(name: str, model: nn.Module) -> tuple[nn.Module, torch.optim.Optimizer]:
     if name == "AdamW":
-        return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
     if name == "GaLoreAdamW":
         groups = galore_groups(model, rank=RANK, update_proj_gap=50, scale=1.0)
-        return model, GaLoreAdamW(groups, lr=1e-2)
+        return model, GaLoreAdamW(groups, lr=3e-3)
     if name == "NaturalGaLore":
         groups = galore_groups(model, rank=RANK, update_proj_gap=50, scale=1.0)
-        return model, NaturalGaLore(groups, lr=1e-2, history=20)
+        return model, NaturalGaLore(groups, lr=3e-3, history=20)
     if name == "DCTAdamW":
-        return model, DCTAdamW(galore_groups(model, rank=RANK), lr=1e-2)
+        return model, DCTAdamW(galore_groups(model, rank=RANK), lr=3e-3)
     if name == "SST":  # the memory-saving mode: the linear layers become their SVD
         model = to_spectral(model, rank=RANK, modules=linear_layers(model))
         return model, SST(model, lr=1e-2, update_proj_gap=50)

@@ -36,7 +36,7 @@ class LMSetup:
     num_heads: int = 4
     intermediate_size: int = 344
     seq_len: int = 128
-    batch_size: int = 16
+    batch_size: int = 8
     steps: int = 300
     warmup: int = 30
     rank: int = 32
@@ -96,10 +96,10 @@ def _sst(model, setup, lr):
 
 #: name -> (builder, learning rate); the rates are the best of the sweep in docs/benchmarks.md
 OPTIMIZERS: dict[str, tuple[Builder, float]] = {
-    "AdamW": (_adamw, 3e-3),
-    "GaLoreAdamW": (_galore, 1e-2),
-    "NaturalGaLore": (lambda m, s, lr: _galore(m, s, lr, NaturalGaLore), 1e-2),
-    "DCTAdamW": (_dct, 1e-2),
+    "AdamW": (_adamw, 1e-3),
+    "GaLoreAdamW": (_galore, 3e-3),
+    "NaturalGaLore": (lambda m, s, lr: _galore(m, s, lr, NaturalGaLore), 3e-3),
+    "DCTAdamW": (_dct, 3e-3),
     "SST": (_sst, 1e-2),
 }
 
@@ -146,6 +146,36 @@ def validation_loss(model: nn.Module, corpus: TextCorpus, setup: LMSetup) -> flo
     return sum(losses) / len(losses)
 
 
+def new_model(corpus: TextCorpus, setup: LMSetup) -> nn.Module:
+    """The tiny Llama of ``setup``, seeded: every optimiser starts from the same weights."""
+    torch.manual_seed(setup.seed)
+    return tiny_llama(
+        corpus.vocab_size,
+        setup.hidden_size,
+        setup.num_layers,
+        setup.num_heads,
+        setup.intermediate_size,
+        max_length=setup.seq_len,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    corpus: TextCorpus,
+    setup: LMSetup,
+    generator: torch.Generator,
+) -> float:
+    """One step of next-byte prediction on a fresh training batch; returns the loss."""
+    inputs, targets = corpus.batch("train", setup.batch_size, setup.seq_len, generator)
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(input_ids=inputs).logits
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
 def train_lm(
     name: str,
     build: Builder,
@@ -156,36 +186,21 @@ def train_lm(
     show_progress: bool = True,
 ) -> LMResult:
     """Train a fresh tiny Llama with ``build``'s optimiser; warm-up then cosine learning rate."""
-    torch.manual_seed(setup.seed)
-    model = tiny_llama(
-        corpus.vocab_size,
-        setup.hidden_size,
-        setup.num_layers,
-        setup.num_heads,
-        setup.intermediate_size,
-        max_length=setup.seq_len,
-    )
-    model, optimizer = build(model, setup, lr)
+    model, optimizer = build(new_model(corpus, setup), setup, lr)
 
     def schedule(step: int) -> float:
         if step < setup.warmup:
             return (step + 1) / setup.warmup
-        progress_ = (step - setup.warmup) / max(1, setup.steps - setup.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_))
+        done = (step - setup.warmup) / max(1, setup.steps - setup.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     generator = torch.Generator().manual_seed(setup.seed + 1)
     result = LMResult(name, lr)
     start = time.perf_counter()
     for _ in progress(range(setup.steps), desc=name, enabled=show_progress):
-        inputs, targets = corpus.batch("train", setup.batch_size, setup.seq_len, generator)
-        optimizer.zero_grad(set_to_none=True)
-        logits = model(input_ids=inputs).logits
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        loss.backward()
-        optimizer.step()
+        result.step_losses.append(train_step(model, optimizer, corpus, setup, generator))
         scheduler.step()
-        result.step_losses.append(loss.item())
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = setup.steps * setup.tokens_per_step / result.seconds
     result.valid_loss = validation_loss(model, corpus, setup)
@@ -225,7 +240,7 @@ def results_table(results: list[LMResult]) -> tuple[list[str], list[list[str]]]:
 
 
 def run(report: Report, *, quick: bool, show_progress: bool) -> None:
-    setup = QUICK if quick else LMSetup(steps=200, update_proj_gap=50)
+    setup = QUICK if quick else LMSetup()
     results = compare(setup, show_progress=show_progress)
     header, rows = results_table(results)
     print(f"\n{TITLE} ({setup.steps} steps of {setup.tokens_per_step} bytes, rank {setup.rank})")
