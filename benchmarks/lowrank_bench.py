@@ -198,7 +198,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--part", choices=["all", "refresh", "memory", "quality", "sweep"], default="all"
+        "--part", choices=["all", "refresh", "memory", "quality", "speed", "sweep"], default="all"
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"

@@ -63,6 +63,7 @@ def new_model() -> nn.Module:
 
 def plain_loop(name: str, corpus, steps: int) -> None:
     model, optimizer = make_optimizer(name, new_model())
+    warmup = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=0.1, total_iters=10)
     generator = torch.Generator().manual_seed(1)
     start = time.perf_counter()
     for step in range(1, steps + 1):
@@ -72,6 +73,7 @@ def plain_loop(name: str, corpus, steps: int) -> None:
         loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
+        warmup.step()
         if step == 1 or step % 20 == 0 or step == steps:
             print(f"  {name:>13}  step {step:4d}  loss {loss.item():.3f}")
     print(f"  {name:>13}  {time.perf_counter() - start:.1f} s")
