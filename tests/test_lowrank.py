@@ -215,6 +215,16 @@ def test_chosen_dct_columns_are_the_top_r_by_norm(norm, method):
     torch.testing.assert_close(low, X @ projector.basis(indices, 40, f64), rtol=0, atol=1e-12)
 
 
+def test_auto_method_uses_the_fft_where_it_measured_faster():
+    projector = DCTProjector()
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert projector.uses_fft(1024, cpu) and not projector.uses_fft(512, cpu)
+    assert not projector.uses_fft(4096, cuda)  # GPUs: the matmul (not measured here)
+    assert DCTProjector(method="fft").uses_fft(8, cpu) and not DCTProjector(
+        method="matmul"
+    ).uses_fft(4096, cpu)
+
+
 def test_dct_basis_is_built_once_per_size_and_shared():
     model = torch.nn.Sequential(
         torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 8)
