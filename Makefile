@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/prune_bench.py
 	$(BIN)/python benchmarks/distributed_bench.py
 	$(BIN)/python benchmarks/curvature_bench.py
+	$(BIN)/python benchmarks/lowrank_bench.py --no-progress
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis

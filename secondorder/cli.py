@@ -45,6 +45,19 @@ def _diagnose(args: argparse.Namespace) -> None:
     )
 
 
+def _lowrank(args: argparse.Namespace) -> None:
+    from .demo.lowrank import OPTIMIZERS, QUICK, LMSetup, compare, results_table
+    from .demo.report import text_table
+
+    unknown = sorted(set(args.optimizers or []) - set(OPTIMIZERS))
+    if unknown:
+        raise SystemExit(f"unknown optimisers {unknown}; choose from {sorted(OPTIMIZERS)}")
+    setup = QUICK if args.quick else LMSetup(steps=args.steps, rank=args.rank)
+    chosen = {name: OPTIMIZERS[name] for name in args.optimizers or OPTIMIZERS}
+    results = compare(setup, optimizers=chosen, show_progress=not args.no_progress)
+    print(text_table(*results_table(results)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secondorder", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +107,20 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--quick", action="store_true", help="a short run (seconds)")
     diagnose.add_argument("--no-progress", action="store_true", help="no progress bars")
     diagnose.set_defaults(handler=_diagnose)
+    lowrank = commands.add_parser(
+        "lowrank",
+        help="pretrain a tiny Llama on the standard library with AdamW and the low-rank optimisers",
+    )
+    lowrank.add_argument("--steps", type=int, default=300, help="training steps per optimiser")
+    lowrank.add_argument(
+        "--rank", type=int, default=32, help="rank of the attention and MLP matrices"
+    )
+    lowrank.add_argument("--optimizers", nargs="+", help="only these (default: all)")
+    lowrank.add_argument(
+        "--quick", action="store_true", help="a tiny run (seconds) for smoke tests"
+    )
+    lowrank.add_argument("--no-progress", action="store_true", help="no progress bars")
+    lowrank.set_defaults(handler=_lowrank)
     return parser
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from . import curvature, optimizers, pruning
+from . import curvature, lowrank, optimizers, pruning
 from .report import Report
 
 SECTIONS = {
     "optimizers": optimizers,
     "curvature": curvature,
+    "lowrank": lowrank,
     "pruning": pruning,
 }
 

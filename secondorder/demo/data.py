@@ -53,3 +53,48 @@ def load_digits(test_fraction: float = 0.2, seed: int = 0) -> tuple[Split, Split
     )
     train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
     return Split(images[train_idx], labels[train_idx]), Split(images[test_idx], labels[test_idx])
+
+
+@dataclass(frozen=True)
+class TextCorpus:
+    """A byte-level corpus: token ``i`` is the byte value ``i`` (a vocabulary of 256)."""
+
+    train: torch.Tensor
+    valid: torch.Tensor
+    files: tuple[str, ...]
+    vocab_size: int = 256
+
+    def batch(
+        self, split: str, batch_size: int, seq_len: int, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch_size`` random windows of ``seq_len`` tokens and the same windows shifted by one."""
+        data = {"train": self.train, "valid": self.valid}[split]
+        starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
+        offsets = torch.arange(seq_len + 1)
+        windows = data[starts[:, None] + offsets[None, :]]
+        return windows[:, :-1], windows[:, 1:]
+
+
+def load_stdlib_corpus(num_bytes: int = 2_000_000, valid_fraction: float = 0.1) -> TextCorpus:
+    """The text of the Python standard library's own top-level modules, as bytes.
+
+    The files are the ``*.py`` directly in ``sysconfig.get_paths()['stdlib']``, read in
+    sorted order and concatenated until ``num_bytes``; the last ``valid_fraction`` of that
+    text is the validation split. The text (and so every number measured on it) depends
+    on the Python version.
+    """
+    import sysconfig
+    from pathlib import Path
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text, used = bytearray(), []
+    for path in sorted(root.glob("*.py")):
+        if len(text) >= num_bytes:
+            break
+        text += path.read_bytes()
+        used.append(path.name)
+    if len(text) < num_bytes:
+        raise ValueError(f"the standard library at {root} holds only {len(text)} bytes of *.py")
+    tokens = torch.frombuffer(text[:num_bytes], dtype=torch.uint8).long()
+    cut = int(num_bytes * (1 - valid_fraction))
+    return TextCorpus(tokens[:cut], tokens[cut:], tuple(used))

@@ -1,5 +1,8 @@
 """``torch.optim`` optimisers built on second-order information."""
 
+from .dct import DCTAdamW
+from .galore import GaLoreAdamW, NaturalGaLore
 from .mfac import MFAC
+from .sst import SST
 
-__all__ = ["MFAC"]
+__all__ = ["MFAC", "SST", "DCTAdamW", "GaLoreAdamW", "NaturalGaLore"]

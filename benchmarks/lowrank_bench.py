@@ -1,0 +1,226 @@
+"""The low-rank optimisers: projector refresh time, optimiser memory, and training quality.
+
+    python benchmarks/lowrank_bench.py                 # all three parts
+    python benchmarks/lowrank_bench.py --part refresh  # (1) DCT against SVD refresh, side by side
+    python benchmarks/lowrank_bench.py --part memory   # (2) state bytes on a 58M Llama-style model
+    python benchmarks/lowrank_bench.py --part quality  # (3) tiny Llama on the standard library
+    python benchmarks/lowrank_bench.py --part speed    # (3) its training throughput, interleaved
+    python benchmarks/lowrank_bench.py --part sweep    # learning-rate sweep behind (3)
+
+Prints markdown tables; the numbers in docs/benchmarks.md come from these commands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from functools import partial
+
+import torch
+
+from secondorder.demo.data import load_stdlib_corpus
+from secondorder.demo.lowrank import (
+    OPTIMIZERS,
+    LMSetup,
+    _galore,
+    compare,
+    low_rank_groups,
+    matrix_layers,
+    new_model,
+    optimizer_state_bytes,
+    results_table,
+    train_step,
+)
+from secondorder.demo.report import markdown_table
+from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
+from secondorder.optim.projectors import DCTProjector, SVDProjector, dct_rows
+from secondorder.optim.sst import to_spectral
+
+
+def timed(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def refresh_part(repeats: int) -> None:
+    print("\n### (1) Projector refresh: DCT against SVD, median of", repeats, "(ms)\n")
+    rank = 128
+    rows = []
+    for shape in [(1024, 1024), (4096, 1024)]:
+        X = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        svd = timed(partial(SVDProjector().refresh, X, rank), repeats)
+        dct_matmul = timed(partial(DCTProjector(method="matmul").refresh, X, rank), repeats)
+        dct_fft = timed(partial(DCTProjector(method="fft").refresh, X, rank), repeats)
+        best = min(dct_matmul, dct_fft)
+        rows.append(
+            [f"{shape[0]} x {shape[1]}", f"{svd * 1e3:.1f}", f"{dct_matmul * 1e3:.1f}",
+             f"{dct_fft * 1e3:.1f}", f"{svd / best:.0f}x"]
+        )  # fmt: skip
+    print(markdown_table(["G", "SVD", "DCT (matmul)", "DCT (FFT)", "SVD / best DCT"], rows))
+
+    print("\n`G Q` for the DCT basis: matmul against FFT (Makhoul), square G (ms)\n")
+    rows = []
+    for size in [256, 512, 1024, 2048, 4096]:
+        X = torch.randn(size, size, generator=torch.Generator().manual_seed(1))
+        Q = DCTProjector().full_basis(size, X.dtype, X.device)
+        matmul = timed(partial(torch.matmul, X, Q), repeats)
+        fft = timed(partial(dct_rows, X), repeats)
+        rows.append(
+            [size, f"{matmul * 1e3:.1f}", f"{fft * 1e3:.1f}", "FFT" if fft < matmul else "matmul"]
+        )
+    print(markdown_table(["size", "matmul", "FFT", "faster"], rows))
+
+
+def llama_60m():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def memory_part() -> None:
+    rank, gap = 128, 200
+    print(f"\n### (2) Memory on a Llama-style model (GaLore's 60M config), rank {rank}\n")
+    settings = {"rank": rank, "update_proj_gap": gap}
+    builders = {
+        "AdamW": lambda m: (m, torch.optim.AdamW(m.parameters())),
+        "GaLoreAdamW": lambda m: (m, GaLoreAdamW(low_rank_groups(m, **settings))),
+        "NaturalGaLore (history 20)": lambda m: (m, NaturalGaLore(low_rank_groups(m, **settings))),
+        "DCTAdamW": lambda m: (m, DCTAdamW(low_rank_groups(m, rank=rank))),
+        "SST drop-in": lambda m: (m, SST(low_rank_groups(m, **settings))),
+        "SST spectral": lambda m: (lambda s: (s, SST(s)))(
+            to_spectral(m, rank, modules=matrix_layers(m))
+        ),
+    }
+    rows, baseline = [], None
+    for name, build in builders.items():
+        model, optimizer = build(llama_60m())
+        for p in model.parameters():
+            p.grad = torch.randn_like(p) * 1e-3
+        optimizer.step()
+        state = optimizer_state_bytes(optimizer)
+        weights = tensor_bytes(model.parameters()) + tensor_bytes(model.buffers())
+        grads = tensor_bytes(p.grad for p in model.parameters())
+        total = weights + grads + state
+        baseline = baseline or (state, total)
+        rows.append(
+            [name, f"{state / 2**20:,.0f}", f"{state / baseline[0]:.2f}", f"{weights / 2**20:,.0f}",
+             f"{grads / 2**20:,.0f}", f"{total / 2**20:,.0f}", f"{total / baseline[1]:.2f}"]
+        )  # fmt: skip
+        del model, optimizer
+    header = ["optimiser", "state MiB", "state / AdamW", "weights + buffers MiB", "gradients MiB",
+              "total MiB", "total / AdamW"]  # fmt: skip
+    print(markdown_table(header, rows))
+
+
+def quality_part(steps: int, show_progress: bool) -> None:
+    setup = LMSetup(steps=steps)
+    print(f"\n### (3) Tiny Llama on the standard library: {steps} steps, rank {setup.rank}\n")
+    variants = dict(OPTIMIZERS)
+    gl_lr = OPTIMIZERS["GaLoreAdamW"][1]
+    nat_lr = OPTIMIZERS["NaturalGaLore"][1]
+    dct_lr = OPTIMIZERS["DCTAdamW"][1]
+    variants["GaLoreAdamW, on_refresh=keep"] = (
+        lambda m, s, lr: _galore(m, s, lr, on_refresh="keep"),
+        gl_lr,
+    )
+    variants["NaturalGaLore, on_refresh=keep"] = (
+        lambda m, s, lr: _galore(m, s, lr, NaturalGaLore, on_refresh="keep"),
+        nat_lr,
+    )
+    variants["DCTAdamW, on_refresh=keep"] = (
+        lambda m, s, lr: (m, DCTAdamW(low_rank_groups(m, rank=s.rank, on_refresh="keep"), lr=lr)), dct_lr)  # fmt: skip
+    results = compare(setup, optimizers=variants, show_progress=show_progress)
+    header, rows = results_table(results)
+    print(markdown_table(header, rows))
+
+
+def speed_part(steps: int, repeats: int) -> None:
+    """Training throughput, interleaved: each optimiser runs ``steps`` steps in turn, ``repeats`` times."""
+    setup = LMSetup()
+    corpus = load_stdlib_corpus(setup.corpus_bytes)
+    runs = {
+        name: build(new_model(corpus, setup), setup, lr) for name, (build, lr) in OPTIMIZERS.items()
+    }
+    generator = torch.Generator().manual_seed(0)
+    seconds: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (model, optimizer) in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                train_step(model, optimizer, corpus, setup, generator)
+            seconds[name].append(time.perf_counter() - start)
+    print(f"\n### Training throughput: {steps} steps of {setup.tokens_per_step} bytes, "
+          f"interleaved, median of {repeats}\n")  # fmt: skip
+    adamw = statistics.median(seconds["AdamW"])
+    rows = []
+    for name, times in seconds.items():
+        median = statistics.median(times)
+        rows.append(
+            [name, f"{steps * setup.tokens_per_step / median:,.0f}", f"{adamw / median:.2f}"]
+        )
+    print(markdown_table(["optimiser", "tokens/s", "speed / AdamW"], rows))
+
+
+def sweep_part(steps: int, show_progress: bool) -> None:
+    setup = LMSetup(steps=steps)
+    print(f"\n### Learning-rate sweep, {steps} steps: validation loss\n")
+    rates = [3e-4, 1e-3, 3e-3, 1e-2]
+    rows = []
+    for name, (build, _) in OPTIMIZERS.items():
+        runs = {lr: (build, lr) for lr in rates}
+        results = compare(
+            setup,
+            optimizers={f"{name}@{lr:g}": runs[lr] for lr in rates},
+            show_progress=show_progress,
+        )
+        rows.append([name, *[f"{r.valid_loss:.3f}" for r in results]])
+    print(markdown_table(["optimiser", *[f"lr {lr:g}" for lr in rates]], rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--part", choices=["all", "refresh", "memory", "quality", "speed", "sweep"], default="all"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
+    show = not args.no_progress
+    if args.part in ("all", "refresh"):
+        refresh_part(args.repeats)
+    if args.part in ("all", "memory"):
+        memory_part()
+    if args.part == "sweep":
+        sweep_part(args.steps, show)
+    if args.part in ("all", "quality"):
+        quality_part(args.steps, show)
+    if args.part in ("all", "speed"):
+        speed_part(50, 3)
+
+
+if __name__ == "__main__":
+    main()

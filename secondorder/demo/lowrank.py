@@ -1,0 +1,270 @@
+"""Demo section: AdamW against the low-rank optimisers, pretraining a tiny Llama on Python's own code.
+
+A byte-level language model (a randomly initialised ``LlamaForCausalLM``) trained for a
+fixed number of steps on the text of the standard library; every optimiser starts from
+the same weights and sees the same batches. The low-rank methods project the attention
+and MLP matrices at the same rank; embeddings, norms and the output layer are AdamW in
+all of them, as in GaLore.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
+from ..optim.sst import to_spectral
+from .data import TextCorpus, load_stdlib_corpus
+from .models import tiny_llama
+from .report import Report, markdown_table, plot_curves, text_table
+
+TITLE = "Low-rank optimisers pretraining a tiny Llama on the standard library"
+
+
+@dataclass(frozen=True)
+class LMSetup:
+    """Model, data and budget of one comparison."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 344
+    seq_len: int = 128
+    batch_size: int = 8
+    steps: int = 300
+    warmup: int = 30
+    rank: int = 32
+    update_proj_gap: int = 50
+    eval_batches: int = 20
+    corpus_bytes: int = 2_000_000
+    seed: int = 0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+
+QUICK = LMSetup(hidden_size=32, num_layers=1, intermediate_size=64, seq_len=16, batch_size=2,
+                steps=4, warmup=1, rank=4, update_proj_gap=2, eval_batches=1,
+                corpus_bytes=50_000)  # fmt: skip
+
+
+def matrix_layers(model: nn.Module) -> list[str]:
+    """Names of the attention and MLP ``nn.Linear`` layers: every one but the output layer."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and not name.endswith("lm_head")
+    ]
+
+
+def low_rank_groups(model: nn.Module, **settings) -> list[dict]:
+    """GaLore-style groups: the matrices of :func:`matrix_layers` with ``settings``, the rest plain."""
+    names = set(matrix_layers(model))
+    matrices = [m.weight for name, m in model.named_modules() if name in names]
+    chosen = {id(p) for p in matrices}
+    others = [p for p in model.parameters() if id(p) not in chosen]
+    return [{"params": others}, {"params": matrices, **settings}]
+
+
+Builder = Callable[[nn.Module, LMSetup, float], tuple[nn.Module, torch.optim.Optimizer]]
+
+
+def _adamw(model, setup, lr):
+    return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+
+
+def _galore(model, setup, lr, cls=GaLoreAdamW, **extra):
+    settings = {"rank": setup.rank, "update_proj_gap": setup.update_proj_gap, "scale": 1.0}
+    return model, cls(low_rank_groups(model, **settings, **extra), lr=lr)
+
+
+def _dct(model, setup, lr):
+    return model, DCTAdamW(low_rank_groups(model, rank=setup.rank), lr=lr)
+
+
+def _sst(model, setup, lr):
+    model = to_spectral(model, setup.rank, modules=matrix_layers(model))
+    return model, SST(model, lr=lr, update_proj_gap=setup.update_proj_gap)
+
+
+#: name -> (builder, learning rate); the rates are the best of the sweep in docs/benchmarks.md
+OPTIMIZERS: dict[str, tuple[Builder, float]] = {
+    "AdamW": (_adamw, 1e-3),
+    "GaLoreAdamW": (_galore, 3e-3),
+    "NaturalGaLore": (lambda m, s, lr: _galore(m, s, lr, NaturalGaLore), 3e-3),
+    "DCTAdamW": (_dct, 3e-3),
+    "SST": (_sst, 1e-2),
+}
+
+
+@dataclass
+class LMResult:
+    """What one training run produced."""
+
+    name: str
+    lr: float
+    step_losses: list[float] = field(default_factory=list)
+    valid_loss: float = float("nan")
+    tokens_per_second: float = float("nan")
+    seconds: float = float("nan")
+    state_bytes: int = 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimiser's per-parameter state, nested ones included."""
+
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    return sum(size(state) for state in optimizer.state.values())
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, corpus: TextCorpus, setup: LMSetup) -> float:
+    """Mean next-byte cross-entropy (nats) over fixed validation windows."""
+    model.eval()
+    generator = torch.Generator().manual_seed(1234)
+    losses = []
+    for _ in range(setup.eval_batches):
+        inputs, targets = corpus.batch("valid", setup.batch_size, setup.seq_len, generator)
+        logits = model(input_ids=inputs).logits
+        losses.append(nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten()).item())
+    model.train()
+    return sum(losses) / len(losses)
+
+
+def new_model(corpus: TextCorpus, setup: LMSetup) -> nn.Module:
+    """The tiny Llama of ``setup``, seeded: every optimiser starts from the same weights."""
+    torch.manual_seed(setup.seed)
+    return tiny_llama(
+        corpus.vocab_size,
+        setup.hidden_size,
+        setup.num_layers,
+        setup.num_heads,
+        setup.intermediate_size,
+        max_length=setup.seq_len,
+    )
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    corpus: TextCorpus,
+    setup: LMSetup,
+    generator: torch.Generator,
+) -> float:
+    """One step of next-byte prediction on a fresh training batch; returns the loss."""
+    inputs, targets = corpus.batch("train", setup.batch_size, setup.seq_len, generator)
+    optimizer.zero_grad(set_to_none=True)
+    logits = model(input_ids=inputs).logits
+    loss = nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def train_lm(
+    name: str,
+    build: Builder,
+    lr: float,
+    corpus: TextCorpus,
+    setup: LMSetup,
+    *,
+    show_progress: bool = True,
+) -> LMResult:
+    """Train a fresh tiny Llama with ``build``'s optimiser; warm-up then cosine learning rate."""
+    model, optimizer = build(new_model(corpus, setup), setup, lr)
+
+    def schedule(step: int) -> float:
+        if step < setup.warmup:
+            return (step + 1) / setup.warmup
+        done = (step - setup.warmup) / max(1, setup.steps - setup.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    generator = torch.Generator().manual_seed(setup.seed + 1)
+    result = LMResult(name, lr)
+    start = time.perf_counter()
+    for _ in progress(range(setup.steps), desc=name, enabled=show_progress):
+        result.step_losses.append(train_step(model, optimizer, corpus, setup, generator))
+        scheduler.step()
+    result.seconds = time.perf_counter() - start
+    result.tokens_per_second = setup.steps * setup.tokens_per_step / result.seconds
+    result.valid_loss = validation_loss(model, corpus, setup)
+    result.state_bytes = optimizer_state_bytes(optimizer)
+    return result
+
+
+def compare(
+    setup: LMSetup,
+    *,
+    optimizers: dict[str, tuple[Builder, float]] | None = None,
+    show_progress: bool = True,
+) -> list[LMResult]:
+    corpus = load_stdlib_corpus(setup.corpus_bytes)
+    chosen = OPTIMIZERS if optimizers is None else optimizers
+    return [
+        train_lm(name, build, lr, corpus, setup, show_progress=show_progress)
+        for name, (build, lr) in chosen.items()
+    ]
+
+
+def results_table(results: list[LMResult]) -> tuple[list[str], list[list[str]]]:
+    adamw = next((r for r in results if r.name == "AdamW"), None)
+    header = ["optimiser", "lr", "valid loss (nats/byte)", "tokens/s", "optimiser state"]
+    rows = []
+    for r in results:
+        ratio = (
+            f" ({r.state_bytes / adamw.state_bytes:.2f}x AdamW)"
+            if adamw and adamw.state_bytes
+            else ""
+        )
+        rows.append(
+            [r.name, f"{r.lr:g}", f"{r.valid_loss:.3f}", f"{r.tokens_per_second:,.0f}",
+             f"{r.state_bytes / 2**20:.2f} MiB{ratio}"]
+        )  # fmt: skip
+    return header, rows
+
+
+def run(report: Report, *, quick: bool, show_progress: bool) -> None:
+    setup = QUICK if quick else LMSetup()
+    results = compare(setup, show_progress=show_progress)
+    header, rows = results_table(results)
+    print(f"\n{TITLE} ({setup.steps} steps of {setup.tokens_per_step} bytes, rank {setup.rank})")
+    print(text_table(header, rows))
+    figure = plot_curves(
+        {r.name: r.step_losses for r in results},
+        report.out / "lowrank_loss_curves.png",
+        title="Training loss, tiny Llama on the standard library",
+        xlabel="step",
+        ylabel="cross-entropy (nats/byte, running mean of 20 steps)",
+        smooth=20,
+    )
+    report.section(
+        TITLE,
+        f"A {setup.num_layers}-layer Llama (hidden {setup.hidden_size}) trained for "
+        f"{setup.steps} steps of {setup.batch_size} x {setup.seq_len} bytes of the standard "
+        f"library's source, warm-up then cosine learning rate; the attention and MLP matrices "
+        f"at rank {setup.rank} (refreshed every {setup.update_proj_gap} steps for GaLore and SST, "
+        f"every step for DCT-AdamW). Validation loss on held-out text; optimiser state counted "
+        f"from the state tensors.\n\n"
+        + markdown_table(header, rows)
+        + "\n\n"
+        + report.figure(figure, "training loss"),
+    )
+
+
+__all__ = ["OPTIMIZERS", "QUICK", "TITLE", "LMResult", "LMSetup", "compare", "run", "train_lm"]

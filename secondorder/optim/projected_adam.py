@@ -1,0 +1,389 @@
+r"""One projected-Adam step for the whole low-rank family (GaLoreAdamW, NaturalGaLore, DCTAdamW).
+
+For a weight ``W`` with gradient ``G`` in a group with a ``rank``, at step ``t``:
+
+.. math::
+
+    X &= G \text{ or } G^\top \quad \text{(the side compressed, see below; conv weights as } out \times in\,k_h k_w)\\
+    P &\leftarrow \text{projector.refresh}(X) \quad \text{when } (t - 1) \bmod \text{update\_proj\_gap} = 0\\
+    a &= \text{precondition}(X P) \quad (\text{identity here; NaturalGaLore: } F^{-1} X P)\\
+    m &\leftarrow \beta_1 m + (1 - \beta_1) a, \qquad v \leftarrow \beta_2 v + (1 - \beta_2) a^2\\
+    W &\leftarrow (1 - \text{lr} \cdot \text{wd})\, W
+        - \frac{\text{lr}}{1 - \beta_1^t} \cdot \text{scale} \cdot
+          \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon} P^\top
+
+so the Adam moments ``m, v`` live in the ``rows × r`` projected space. Groups without a
+``rank`` (and 1-D parameters such as biases and norms, in any group) take the plain AdamW
+step, the same arithmetic as ``torch.optim.AdamW``.
+
+Sides (GaLore's ``proj_type``): ``"std"`` compresses the smaller dimension (right when
+``rows ≥ cols``), ``"reverse_std"`` the larger, ``"right"`` / ``"left"`` always that side.
+
+When the basis changes from ``P_old`` to ``P_new``, ``on_refresh`` decides what happens
+to the moments: ``"keep"`` leaves them as they are (GaLore's and the DCT reference's
+default: they then hold coordinates of the old basis), ``"rotate"`` carries them into the
+new basis with ``R = P_oldᵀ P_new``: ``m ← m R`` (exact when the old moment lies in the
+new span) and ``v ← v (R ∘ R)`` (exact when ``R`` is a partial permutation, as for the DCT
+projector; for the SVD, exact for uncorrelated coordinates and nonnegative always).
+
+Differences from ``galore_torch.GaLoreAdamW``, on purpose: the arithmetic is
+``torch.optim.AdamW``'s (weight decay before the update, ``ε`` added after the bias
+correction of ``√v``; GaLore decays after the update and adds ``ε`` before), so a group
+without ``rank`` *is* AdamW; moments are float32 (float64 for float64 weights) for any
+weight dtype; a rank larger than the compressed dimension is an error, not a silent
+clamp; conv weights are reshaped to matrices instead of GaLore's broken Tucker path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from .._checks import check_finite, check_positive_int
+from ._state import load_state_dict_exactly
+from .projectors import Projector, Side, orient, rotation
+
+__all__ = ["LowRankConfig", "ProjectedAdam", "adam_moments"]
+
+ProjType = Literal["std", "reverse_std", "left", "right"]
+OnRefresh = Literal["keep", "rotate"]
+_PROJ_TYPES = ("std", "reverse_std", "left", "right")
+_ON_REFRESH = ("keep", "rotate")
+
+
+@dataclass(frozen=True)
+class LowRankConfig:
+    """The low-rank settings of one parameter group (GaLore's group keys, plus ``on_refresh``)."""
+
+    rank: int
+    update_proj_gap: int = 200
+    scale: float = 1.0
+    proj_type: ProjType = "std"
+    on_refresh: OnRefresh = "rotate"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {self.rank!r}")
+        check_positive_int(self.update_proj_gap, "update_proj_gap")
+        if not isinstance(self.scale, (int, float)) or not math.isfinite(self.scale):
+            raise ValueError(f"scale must be a finite number, got {self.scale!r}")
+        if self.proj_type not in _PROJ_TYPES:
+            raise ValueError(f"proj_type must be one of {_PROJ_TYPES}, got {self.proj_type!r}")
+        if self.on_refresh not in _ON_REFRESH:
+            raise ValueError(f"on_refresh must be one of {_ON_REFRESH}, got {self.on_refresh!r}")
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> LowRankConfig | None:
+        """The group's settings, or ``None`` for a plain AdamW group (no ``rank``)."""
+        if group.get("rank") is None:
+            return None
+        return cls(
+            rank=group["rank"],
+            update_proj_gap=group["update_proj_gap"],
+            scale=group["scale"],
+            proj_type=group["proj_type"],
+            on_refresh=group["on_refresh"],
+        )
+
+    def side(self, rows: int, cols: int) -> Side:
+        """Which side of a ``rows × cols`` matrix is compressed."""
+        if self.proj_type in ("left", "right"):
+            return self.proj_type
+        smaller_is_cols = rows >= cols
+        if self.proj_type == "std":
+            return "right" if smaller_is_cols else "left"
+        return "left" if smaller_is_cols else "right"
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """A weight or gradient as the matrix it acts as: ``out × (everything else)``."""
+    return t.reshape(t.shape[0], -1)
+
+
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """Statistics are float64 for float64 weights and float32 for every other dtype."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+class ProjectedAdam(torch.optim.Optimizer):
+    r"""AdamW whose moments live in a rank-``r`` projection of each weight matrix.
+
+    Subclasses choose the :class:`~secondorder.optim.projectors.Projector` and may
+    precondition the projected gradient (:meth:`_precondition`); SST replaces the
+    low-rank step altogether (:meth:`_low_rank_update`). The maths is in the module
+    docstring.
+
+    Args:
+        params: parameters or groups. A group with ``rank`` is low-rank and may set
+            ``update_proj_gap``, ``scale``, ``proj_type`` and ``on_refresh``.
+        lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
+        correct_bias: Adam's bias correction (GaLore's flag).
+        rank, update_proj_gap, scale, proj_type, on_refresh: defaults for the groups.
+        layerwise: update each parameter from a hook as soon as its gradient is
+            accumulated, and free that gradient, so full gradients never coexist.
+            See :meth:`step` for the contract.
+        accumulation_steps: with ``layerwise``, update on every this many backward passes.
+        extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's ``history``).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        projector: Projector | None,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        correct_bias: bool = True,
+        *,
+        rank: int | None = None,
+        update_proj_gap: int = 200,
+        scale: float = 1.0,
+        proj_type: ProjType = "std",
+        on_refresh: OnRefresh = "rotate",
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+        extra_defaults: dict[str, Any] | None = None,
+    ) -> None:
+        self.projector = projector
+        defaults = {
+            "lr": lr,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "correct_bias": correct_bias,
+            "rank": rank,
+            "update_proj_gap": update_proj_gap,
+            "scale": scale,
+            "proj_type": proj_type,
+            "on_refresh": on_refresh,
+            **(extra_defaults or {}),
+        }
+        super().__init__(params, defaults)
+        self.layerwise = layerwise
+        self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
+        self._backward_counts: dict[torch.Tensor, int] = {}
+        self._group_of: dict[torch.Tensor, int] = {}
+        self._hooks: list[Any] = []
+        if layerwise:
+            for index in range(len(self.param_groups)):
+                self._register_hooks(index)
+
+    def _register_hooks(self, index: int) -> None:
+        for p in self.param_groups[index]["params"]:
+            if p.requires_grad:
+                self._group_of[p] = index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def remove_hooks(self) -> None:
+        """Detach the ``layerwise`` hooks; the optimiser then steps only when :meth:`step` is called."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self.layerwise = False
+
+    # ----------------------------------------------------------------- settings
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimiser as it was
+            raise
+        if getattr(self, "layerwise", False):
+            self._register_hooks(len(self.param_groups) - 1)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        if not group["lr"] >= 0:
+            raise ValueError(f"lr must be >= 0, got {group['lr']!r}")
+        beta1, beta2 = group["betas"]
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {group['betas']!r}")
+        if not group["eps"] >= 0:
+            raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+        if not group["weight_decay"] >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        config = LowRankConfig.from_group(group)
+        if config is None:
+            return
+        for p in group["params"]:
+            if p.dim() < 2:
+                continue
+            rows, cols = as_matrix(p).shape
+            side = config.side(rows, cols)
+            size = cols if side == "right" else rows
+            if config.rank > size:
+                raise ValueError(
+                    f"rank {config.rank} is larger than the dimension it compresses: a weight of "
+                    f"shape {tuple(p.shape)} projected on the {side} has {size}; lower the rank "
+                    f"or put this weight in a group without 'rank'"
+                )
+
+    # ----------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update of every parameter that has a gradient.
+
+        Every gradient is checked before anything changes: NaN or Inf raises
+        :class:`~secondorder._checks.NonFiniteError` and leaves weights and state as they were.
+
+        In ``layerwise`` mode the parameters are updated by hooks during ``backward()``
+        (each on every ``accumulation_steps``-th backward pass that reached it, after which
+        its ``.grad`` is set to ``None``); ``step()`` then only runs the closure. Call it
+        anyway once per iteration so LR schedulers see a step. Between updates, gradients
+        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            return loss
+        work = [
+            (p, group) for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
+        _check_gradients([p for p, _ in work])
+        for p, group in work:
+            self._update(p, group)
+        return loss
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        count = self._backward_counts.get(p, 0) + 1
+        self._backward_counts[p] = count % self.accumulation_steps
+        if count < self.accumulation_steps:
+            return
+        group = self.param_groups[self._group_of[p]]
+        with torch.no_grad():
+            _check_gradients([p])
+            self._update(p, group)
+        p.grad = None
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        config = LowRankConfig.from_group(group)
+        dtype = compute_dtype(p)
+        grad = p.grad.to(dtype)
+        if not state:
+            state["step"] = 0
+        if config is None or p.dim() < 2:
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            step_size, denom = adam_moments(state, grad, group)
+            with _writable(p, dtype) as target:
+                _decay(target, group)
+                target.addcdiv_(state["exp_avg"], denom, value=-step_size)
+            return
+        self._low_rank_update(p, group, config, grad)
+
+    def _low_rank_update(
+        self, p: torch.Tensor, group: dict[str, Any], config: LowRankConfig, grad: torch.Tensor
+    ) -> None:
+        """The projected step for a matrix (or conv) weight ``p`` whose gradient is ``grad``."""
+        state = self.state[p]
+        dtype = grad.dtype
+        rows, cols = as_matrix(p).shape
+        side = config.side(rows, cols)
+        size = cols if side == "right" else rows
+        X = orient(as_matrix(grad), side)
+        refresh = state["step"] % config.update_proj_gap == 0
+        if refresh:
+            choice, low = self.projector.refresh(X, config.rank)
+            if "basis" in state and config.on_refresh == "rotate":
+                R = rotation(
+                    self.projector.basis(state["basis"], size, dtype),
+                    self.projector.basis(choice, size, dtype),
+                )
+                self._rotate(p, state, group, R)
+            state["basis"] = choice
+        basis = self.projector.basis(state["basis"], size, dtype)
+        if not refresh:
+            low = X @ basis
+        low = self._precondition(p, state, group, low)
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(low)
+            state["exp_avg_sq"] = torch.zeros_like(low)
+        step_size, denom = adam_moments(state, low, group)
+        update = orient((state["exp_avg"] / denom) @ basis.mT, side).reshape(p.shape)
+        with _writable(p, dtype) as target:
+            _decay(target, group)
+            target.add_(update, alpha=-step_size * config.scale)
+
+    def _precondition(
+        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], low: torch.Tensor
+    ) -> torch.Tensor:
+        """Transform the projected gradient before Adam sees it; the identity here."""
+        return low
+
+    def _rotate(
+        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], R: torch.Tensor
+    ) -> None:
+        """Carry what lives in the old basis into the new one: ``m ← m R``, ``v ← v (R ∘ R)``."""
+        if "exp_avg" in state:
+            state["exp_avg"] = state["exp_avg"] @ R
+            state["exp_avg_sq"] = state["exp_avg_sq"] @ R.square()
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
+        load_state_dict_exactly(self, state_dict)
+        self._backward_counts.clear()
+
+
+def adam_moments(
+    state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]
+) -> tuple[float, torch.Tensor]:
+    """Count the step and update ``state``'s moments with ``g``; return AdamW's step size and denominator.
+
+    The update is then ``-step_size · exp_avg / denom``: the same operations, in the same
+    order, as ``torch.optim.AdamW``'s single-tensor path.
+    """
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if not group["correct_bias"]:
+        return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
+    step = state["step"]
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    return group["lr"] / (1 - beta1**step), denom
+
+
+def _check_gradients(params: list[torch.Tensor]) -> None:
+    """Raise before anything changes if a gradient is sparse or holds NaN or Inf (one sync per device)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError("the low-rank optimisers do not support sparse gradients")
+        by_device.setdefault(p.grad.device, []).append(p)
+    for group in by_device.values():
+        finite = torch.stack([torch.isfinite(p.grad).all() for p in group])
+        if not bool(finite.all()):
+            bad = group[int((~finite).nonzero()[0, 0])]
+            check_finite(bad.grad, f"the gradient of a parameter of shape {tuple(bad.shape)}")
+
+
+def _decay(target: torch.Tensor, group: dict[str, Any]) -> None:
+    if group["weight_decay"]:
+        target.mul_(1 - group["lr"] * group["weight_decay"])
+
+
+class _writable:
+    """``p`` itself, or for low-precision ``p`` a float32 copy written back on exit (one rounding)."""
+
+    def __init__(self, p: torch.Tensor, dtype: torch.dtype) -> None:
+        self.p = p
+        self.target = p if p.dtype == dtype else p.to(dtype)
+
+    def __enter__(self) -> torch.Tensor:
+        return self.target
+
+    def __exit__(self, *exc: object) -> None:
+        if self.target is not self.p and exc[0] is None:
+            self.p.copy_(self.target)
