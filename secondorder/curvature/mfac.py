@@ -46,11 +46,11 @@ _SMALL = torch.float64
 
 
 # Smallest window for which the O(n²) up/down-date of K's factor beats a fresh
-# Cholesky, per device type; None: never (docs/benchmarks.md, "Small system").
-# CPU: measured slower than refactoring at every n from 64 to 4096. CUDA: an
-# estimate (no GPU was available to measure it): ~40 small kernels against a
-# latency-bound cuSOLVER factorisation.
-_RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": None}
+# Cholesky, per device type (docs/benchmarks.md, "Small system"). CPU, measured: the
+# refactor wins below 1024, they tie at 1024 and 4096, the update wins 1.5x at 2048.
+# CUDA: an estimate (no GPU was available to measure it): ~40 small kernels against
+# a latency-bound cuSOLVER factorisation.
+_RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": 2048}
 
 
 def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
