@@ -74,3 +74,62 @@ def all_gather_shards(piece: torch.Tensor, shard: Shard, process_group) -> torch
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(full, piece.contiguous(), group=process_group)
     return full[: shard.total]
+
+
+@dataclass(frozen=True)
+class RowShard:
+    """The rows ``[start, stop)`` of a ``rows``-row parameter that this rank holds, when
+    FSDP2 (``fully_shard``) shards its dim 0 over ``group``."""
+
+    group: dist.ProcessGroup
+    start: int
+    stop: int
+    rows: int
+
+
+def _dtensor_types():
+    try:
+        from torch.distributed.tensor import DTensor, Shard
+    except ImportError:  # torch < 2.5
+        from torch.distributed._tensor import DTensor, Shard
+    return DTensor, Shard
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a DTensor (an FSDP2 parameter or gradient)."""
+    return dist.is_available() and isinstance(t, _dtensor_types()[0])
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP2 parameter or gradient (a view: writes reach the parameter);
+    ``t`` itself otherwise."""
+    return t.to_local() if is_sharded(t) else t
+
+
+def row_shard(p: torch.Tensor) -> RowShard | None:
+    """Where this rank's rows of ``p`` sit, for FSDP2 parameters; ``None`` for plain tensors."""
+    if not is_sharded(p):
+        return None
+    _, Shard = _dtensor_types()
+    if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            "only parameters sharded on dim 0 over a 1-D device mesh (FSDP2's fully_shard) are "
+            f"supported, got placements {tuple(p.placements)} on a {p.device_mesh.ndim}-D mesh"
+        )
+    group = p.device_mesh.get_group()
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    chunk = -(-p.shape[0] // world)  # torch.chunk's split, as FSDP2 shards
+    start = min(p.shape[0], rank * chunk)
+    stop = min(p.shape[0], start + chunk)
+    if p.to_local().shape[0] != stop - start:
+        raise ValueError(
+            f"unexpected shard of {tuple(p.to_local().shape)} rows for {tuple(p.shape)}"
+        )
+    return RowShard(group, start, stop, p.shape[0])
+
+
+def broadcast_from_first(t: torch.Tensor, process_group: dist.ProcessGroup | None) -> torch.Tensor:
+    """``t`` as the group's first rank holds it, on every rank (in place)."""
+    if process_group is not None:
+        dist.broadcast(t, src=dist.get_global_rank(process_group, 0), group=process_group)
+    return t

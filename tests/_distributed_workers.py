@@ -118,3 +118,138 @@ def sharded_mfac(rank: int, folder: str) -> None:
         assert "NaN or Inf" in str(error)
     else:
         raise AssertionError(f"rank {rank} did not raise")
+
+
+def wide_model(seed: int = 0) -> torch.nn.Module:
+    """One weight projected on the right (8 × 6, rows ≥ cols) and one on the left (3 × 8);
+    under FSDP2 the 3 rows split unevenly, 2 + 1."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def low_rank_groups(net: torch.nn.Module) -> list[dict]:
+    matrices = [p for p in net.parameters() if p.dim() == 2]
+    others = [p for p in net.parameters() if p.dim() < 2]
+    return [{"params": others}, {"params": matrices, "rank": 2, "update_proj_gap": 2}]
+
+
+def low_rank_optimizers(process_group=None) -> dict[str, Callable]:
+    from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
+
+    kwargs = {} if process_group is None else {"process_group": process_group}
+    return {
+        "GaLoreAdamW": lambda net: GaLoreAdamW(low_rank_groups(net), lr=0.02, **kwargs),
+        "NaturalGaLore": lambda net: NaturalGaLore(
+            low_rank_groups(net), lr=0.02, history=3, damp=1e-3, **kwargs
+        ),
+        "DCTAdamW": lambda net: DCTAdamW(low_rank_groups(net), lr=0.02, **kwargs),
+        "SST": lambda net: SST(low_rank_groups(net), lr=0.02, update_proj_gap=2),
+    }
+
+
+def flat_parameters(net: torch.nn.Module) -> torch.Tensor:
+    from secondorder._distributed import is_sharded
+
+    return torch.cat(
+        [(p.full_tensor() if is_sharded(p) else p).detach().reshape(-1) for p in net.parameters()]
+    )
+
+
+def same_on_every_rank(t: torch.Tensor) -> bool:
+    gathered = [torch.empty_like(t) for _ in range(WORLD)]
+    dist.all_gather(gathered, t)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def low_rank_ddp(rank: int) -> None:
+    """Each low-rank optimiser under DDP equals one process and stays identical across ranks
+    (the SVD bases are also broadcast from rank 0), through projector refreshes."""
+    for name, make in low_rank_optimizers(dist.group.WORLD).items():
+        single = wide_model()
+        train(single, low_rank_optimizers()[name](single), STEPS)
+        net = DistributedDataParallel(wide_model())
+        train(net, make(net.module), STEPS, rank=rank)
+        torch.testing.assert_close(
+            flat_parameters(net.module), flat_parameters(single), rtol=1e-5, atol=1e-6
+        )
+        assert same_on_every_rank(flat_parameters(net.module)), name
+
+    # the broadcast itself: different gradients on each rank (no DDP), one basis everywhere
+    for name in ("GaLoreAdamW", "DCTAdamW"):
+        net = wide_model()
+        optimizer = low_rank_optimizers(dist.group.WORLD)[name](net)
+        inputs, targets = batch(rank)
+        torch.nn.functional.cross_entropy(net(inputs), targets).backward()
+        optimizer.step()
+        for p in net.parameters():
+            if p.dim() == 2:
+                assert same_on_every_rank(optimizer.state[p]["basis"]), name
+
+
+def fsdp_model(seed: int = 0) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    net = wide_model(seed)
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    return fully_shard(net)
+
+
+def low_rank_fsdp(rank: int, folder: str) -> None:
+    """Under FSDP2 every rank steps its rows: equal to one process on the global batch, for
+    a right and a left projection with uneven shards; per-rank checkpoints resume exactly;
+    SST refuses sharded weights; MFAC's window spans each rank's rows."""
+    from secondorder._checks import NonFiniteError
+    from secondorder.optim import MFAC
+
+    makers = {name: make for name, make in low_rank_optimizers().items() if name != "SST"}
+    makers["MFAC"] = lambda net: MFAC(
+        net.parameters(), lr=0.05, num_grads=3, damp=1e-2, momentum=0.5
+    )
+    for name, make in makers.items():
+        single = wide_model()
+        train(single, make(single), STEPS)
+        net = fsdp_model()
+        optimizer = make(net)
+        train(net, optimizer, SAVE_AT, rank=rank)
+        torch.save(
+            {"model": net.state_dict(), "optimizer": optimizer.state_dict()},
+            Path(folder) / f"{name}-{rank}.pt",
+        )
+        train(net, optimizer, STEPS - SAVE_AT, rank=rank, first=SAVE_AT)
+        torch.testing.assert_close(
+            flat_parameters(net), flat_parameters(single), rtol=1e-5, atol=1e-6
+        )
+
+        checkpoint = torch.load(Path(folder) / f"{name}-{rank}.pt", weights_only=False)
+        resumed = fsdp_model(seed=5)
+        resumed.load_state_dict(checkpoint["model"])
+        resumed_optimizer = make(resumed)
+        resumed_optimizer.load_state_dict(checkpoint["optimizer"])
+        train(resumed, resumed_optimizer, STEPS - SAVE_AT, rank=rank, first=SAVE_AT)
+        assert torch.equal(flat_parameters(resumed), flat_parameters(net)), name
+
+    net = fsdp_model()
+    sst = low_rank_optimizers()["SST"](net)
+    inputs, targets = batch(0)
+    torch.nn.functional.cross_entropy(net(inputs[rank::WORLD]), targets[rank::WORLD]).backward()
+    try:
+        sst.step()
+    except NotImplementedError as error:
+        assert "FSDP2" in str(error)
+    else:
+        raise AssertionError("SST must refuse FSDP2-sharded weights")
+
+    for name in ("GaLoreAdamW", "MFAC"):
+        net = fsdp_model()
+        optimizer = makers[name](net)
+        torch.nn.functional.cross_entropy(net(inputs[rank::WORLD]), targets[rank::WORLD]).backward()
+        if rank == 1:  # one rank's rows only; the other rank must raise too, not wait
+            next(net.parameters()).grad.to_local().view(-1)[0] = float("nan")
+        try:
+            optimizer.step()
+        except NonFiniteError:
+            pass
+        else:
+            raise AssertionError(f"{name} on rank {rank} did not raise")

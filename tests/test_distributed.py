@@ -2,7 +2,7 @@
 
 import pytest
 import torch.distributed as dist
-from _distributed_workers import launch, sharded_mfac
+from _distributed_workers import launch, low_rank_ddp, low_rank_fsdp, sharded_mfac
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -40,3 +40,14 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "epoch 1: test loss" in result.stdout
     assert "gradient window per rank" in result.stdout
+
+
+def test_low_rank_optimisers_under_ddp_equal_one_process_on_every_rank():
+    launch(low_rank_ddp)
+
+
+def test_fsdp2_every_rank_steps_its_rows(tmp_path):
+    """GaLoreAdamW, NaturalGaLore, DCTAdamW and MFAC under fully_shard == one process, with
+    uneven shards, both projection sides and refreshes; per-rank checkpoints resume exactly;
+    NaN in one rank's rows raises everywhere; SST refuses sharded weights."""
+    launch(low_rank_fsdp, str(tmp_path))

@@ -37,7 +37,9 @@ class DCTAdamW(ProjectedAdam):
             (a group with ``rank`` is low-rank).
         norm: 1 or 2, the norm ranking the columns of ``X Q``.
         method: how ``X Q`` is formed on a refresh: ``"matmul"``, ``"fft"`` or ``"auto"``.
-        layerwise, accumulation_steps: see :class:`~secondorder.optim.projected_adam.ProjectedAdam`.
+        layerwise, accumulation_steps, process_group: see
+            :class:`~secondorder.optim.projected_adam.ProjectedAdam` (and its module docstring
+            for DDP and FSDP2).
     """
 
     def __init__(
@@ -58,6 +60,7 @@ class DCTAdamW(ProjectedAdam):
         method: Literal["auto", "matmul", "fft"] = "auto",
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -74,4 +77,5 @@ class DCTAdamW(ProjectedAdam):
             on_refresh=on_refresh,
             layerwise=layerwise,
             accumulation_steps=accumulation_steps,
+            process_group=process_group,
         )

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_damping, check_positive_int
 from ..curvature.mfac import SlidingWindowMFAC
-from .projected_adam import OnRefresh, ProjectedAdam, ProjType
+from .projected_adam import LowRankConfig, OnRefresh, ProjectedAdam, ProjType
 from .projectors import SVDProjector
 
 __all__ = ["GaLoreAdamW", "NaturalGaLore"]
@@ -31,7 +31,8 @@ class GaLoreAdamW(ProjectedAdam):
     matrices. ``on_refresh="rotate"`` (the default, chosen by the measurement in
     docs/benchmarks.md) carries the moments into the new basis; ``"keep"`` is GaLore's
     behaviour. The step and its differences from the reference are in
-    :mod:`secondorder.optim.projected_adam`.
+    :mod:`secondorder.optim.projected_adam`, as are DDP (``process_group`` broadcasts each
+    new basis from the first rank) and FSDP2 (each rank steps its rows of every weight).
     """
 
     def __init__(
@@ -50,6 +51,7 @@ class GaLoreAdamW(ProjectedAdam):
         on_refresh: OnRefresh = "rotate",
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -66,6 +68,7 @@ class GaLoreAdamW(ProjectedAdam):
             on_refresh=on_refresh,
             layerwise=layerwise,
             accumulation_steps=accumulation_steps,
+            process_group=process_group,
         )
 
 
@@ -99,6 +102,11 @@ class NaturalGaLore(GaLoreAdamW):
     bases until the window has turned over; forgetting the window instead would make the
     next steps plain GaLore steps until it refills.
 
+    Under FSDP2, a weight projected on the right has its projected gradients split by rows
+    over the ranks, and so is its window: each rank keeps its rows and the window's dot
+    products are all-reduced (``SlidingWindowMFAC(process_group=...)``); projected on the
+    left, every rank holds the whole (small) window.
+
     Args:
         history: gradients in each window (20 in the reference).
         damp: ``damp > 0`` of the mean-convention Fisher above.
@@ -123,6 +131,7 @@ class NaturalGaLore(GaLoreAdamW):
         on_refresh: OnRefresh = "rotate",
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         self._windows: dict[torch.Tensor, SlidingWindowMFAC] = {}
         # GaLoreAdamW's own __init__ takes no further settings; build the common base directly
@@ -142,6 +151,7 @@ class NaturalGaLore(GaLoreAdamW):
             on_refresh=on_refresh,
             layerwise=layerwise,
             accumulation_steps=accumulation_steps,
+            process_group=process_group,
             extra_defaults={"history": history, "damp": damp},
         )
 
@@ -157,7 +167,13 @@ class NaturalGaLore(GaLoreAdamW):
         window = self._windows.get(p)
         if window is None:
             window = SlidingWindowMFAC(
-                like.numel(), group["history"], group["damp"], device=like.device, dtype=like.dtype
+                like.numel(),
+                group["history"],
+                group["damp"],
+                device=like.device,
+                dtype=like.dtype,
+                # under FSDP2 with a right projection, each rank holds its rows of the window
+                process_group=self._split_group(p, LowRankConfig.from_group(group)),
             )
             if "fisher" in state:
                 window.load_state_dict(state["fisher"])

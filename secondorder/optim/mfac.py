@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_damping, check_positive_int
-from .._distributed import Shard, all_gather_shards, rank_and_world
+from .._distributed import Shard, all_gather_shards, local, rank_and_world, row_shard
 from ..curvature.mfac import SlidingWindowMFAC
 
 __all__ = ["MFAC"]
@@ -58,6 +58,11 @@ class MFAC(torch.optim.Optimizer):
             all-reduce). The gradients must be the same on every rank, as DDP
             leaves them. ``state_dict()`` then holds this rank's shard: save one
             per rank and resume on the same number of ranks.
+
+    Under FSDP2 (parameters sharded by ``fully_shard``) no ``process_group`` is needed: each
+    rank's window covers the rows of every weight that FSDP2 gave it, the dot products are
+    all-reduced over the parameters' group, and each rank updates its own rows, so nothing
+    is gathered at all.
     """
 
     def __init__(
@@ -87,11 +92,16 @@ class MFAC(torch.optim.Optimizer):
             raise ValueError(
                 f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}"
             )
-        self._sizes = [p.numel() for p in self._params]
         all_double = all(p.dtype == torch.float64 for p in self._params)
         self._dtype = torch.float64 if all_double else torch.float32
-        self._shard = Shard(*rank_and_world(process_group), sum(self._sizes))
-        self._process_group = process_group
+        self._sizes = [local(p).numel() for p in self._params]
+        fsdp_group = self._fsdp_group(process_group)
+        if fsdp_group is None:  # one process, or a flat shard of each rank's full gradient
+            self._shard = Shard(*rank_and_world(process_group), sum(self._sizes))
+            self._process_group = process_group
+        else:  # FSDP2: the window spans this rank's rows, nothing is gathered
+            self._shard = Shard(0, 1, sum(self._sizes))
+            self._process_group = None
         self._window = SlidingWindowMFAC(
             self._shard.size,
             num_grads,
@@ -99,10 +109,27 @@ class MFAC(torch.optim.Optimizer):
             device=devices.pop(),
             dtype=self._dtype,
             storage_dtype=storage_dtype,
-            process_group=process_group,
+            process_group=process_group if fsdp_group is None else fsdp_group,
         )
         self._momentum: torch.Tensor | None = None
         self._steps = 0
+
+    def _fsdp_group(self, process_group):
+        """The group FSDP2 shards the parameters over, or ``None`` for plain tensors."""
+        shards = [row_shard(p) for p in self._params]
+        if all(shard is None for shard in shards):
+            return None
+        if any(shard is None for shard in shards):
+            raise ValueError("MFAC needs all of its parameters sharded by FSDP2, or none of them")
+        groups = {shard.group for shard in shards}
+        if len(groups) > 1:
+            raise ValueError("MFAC needs all FSDP2 parameters sharded over one process group")
+        group = groups.pop()
+        if process_group is not None and process_group != group:
+            raise ValueError(
+                "process_group differs from the group FSDP2 shards the parameters over"
+            )
+        return group
 
     @property
     def window(self) -> SlidingWindowMFAC:
@@ -136,9 +163,9 @@ class MFAC(torch.optim.Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError("MFAC does not support sparse gradients")
             found = True
-            g = p.grad.reshape(-1).to(self._dtype)
+            g = local(p.grad).reshape(-1).to(self._dtype)
             if decay[p]:
-                g = g + decay[p] * p.detach().reshape(-1).to(self._dtype)
+                g = g + decay[p] * local(p.detach()).reshape(-1).to(self._dtype)
             pieces.append(g)
         return torch.cat(pieces) if found else None
 
@@ -159,7 +186,8 @@ class MFAC(torch.optim.Optimizer):
         lr = {p: group["lr"] for group in self.param_groups for p in group["params"]}
         for p, coordinates in zip(self._params, self._slices(), strict=True):
             if p.grad is not None:
-                p.add_(direction[coordinates].view_as(p).to(p.dtype), alpha=-lr[p])
+                target = local(p)
+                target.add_(direction[coordinates].view_as(target).to(p.dtype), alpha=-lr[p])
         return loss
 
     def _slices(self) -> list[slice]:

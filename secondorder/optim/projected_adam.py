@@ -32,6 +32,20 @@ correction of ``√v``; GaLore decays after the update and adds ``ε`` before), 
 without ``rank`` *is* AdamW; moments are float32 (float64 for float64 weights) for any
 weight dtype; a rank larger than the compressed dimension is an error, not a silent
 clamp; conv weights are reshaped to matrices instead of GaLore's broken Tucker path.
+
+Data parallelism. Under DDP every rank holds the same gradient, so every rank computes
+the same step; ``process_group`` additionally broadcasts each new basis from the group's
+first rank, so that the ranks share it bit for bit even where an SVD is not
+deterministic. Under FSDP2 (``fully_shard``, parameters sharded by rows) each rank
+steps its own rows:
+
+- projected on the right (the compressed side is the columns, whole on every rank):
+  ``X P``, the moments and the update are this rank's rows, with no communication
+  between refreshes; a refresh all-gathers the gradient for the SVD, or all-reduces
+  the ``cols`` DCT column scores;
+- projected on the left (the rows, split over the ranks): ``Pᵀ G`` is summed over the
+  ranks, one all-reduce of ``r × cols`` numbers per step, and the moments (``r × cols``)
+  are the same on every rank; a refresh all-gathers the gradient.
 """
 
 from __future__ import annotations
@@ -43,7 +57,8 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import check_finite, check_positive_int
+from .._checks import NonFiniteError, check_finite, check_positive_int
+from .._distributed import RowShard, all_reduce_sum, broadcast_from_first, local, row_shard
 from ._state import load_state_dict_exactly
 from .projectors import Projector, Side, orient, rotation
 
@@ -128,6 +143,8 @@ class ProjectedAdam(torch.optim.Optimizer):
             See :meth:`step` for the contract.
         accumulation_steps: with ``layerwise``, update on every this many backward passes.
         extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's ``history``).
+        process_group: under DDP, broadcast every new basis from the group's first rank.
+            Not needed under FSDP2, whose parameters carry their group.
     """
 
     def __init__(
@@ -148,8 +165,10 @@ class ProjectedAdam(torch.optim.Optimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         extra_defaults: dict[str, Any] | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
     ) -> None:
         self.projector = projector
+        self.process_group = process_group
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -213,7 +232,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         for p in group["params"]:
             if p.dim() < 2:
                 continue
-            rows, cols = as_matrix(p).shape
+            rows, cols = p.shape[0], math.prod(p.shape[1:])
             side = config.side(rows, cols)
             size = cols if side == "right" else rows
             if config.rank > size:
@@ -266,7 +285,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         state = self.state[p]
         config = LowRankConfig.from_group(group)
         dtype = compute_dtype(p)
-        grad = p.grad.to(dtype)
+        grad = local(p.grad).to(dtype)
         if not state:
             state["step"] = 0
         if config is None or p.dim() < 2:
@@ -274,25 +293,32 @@ class ProjectedAdam(torch.optim.Optimizer):
                 state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             step_size, denom = adam_moments(state, grad, group)
-            with _writable(p, dtype) as target:
+            with _writable(local(p), dtype) as target:
                 _decay(target, group)
                 target.addcdiv_(state["exp_avg"], denom, value=-step_size)
             return
-        self._low_rank_update(p, group, config, grad)
+        self._low_rank_update(p, group, config, grad, row_shard(p))
 
     def _low_rank_update(
-        self, p: torch.Tensor, group: dict[str, Any], config: LowRankConfig, grad: torch.Tensor
+        self,
+        p: torch.Tensor,
+        group: dict[str, Any],
+        config: LowRankConfig,
+        grad: torch.Tensor,
+        shard: RowShard | None,
     ) -> None:
-        """The projected step for a matrix (or conv) weight ``p`` whose gradient is ``grad``."""
+        """The projected step for a matrix (or conv) weight ``p`` whose gradient is ``grad``
+        (this rank's rows of it when FSDP2 shards ``p``, as ``shard`` says)."""
         state = self.state[p]
         dtype = grad.dtype
-        rows, cols = as_matrix(p).shape
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
         side = config.side(rows, cols)
         size = cols if side == "right" else rows
         X = orient(as_matrix(grad), side)
+        split = self._split_group(p, config) is not None  # X P's rows are split over ranks
         refresh = state["step"] % config.update_proj_gap == 0
         if refresh:
-            choice, low = self.projector.refresh(X, config.rank)
+            choice, low = self._refresh(p, X, side, size, config.rank, shard)
             if "basis" in state and config.on_refresh == "rotate":
                 R = rotation(
                     self.projector.basis(state["basis"], size, dtype),
@@ -301,17 +327,54 @@ class ProjectedAdam(torch.optim.Optimizer):
                 self._rotate(p, state, group, R)
             state["basis"] = choice
         basis = self.projector.basis(state["basis"], size, dtype)
+        # a left projection of row-sharded weights uses this rank's rows of P, summed over ranks
+        mine = basis if shard is None or split else basis[shard.start : shard.stop]
         if not refresh:
-            low = X @ basis
+            low = X @ mine
+            if shard is not None and not split:
+                all_reduce_sum(low, shard.group)
         low = self._precondition(p, state, group, low)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(low)
             state["exp_avg_sq"] = torch.zeros_like(low)
         step_size, denom = adam_moments(state, low, group)
-        update = orient((state["exp_avg"] / denom) @ basis.mT, side).reshape(p.shape)
-        with _writable(p, dtype) as target:
+        update = orient((state["exp_avg"] / denom) @ mine.mT, side).reshape(local(p).shape)
+        with _writable(local(p), dtype) as target:
             _decay(target, group)
             target.add_(update, alpha=-step_size * config.scale)
+
+    def _refresh(
+        self,
+        p: torch.Tensor,
+        X: torch.Tensor,
+        side: Side,
+        size: int,
+        rank: int,
+        shard: RowShard | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new basis for the oriented gradient ``X`` and ``X P``, the same on every rank."""
+        if shard is None:
+            choice, low = self.projector.refresh(X, rank)
+            if self.process_group is None:
+                return choice, low
+            broadcast_from_first(choice, self.process_group)  # DDP: one basis, bit for bit
+            return choice, X @ self.projector.basis(choice, size, X.dtype)
+        if side == "right" and self.projector.refreshes_row_shards:
+            return self.projector.refresh_row_shard(X, rank, shard.group)
+        full = orient(as_matrix(p.grad.full_tensor()).to(X.dtype), side)  # all-gather the rows
+        choice, low = self.projector.refresh(full, rank)
+        return choice, (low[shard.start : shard.stop] if side == "right" else low)
+
+    @staticmethod
+    def _split_group(
+        p: torch.Tensor, config: LowRankConfig
+    ) -> torch.distributed.ProcessGroup | None:
+        """The group whose ranks each hold some rows of ``X P``: FSDP2 shards ``p``'s rows
+        and the projection is on the right. ``None`` when every rank holds all of ``X P``."""
+        shard = row_shard(p)
+        if shard is None or config.side(p.shape[0], math.prod(p.shape[1:])) != "right":
+            return None
+        return shard.group
 
     def _precondition(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], low: torch.Tensor
@@ -356,17 +419,26 @@ def adam_moments(
 
 
 def _check_gradients(params: list[torch.Tensor]) -> None:
-    """Raise before anything changes if a gradient is sparse or holds NaN or Inf (one sync per device)."""
+    """Raise before anything changes if a gradient is sparse or holds NaN or Inf (one sync per
+    device). For FSDP2 gradients the verdict is agreed over their group, so that a NaN in one
+    rank's rows stops every rank instead of leaving the others waiting in a collective."""
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in params:
         if p.grad.is_sparse:
             raise RuntimeError("the low-rank optimisers do not support sparse gradients")
         by_device.setdefault(p.grad.device, []).append(p)
     for group in by_device.values():
-        finite = torch.stack([torch.isfinite(p.grad).all() for p in group])
+        finite = torch.stack([torch.isfinite(local(p.grad)).all() for p in group])
+        shards = {shard.group for shard in map(row_shard, group) if shard is not None}
+        for process_group in shards:
+            bad = (~finite).sum(dtype=torch.int64).reshape(1)
+            if all_reduce_sum(bad, process_group).item() and bool(finite.all()):
+                raise NonFiniteError("a gradient holds NaN or Inf in the rows of another rank")
         if not bool(finite.all()):
             bad = group[int((~finite).nonzero()[0, 0])]
-            check_finite(bad.grad, f"the gradient of a parameter of shape {tuple(bad.shape)}")
+            check_finite(
+                local(bad.grad), f"the gradient of a parameter of shape {tuple(bad.shape)}"
+            )
 
 
 def _decay(target: torch.Tensor, group: dict[str, Any]) -> None:

@@ -29,6 +29,8 @@ from typing import Literal
 
 import torch
 
+from .._distributed import all_reduce_sum
+
 __all__ = [
     "DCTProjector",
     "Projector",
@@ -57,6 +59,8 @@ class Projector(ABC):
 
     #: name used in error messages and reports
     name: str = ""
+    #: whether :meth:`refresh_row_shard` can refresh from a rank's rows of ``X`` alone
+    refreshes_row_shards: bool = False
 
     @abstractmethod
     def refresh(self, oriented: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,6 +72,13 @@ class Projector(ABC):
     @abstractmethod
     def basis(self, choice: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
         """The orthonormal ``size × r`` matrix ``P`` that ``choice`` stands for, in ``dtype``."""
+
+    def refresh_row_shard(
+        self, rows: torch.Tensor, rank: int, process_group: torch.distributed.ProcessGroup
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`refresh` when each rank of ``process_group`` holds some rows of ``X``: the
+        same ``choice`` on every rank, and this rank's rows of ``X P``."""
+        raise NotImplementedError(f"the {self.name} projector needs the whole matrix")
 
 
 class SVDProjector(Projector):
@@ -175,15 +186,32 @@ class DCTProjector(Projector):
             return self.method == "fft"
         return device.type == "cpu" and size >= _FFT_FROM_SIZE_ON_CPU
 
-    def refresh(self, oriented: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    refreshes_row_shards = True
+
+    def _transform(self, oriented: torch.Tensor) -> torch.Tensor:
+        """``S = X Q``, by FFT or matmul."""
         size = oriented.shape[-1]
         if self.uses_fft(size, oriented.device):
-            S = dct_rows(oriented)
-        else:
-            S = oriented @ self.full_basis(size, oriented.dtype, oriented.device)
+            return dct_rows(oriented)
+        return oriented @ self.full_basis(size, oriented.dtype, oriented.device)
+
+    def _scores(self, S: torch.Tensor) -> torch.Tensor:
         # |S| summed down each column (l1) or S² (the l2 norm's square ranks the same);
         # much faster than linalg.vector_norm along dim 0 on CPU
-        scores = (S.abs() if self.norm == 1 else S.square()).sum(0)
+        return (S.abs() if self.norm == 1 else S.square()).sum(0)
+
+    def refresh(self, oriented: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        S = self._transform(oriented)
+        indices = torch.topk(self._scores(S), rank, sorted=True).indices
+        return indices, S.index_select(-1, indices)
+
+    def refresh_row_shard(
+        self, rows: torch.Tensor, rank: int, process_group: torch.distributed.ProcessGroup
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The column scores are sums over rows: each rank scores its rows and one all-reduce
+        of ``size`` numbers gives every rank the same choice."""
+        S = self._transform(rows)
+        scores = all_reduce_sum(self._scores(S), process_group)
         indices = torch.topk(scores, rank, sorted=True).indices
         return indices, S.index_select(-1, indices)
 

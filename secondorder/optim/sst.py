@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._distributed import RowShard
 from .projected_adam import (
     LowRankConfig,
     ProjectedAdam,
@@ -374,8 +375,18 @@ class SST(ProjectedAdam):
         return next(i for i, q in enumerate(weights) if q is p)
 
     def _low_rank_update(
-        self, p: torch.Tensor, group: dict[str, Any], config: LowRankConfig, grad: torch.Tensor
+        self,
+        p: torch.Tensor,
+        group: dict[str, Any],
+        config: LowRankConfig,
+        grad: torch.Tensor,
+        shard: RowShard | None,
     ) -> None:
+        if shard is not None:
+            raise NotImplementedError(
+                "SST keeps the full U diag(s) Vᵀ of each weight; it does not step FSDP2-sharded "
+                "weights (use it under DDP, or give it unsharded weights)"
+            )
         state = self.state[p]
         if state["step"] % config.update_proj_gap == 0:
             if "U" in state:
