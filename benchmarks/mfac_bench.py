@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from baselines import sequential_static_mfac, sequential_static_solve, woodbury_from_scratch
+from baselines import sequential_recurrence, sequential_solve, woodbury_from_scratch
 
 from secondorder.curvature import DenseMFAC, SlidingWindowMFAC
 from secondorder.curvature.ldl import ldl_factor, ldl_replace_row, ldl_row_error
@@ -152,11 +152,10 @@ def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
         ours = DenseMFAC(grads, damp)
         t_ours = time.perf_counter() - t0
         t0 = time.perf_counter()
-        H, denom = sequential_static_mfac(grads, damp)
+        H, c, _ = sequential_recurrence(grads.unsqueeze(0), damp)
         t_seq = time.perf_counter() - t0
-        agreement = (
-            ours.solve(x) - sequential_static_solve(H, denom, damp, x)
-        ).norm() / ours.solve(x).norm()
+        theirs = sequential_solve(H, c, damp, x.unsqueeze(0))[0]
+        agreement = (ours.solve(x) - theirs).norm() / ours.solve(x).norm()
         rows.append(
             [
                 str(n),

@@ -37,6 +37,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from baselines import sequential_recurrence
+
 from secondorder.curvature import DenseMFAC
 from secondorder.demo.data import load_digits
 from secondorder.demo.pruning import make_pruner, one_shot, pruning_batches, train_dense
@@ -137,35 +139,6 @@ def sweep(seeds: int, sparsity: float = 0.9) -> None:
 
 
 # --------------------------------------------------------------------------- inverse
-
-
-def sequential_recurrence(
-    grads: torch.Tensor, damp: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    r"""The static M-FAC algorithm as the paper states it, on ``[blocks, n, b]`` gradients.
-
-    ``F_0 = λ I`` and ``F_i = F_{i−1} + g_i g_iᵀ / n``. Sherman–Morrison gives
-    ``F_i⁻¹ = F_{i−1}⁻¹ − h_i h_iᵀ / (n + g_iᵀ h_i)`` with ``h_i = F_{i−1}⁻¹ g_i``,
-    and unrolling ``F_{i−1}⁻¹`` expresses every ``h_i`` through the earlier ones:
-
-        h_i = g_i / λ − Σ_{j<i} (h_jᵀ g_i / c_j) h_j,     c_j = n + g_jᵀ h_j.
-
-    Then ``F⁻¹ x = x / λ − Σ_j (h_jᵀ x / c_j) h_j`` and
-    ``[F⁻¹]_kk = 1/λ − Σ_j h_jk² / c_j``. Step ``i`` is two matrix-vector
-    products with ``H[:i]`` (per block), so the whole is ``n`` sequential
-    passes of growing length: O(n² b) per block, like ours, but as GEMVs.
-    Returns ``H``, ``c`` and the diagonal.
-    """
-    blocks, n, _ = grads.shape
-    H = torch.empty_like(grads)
-    c = torch.empty(blocks, n, dtype=grads.dtype)
-    for i in range(n):
-        g = grads[:, i, :]
-        coef = torch.bmm(H[:, :i, :], g.unsqueeze(-1)).squeeze(-1) / c[:, :i]
-        H[:, i, :] = g / damp - torch.bmm(coef.unsqueeze(1), H[:, :i, :]).squeeze(1)
-        c[:, i] = n + (g * H[:, i, :]).sum(-1)
-    diagonal = 1 / damp - (H.square() / c.unsqueeze(-1)).sum(1)
-    return H, c, diagonal
 
 
 def as_blocks(grads: torch.Tensor, block_size: int | None) -> torch.Tensor:
