@@ -31,6 +31,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/mfac_bench.py
+	$(BIN)/python benchmarks/optim_sweep.py
 	$(BIN)/python benchmarks/prune_bench.py
 	$(BIN)/python benchmarks/distributed_bench.py
 	$(BIN)/python benchmarks/curvature_bench.py

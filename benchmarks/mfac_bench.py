@@ -10,7 +10,8 @@ Parts:
   factor    the n × n system alone: rank-2 up/down-date (+ its check) against a refactor.
   dense     DenseMFAC's GEMM-shaped precomputation against the paper's sequential recurrence.
   accuracy  float32 F⁻¹g for a g in the window: update_solve's n Gᵀ K⁻¹ e_s against the
-            subtracting form (g − Gᵀ K⁻¹ G g)/λ, both against a float64 oracle.
+            subtracting form (g − Gᵀ K⁻¹ G g)/λ, and update_solve with the window stored
+            in bf16 and fp16, all against a float64 oracle of the unrounded gradients.
 """
 
 from __future__ import annotations
@@ -179,23 +180,39 @@ def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
 
 
 def bench_accuracy(damps: list[float], n: int = 64, d: int = 2000) -> str:
+    """Largest relative error of ``F⁻¹g`` over two wraps of the window, against float64."""
     rows = []
     gen = torch.Generator().manual_seed(0)
     grads = torch.randn(2 * n, d, generator=gen)
+    storages = [torch.bfloat16, torch.float16]
     for damp in damps:
         fused, subtracting = SlidingWindowMFAC(d, n, damp), SlidingWindowMFAC(d, n, damp)
-        errors_fused, errors_sub = [], []
+        halves = [SlidingWindowMFAC(d, n, damp, storage_dtype=dtype) for dtype in storages]
+        errors = {name: [] for name in ("fused", "subtracting", *storages)}
         for step, g in enumerate(grads):
-            out = fused.update_solve(g)
-            subtracting.update(g)
             held = grads[max(0, step + 1 - n) : step + 1].double()
             F = damp * torch.eye(d, dtype=torch.float64) + held.T @ held / len(held)
             exact = torch.linalg.solve(F, g.double())
-            errors_fused.append(float((out.double() - exact).norm() / exact.norm()))
-            errors_sub.append(float((subtracting.solve(g).double() - exact).norm() / exact.norm()))
-        rows.append([f"{damp:.0e}", f"{max(errors_fused):.1e}", f"{max(errors_sub):.1e}"])
+            subtracting.update(g)
+            outputs = {
+                "fused": fused.update_solve(g),
+                "subtracting": subtracting.solve(g),
+                **{
+                    dtype: window.update_solve(g)
+                    for dtype, window in zip(storages, halves, strict=True)
+                },
+            }
+            for name, out in outputs.items():
+                errors[name].append(float((out.double() - exact).norm() / exact.norm()))
+        rows.append([f"{damp:.0e}", *(f"{max(values):.1e}" for values in errors.values())])
         print(rows[-1], flush=True)
-    header = ["damp", "update_solve: n Gᵀ K⁻¹ e_s", "subtracting form (g − Gᵀc)/λ"]
+    header = [
+        "damp",
+        "update_solve: n Gᵀ K⁻¹ e_s",
+        "subtracting form (g − Gᵀc)/λ",
+        "update_solve, bf16 window",
+        "update_solve, fp16 window",
+    ]
     return table(header, rows)
 
 
@@ -208,6 +225,8 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--n", type=int, nargs="+", help="window sizes of --part window")
+    parser.add_argument("--d", type=float, nargs="+", help="gradient lengths of --part window")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,11 +236,9 @@ def main() -> None:
     )
     parts = ["window", "factor", "dense", "accuracy"] if args.part == "all" else [args.part]
     if "window" in parts:
-        sizes = (
-            [(64, 10**4)]
-            if args.quick
-            else [(n, d) for d in (10**5, 10**6) for n in (64, 256, 1024)]
-        )
+        ns = args.n or ([64] if args.quick else [64, 256, 1024])
+        ds = [int(d) for d in args.d] if args.d else ([10**4] if args.quick else [10**5, 10**6])
+        sizes = [(n, d) for d in ds for n in ns]
         print("\n## Sliding-window step\n\n" + bench_window(sizes, damp=1e-6))
     if "factor" in parts:
         sizes = [64, 256] if args.quick else [64, 128, 256, 512, 1024, 2048, 4096]
@@ -231,7 +248,7 @@ def main() -> None:
         print("\n## Static precomputation\n\n" + bench_dense(sizes, damp=1e-4))
     if "accuracy" in parts:
         damps = [1e-4] if args.quick else [1e-2, 1e-4, 1e-6, 1e-8]
-        print("\n## float32 accuracy\n\n" + bench_accuracy(damps))
+        print("\n## Accuracy of F⁻¹g (float32 arithmetic)\n\n" + bench_accuracy(damps))
 
 
 if __name__ == "__main__":
