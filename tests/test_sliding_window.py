@@ -133,8 +133,8 @@ def test_a_failed_check_triggers_a_refactorisation():
 def test_factor_update_policy():
     assert rank2_is_faster(256, torch.device("cuda"))
     assert not rank2_is_faster(255, torch.device("cuda"))
-    assert rank2_is_faster(1024, torch.device("cpu"))
-    assert not rank2_is_faster(1023, torch.device("cpu"))
+    assert rank2_is_faster(512, torch.device("cpu"))
+    assert not rank2_is_faster(511, torch.device("cpu"))
     assert not rank2_is_faster(10**4, torch.device("mps"))
     assert SlidingWindowMFAC(10, 4).factor_update == "refactor"
     refactoring = SlidingWindowMFAC(10, 2, factor_update="refactor")

@@ -46,11 +46,11 @@ _SMALL = torch.float64
 
 
 # Smallest window for which the O(n²) up/down-date of K's factor beats a fresh
-# Cholesky, per device type (docs/benchmarks.md, "Small system"). CPU, measured in the
-# whole window step: they tie at 512, the update wins by 5-30% at 1024 (1 and 2 threads).
+# Cholesky, per device type (docs/benchmarks.md, "Small system"). CPU, measured: they
+# tie at 256; the update wins 1.2-2.5x at 512 and 1.9-2.7x from 1024 to 4096.
 # CUDA: an estimate (no GPU was available to measure it): ~40 small kernels against
 # a latency-bound cuSOLVER factorisation.
-_RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": 1024}
+_RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": 512}
 
 
 def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
