@@ -219,24 +219,25 @@ def test_structural_errors():
         MFAC(tiny_model().parameters(), num_grads=3).load_state_dict(optimizer.state_dict())
 
 
-def _logistic_regression_loss(make_optimizer, seed, epochs=3, batch_size=32):
+def _logistic_regression_loss(make_optimizer, seed, epochs=3):
     from secondorder.demo.data import load_digits
+    from secondorder.demo.training import train_classifier
 
-    train_split, _ = load_digits()
-    inputs, targets = train_split.inputs.flatten(1), train_split.targets
     torch.manual_seed(seed)
-    model = torch.nn.Linear(64, 10)
-    optimizer = make_optimizer(model.parameters())
-    order = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        permutation = torch.randperm(len(targets), generator=order)
-        for start in range(0, len(targets), batch_size):
-            index = permutation[start : start + batch_size]
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(inputs[index]), targets[index]).backward()
-            optimizer.step()
-    with torch.no_grad():
-        return torch.nn.functional.cross_entropy(model(inputs), targets).item()
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    train, test = load_digits()
+    run = train_classifier(
+        "logistic",
+        model,
+        make_optimizer,
+        train,
+        test,
+        epochs=epochs,
+        batch_size=32,
+        seed=seed,
+        show_progress=False,
+    )
+    return run.train_loss
 
 
 def test_mfac_beats_sgd_on_logistic_regression_of_the_digits():
