@@ -2,6 +2,7 @@
 
     python benchmarks/mfac_bench.py                 # every part, the sizes of docs/benchmarks.md
     python benchmarks/mfac_bench.py --part window --quick
+    python benchmarks/mfac_bench.py --part bandwidth --device cuda   # the GPU target
 
 Parts:
   window    one SlidingWindowMFAC.update_solve (a full window) against the floor of two
@@ -9,6 +10,11 @@ Parts:
             and both ways of keeping the small factor current (rank-2 up/down-date, refactor).
   factor    the n × n system alone: rank-2 up/down-date (+ its check) against a refactor.
   dense     DenseMFAC's GEMM-shaped precomputation against the paper's sequential recurrence.
+  bandwidth update_solve against the memory-bandwidth floor 2·n·d·b / B, with B the
+            measured copy bandwidth (bytes read + written per second) and b the bytes of
+            a stored number; on CUDA (--device cuda) the passes are the Triton kernels.
+            Default sizes: n = 1024, d = 1e7 on CUDA (40 GB in float32), n = 256, d = 1e6
+            on CPU.
   accuracy  float32 F⁻¹g for a g in the window: update_solve's n Gᵀ K⁻¹ e_s against the
             subtracting form (g − Gᵀ K⁻¹ G g)/λ, and update_solve with the window stored
             in bf16 and fp16, all against a float64 oracle of the unrounded gradients.
@@ -20,7 +26,7 @@ import argparse
 import itertools
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from baselines import sequential_recurrence, sequential_solve, woodbury_from_scratch
@@ -73,15 +79,30 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def full_window(n: int, d: int, damp: float, factor_update: str) -> SlidingWindowMFAC:
-    """A full window over random gradients, built in one GEMM instead of n updates."""
-    window = SlidingWindowMFAC(d, n, damp, factor_update=factor_update)
-    grads = torch.randn(n, d)
-    gram = (grads @ grads.T).double()
-    K = gram + n * damp * torch.eye(n, dtype=torch.float64)
+def full_window(
+    n: int,
+    d: int,
+    damp: float,
+    factor_update: str,
+    device: torch.device | str = "cpu",
+    storage_dtype: torch.dtype | None = None,
+) -> SlidingWindowMFAC:
+    """A full window over random gradients, filled in place (no second ``n × d`` copy)
+    and factored once, instead of ``n`` updates."""
+    window = SlidingWindowMFAC(
+        d, n, damp, device=device, storage_dtype=storage_dtype, factor_update=factor_update
+    )
+    grads = window._grads
+    grads.normal_()
+    wide = torch.float32 if grads.element_size() < 4 else grads.dtype
+    gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+    for start in range(0, d, 1 << 22):  # bounded upcasts of a half-precision window
+        piece = grads[:, start : start + (1 << 22)].to(wide)
+        gram += (piece @ piece.T).double()
+    K = gram + n * damp * torch.eye(n, dtype=torch.float64, device=device)
     factor, pivots = ldl_factor(K)
     state = window.state_dict() | {
-        "grads": grads,
+        "grads": grads,  # the window's own tensor: loading it copies nothing
         "gram": gram,
         "factor": factor,
         "pivots": pivots,
@@ -91,13 +112,81 @@ def full_window(n: int, d: int, damp: float, factor_update: str) -> SlidingWindo
     return window
 
 
+def distinct_gradients(d: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
+    """Endless gradients, no two alike (rotations of one random vector, a copy each):
+    repeating a few would make the window rank-deficient and ``n·damp·I + G Gᵀ`` singular
+    to rounding."""
+    base = torch.randn(d, device=device)
+    for shift in itertools.count(1):
+        yield base.roll(shift)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int) -> float:
+    """Bytes read plus bytes written per second by ``dst.copy_(src)`` of ``nbytes``."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).normal_()
+    dst = torch.empty_like(src)
+
+    def copy():
+        dst.copy_(src)
+        synchronize(device)
+
+    return 2 * src.numel() * 4 / timed(copy)
+
+
+def bench_bandwidth(
+    sizes: list[tuple[int, int]], damp: float, device: torch.device, storage_dtype: torch.dtype
+) -> str:
+    rows = []
+    for n, d in sizes:
+        window = full_window(n, d, damp, "auto", device, storage_dtype)
+        G = window._grads
+        itemsize = G.element_size()
+        bandwidth = copy_bandwidth(device, 1 << 30)  # well beyond any cache
+        floor = 2 * n * d * itemsize / bandwidth
+        fresh_gradients = distinct_gradients(d, device)
+
+        def step(window=window, fresh_gradients=fresh_gradients):
+            window.update_solve(next(fresh_gradients))
+            synchronize(device)
+
+        seconds = timed(step)
+        rows.append(
+            [
+                str(n),
+                f"{d:.0e}",
+                str(storage_dtype).removeprefix("torch."),
+                f"{bandwidth / 1e9:.0f}",
+                f"{floor * 1e3:.2f}",
+                f"{seconds * 1e3:.2f}",
+                f"{seconds / floor:.2f}",
+            ]
+        )
+        print(rows[-1], flush=True)
+        del window, G
+    header = [
+        "n",
+        "d",
+        "window dtype",
+        "copy bandwidth (GB/s)",
+        "floor 2·n·d·b / B (ms)",
+        "update_solve (ms)",
+        "step / floor",
+    ]
+    return table(header, rows)
+
+
 def bench_window(sizes: list[tuple[int, int]], damp: float) -> str:
     rows = []
     for n, d in sizes:
         window = full_window(n, d, damp, "refactor")
         G = window._grads
         g, c = torch.randn(d), torch.randn(n)
-        fresh_gradients = itertools.cycle(torch.randn(8, d))
+        fresh_gradients = distinct_gradients(d)
 
         def two_passes(G=G, g=g, c=c):
             G @ g
@@ -249,7 +338,16 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--part", choices=["window", "factor", "dense", "accuracy", "all"], default="all"
+        "--part",
+        choices=["window", "factor", "dense", "accuracy", "bandwidth", "all"],
+        default="all",
+    )
+    parser.add_argument("--device", default="cpu", help="device of --part bandwidth")
+    parser.add_argument(
+        "--storage-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="window dtype of --part bandwidth",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
     parser.add_argument("--threads", type=int, default=None)
@@ -262,7 +360,11 @@ def main() -> None:
     print(
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
-    parts = ["window", "factor", "dense", "accuracy"] if args.part == "all" else [args.part]
+    parts = (
+        ["window", "factor", "dense", "bandwidth", "accuracy"]
+        if args.part == "all"
+        else [args.part]
+    )
     if "window" in parts:
         ns = args.n or ([64] if args.quick else [64, 256, 1024])
         ds = [int(d) for d in args.d] if args.d else ([10**4] if args.quick else [10**5, 10**6])
@@ -274,6 +376,17 @@ def main() -> None:
     if "dense" in parts:
         sizes = [(64, 10**4)] if args.quick else [(256, 10**5), (1024, 10**5)]
         print("\n## Static precomputation\n\n" + bench_dense(sizes, damp=1e-4))
+    if "bandwidth" in parts:
+        device = torch.device(args.device)
+        default = [(1024, 10**7)] if device.type == "cuda" else [(256, 10**6)]
+        sizes = [(n, int(d)) for n in args.n for d in args.d] if args.n and args.d else default
+        if args.quick:
+            sizes = [(64, 10**5)]
+        storage = getattr(torch, args.storage_dtype)
+        print(
+            "\n## Step against the bandwidth floor\n\n"
+            + bench_bandwidth(sizes, 1e-6, device, storage)
+        )
     if "accuracy" in parts:
         damps = [1e-4] if args.quick else [1e-2, 1e-4, 1e-6, 1e-8]
         print("\n## Accuracy of F⁻¹g (float32 arithmetic)\n\n" + bench_accuracy(damps))

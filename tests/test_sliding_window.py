@@ -6,7 +6,11 @@ from _oracles import explicit_solve, relative_error, woodbury_solve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secondorder._checks import InsufficientMemoryError, NonFiniteError
+from secondorder._checks import (
+    InsufficientMemoryError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+)
 from secondorder.curvature import SlidingWindowMFAC
 from secondorder.curvature.ldl import ldl_factor
 from secondorder.curvature.mfac import rank2_is_faster
@@ -252,3 +256,33 @@ def test_finite_gradients_whose_sum_overflows_are_accepted():
     window = SlidingWindowMFAC(4, 2, 1e-3)
     window.update(torch.full((4,), 3e38))  # the float32 sum is inf, every entry is finite
     assert window.num_stored == 1
+
+
+@pytest.mark.parametrize("rank2", [False, True])
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_singular_system_raises_and_leaves_the_window_unchanged(rank2, warm):
+    """With ``n·damp`` lost in the rounding of ``‖g‖² = 25``, a repeated gradient makes
+    ``K = [[25, 25], [25, 25]]`` exactly (integers: no rounding anywhere), so a fresh
+    Cholesky must fail. The rank-2 path may instead produce a factor with a pivot at
+    rounding level; with ``check_tol=0`` its check rejects every update, so it too ends
+    in that Cholesky, and the window is restored from inside the update."""
+    g0, g1, g2 = torch.zeros(3, 40)
+    g0[:2] = torch.tensor([3.0, 4.0])
+    g1[2] = 5.0
+    g2[3] = 1.0
+    window = SlidingWindowMFAC(
+        40,
+        2,
+        damp=1e-30,
+        factor_update="rank2" if rank2 else "refactor",
+        **({"check_tol": 0.0, "refactor_every": None} if rank2 else {}),
+    )
+    feed(window, torch.stack([g0, g1]) if warm else g0[None])
+    before = {k: v.clone() if torch.is_tensor(v) else v for k, v in window.state_dict().items()}
+    with pytest.raises(NotPositiveDefiniteError, match="the window is unchanged"):
+        window.update(g1 if warm else g0)  # the window would hold it twice
+    after = window.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value) if torch.is_tensor(value) else after[key] == value
+    window.update(g2)  # a new direction still goes in
+    assert window.num_stored == 2

@@ -31,6 +31,7 @@ import torch
 from .. import kernels
 from .._checks import (
     NonFiniteError,
+    NotPositiveDefiniteError,
     check_damping,
     check_finite,
     check_positive_int,
@@ -94,7 +95,9 @@ class SlidingWindowMFAC:
         dtype: dtype of the vectors returned (float32 or float64).
         storage_dtype: dtype of the window; ``torch.bfloat16`` halves its memory
             while the small system stays in float64 and the passes accumulate in
-            float32. Defaults to ``dtype``.
+            float32 (relative error about 2e-3, docs/benchmarks.md). On CPU the passes
+            upcast it tile by tile and run about 3-4x slower than a float32 window;
+            the Triton kernels read it directly. Defaults to ``dtype``.
         refactor_every: refactor at least every this many updates (``None``: only when a check fails).
         check_tol: relative error of the factor that triggers a refactorisation.
         factor_update: how a full window keeps ``K``'s factor current: ``"rank2"``
@@ -155,6 +158,7 @@ class SlidingWindowMFAC:
             "(storage_dtype=torch.bfloat16)",
         )
         self._grads = torch.zeros(num_grads, dim, dtype=storage_dtype, device=device)
+        self._evicted = torch.empty_like(self._grads[0])  # the row a failed step puts back
         self.device = self._grads.device
         if factor_update == "auto":
             factor_update = "rank2" if rank2_is_faster(num_grads, self.device) else "refactor"
@@ -214,11 +218,16 @@ class SlidingWindowMFAC:
         return x.to(self.dtype).contiguous()
 
     def _insert(self, g: torch.Tensor) -> int:
-        """Write ``g`` into the ring and bring ``K``'s factor up to date; return its slot."""
+        """Write ``g`` into the ring and bring ``K``'s factor up to date; return its slot.
+
+        If ``K`` is no longer numerically positive definite, the window is restored
+        as it was and :class:`NotPositiveDefiniteError` is raised."""
         filling = self._num_stored < self.num_grads
         slot = self._num_stored if filling else self._next_slot
         n = self._num_stored + filling
-        old_row = None if filling else self._gram[slot, :n].clone()
+        old_gram_row = self._gram[slot, :n].clone()
+        self._evicted.copy_(self._grads[slot])
+        counters = (self._num_stored, self._next_slot, self._updates_since_refactor)
         partial = kernels.write_row_and_dot(self._grads, slot, g, n)
         gram_row = all_reduce_sum(partial, self.process_group).to(_SMALL)
         self._gram[slot, :n] = gram_row
@@ -229,10 +238,26 @@ class SlidingWindowMFAC:
             self.refactor_every is not None
             and self._updates_since_refactor + 1 >= self.refactor_every
         )
-        if filling or due or self.factor_update == "refactor":
-            self._refactor()
-        else:
-            self._update_factor(slot, gram_row - old_row)
+        try:
+            if filling or due or self.factor_update == "refactor":
+                self._refactor()
+            else:
+                self._update_factor(slot, gram_row - old_gram_row)
+        except torch.linalg.LinAlgError:
+            self._grads[slot].copy_(self._evicted)
+            self._gram[slot, :n] = old_gram_row
+            self._gram[:n, slot] = old_gram_row
+            self._num_stored, self._next_slot, self._updates_since_refactor = counters
+            rounding = torch.finfo(
+                kernels.reference.accumulation_dtype(self._grads.dtype, self.dtype)
+            ).eps
+            raise NotPositiveDefiniteError(
+                f"adding this gradient makes n·damp·I + G Gᵀ singular in floating point: "
+                f"n·damp = {n * self.damp:.3g} is below the rounding of the dot products "
+                f"(about eps·‖g‖² = {rounding * float(gram_row.abs().max()):.3g}), as happens "
+                "when gradients repeat. Use a larger damp, or dtype=torch.float64; "
+                "the window is unchanged"
+            ) from None
         return slot
 
     def _update_factor(self, slot: int, delta: torch.Tensor) -> None:
@@ -257,7 +282,10 @@ class SlidingWindowMFAC:
     def update(self, g: torch.Tensor) -> None:
         """Add gradient ``g`` to the window (evicting the oldest once full).
 
-        Raises :class:`~secondorder._checks.NonFiniteError` for NaN or Inf, leaving the window unchanged.
+        Raises :class:`~secondorder._checks.NonFiniteError` for NaN or Inf, and
+        :class:`~secondorder._checks.NotPositiveDefiniteError` when ``damp`` is too small
+        for the new system to be factored in floating point; either way the window is
+        left unchanged.
         """
         self._insert(self._vector(g, "gradient"))
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import torch
 
-# Upcasting a low-precision window for a matmul needs a wider copy; it is made
-# in column chunks of at most this many elements so the copy stays small.
-_UPCAST_CHUNK_ELEMENTS = 1 << 24
+# Upcasting a low-precision window for a matmul needs a wider copy. It is made in
+# tiles of whole rows (contiguous) of at most this many elements, so that the copy
+# stays in cache between being written and being read: with 2^24-element tiles
+# (64 MiB in float32) a bf16 pass over a 256 x 1e6 window took 500 ms on the
+# development CPU, with 2^21 it took 115 ms (float32 storage: 95 ms).
+_UPCAST_TILE_ELEMENTS = 1 << 21
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -19,24 +22,27 @@ def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
-def _column_chunks(G: torch.Tensor, acc: torch.dtype):
-    """``(columns, G[:, columns] in acc)`` pieces covering ``G``; one piece if no cast is needed."""
-    if G.dtype == acc:
-        yield slice(None), G
-        return
-    step = max(1, _UPCAST_CHUNK_ELEMENTS // max(1, G.shape[0]))
-    for start in range(0, G.shape[1], step):
-        columns = slice(start, start + step)
-        yield columns, G[:, columns].to(acc)
+def _tiles(G: torch.Tensor, acc: torch.dtype):
+    """``(rows, columns, G[rows, columns] in acc)`` tiles covering ``G``, row block by row
+    block."""
+    n, d = G.shape
+    width = min(d, _UPCAST_TILE_ELEMENTS)
+    height = max(1, _UPCAST_TILE_ELEMENTS // width)
+    for top in range(0, n, height):
+        for left in range(0, d, width):
+            rows, columns = slice(top, top + height), slice(left, left + width)
+            yield rows, columns, G[rows, columns].to(acc)
 
 
 def row_dots(G: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     """``t = G[:n] @ x`` in the accumulation dtype."""
     acc = accumulation_dtype(G.dtype, x.dtype)
     x = x.to(acc)
+    if G.dtype == acc:
+        return G[:n] @ x
     t = torch.zeros(n, dtype=acc, device=G.device)
-    for columns, piece in _column_chunks(G[:n], acc):
-        t += piece @ x[columns]
+    for rows, columns, tile in _tiles(G[:n], acc):
+        t[rows].addmv_(tile, x[columns])
     return t
 
 
@@ -53,8 +59,12 @@ def combine(
     """``scale * x + G[:n]ᵀ c`` in the accumulation dtype (``G[:n]ᵀ c`` when ``x`` is None)."""
     acc = accumulation_dtype(G.dtype, c.dtype, *(() if x is None else (x.dtype,)))
     c = c.to(acc)
-    pieces = [piece.T @ c for _, piece in _column_chunks(G[:n], acc)]
-    out = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    if G.dtype == acc:
+        out = G[:n].T @ c
+    else:
+        out = torch.zeros(G.shape[1], dtype=acc, device=G.device)
+        for rows, columns, tile in _tiles(G[:n], acc):
+            out[columns].addmv_(tile.T, c[rows])
     if x is not None:
         out.add_(x.to(acc), alpha=scale)
     return out

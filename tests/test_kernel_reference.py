@@ -1,0 +1,40 @@
+"""The torch twins (the CPU path and the kernels' oracle) against float64 products.
+
+A half-precision window is upcast tile by tile; with tiles of a few elements every
+pass below crosses several row and column tiles, including ragged last ones.
+"""
+
+import pytest
+import torch
+
+from secondorder.kernels import reference
+
+
+@pytest.mark.parametrize("tile_elements", [5, 40, 1 << 21])
+@pytest.mark.parametrize("storage", [torch.bfloat16, torch.float16])
+def test_tiled_passes_equal_float64(monkeypatch, tile_elements, storage):
+    monkeypatch.setattr(reference, "_UPCAST_TILE_ELEMENTS", tile_elements)
+    gen = torch.Generator().manual_seed(0)
+    G = torch.randn(9, 23, generator=gen).to(storage)
+    G[7:] = float("nan")  # rows not in use must not be read
+    x, c = torch.randn(23, generator=gen), torch.randn(7, generator=gen)
+    exact = G[:7].double()
+
+    t = reference.row_dots(G, x, 7)
+    torch.testing.assert_close(t.double(), exact @ x.double(), rtol=1e-6, atol=1e-6)
+    out = reference.combine(G, c, 7, x, 0.5)
+    torch.testing.assert_close(
+        out.double(), 0.5 * x.double() + exact.T @ c.double(), rtol=1e-6, atol=1e-6
+    )
+    assert t.dtype == out.dtype == torch.float32
+
+
+def test_write_row_and_dot_rounds_to_storage(monkeypatch):
+    monkeypatch.setattr(reference, "_UPCAST_TILE_ELEMENTS", 6)
+    G = torch.zeros(4, 11, dtype=torch.bfloat16)
+    G[:2] = torch.randn(2, 11).to(torch.bfloat16)
+    x = torch.randn(11)
+    t = reference.write_row_and_dot(G, 2, x, 3)
+    stored = x.to(torch.bfloat16)
+    assert torch.equal(G[2], stored)
+    torch.testing.assert_close(t.double(), G[:3].double() @ stored.double(), rtol=1e-6, atol=1e-6)
