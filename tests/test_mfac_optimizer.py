@@ -1,10 +1,11 @@
+import copy
 import io
 
 import pytest
 import torch
 from _oracles import explicit_solve
 
-from secondorder._checks import NonFiniteError
+from secondorder._checks import NonFiniteError, NotPositiveDefiniteError
 from secondorder.optim import MFAC
 
 f64 = torch.float64
@@ -192,6 +193,23 @@ def test_a_non_finite_gradient_raises_and_changes_nothing():
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert optimizer.window.num_stored == 2
+
+
+def test_a_singular_window_raises_and_the_step_changes_nothing():
+    """The same integer gradient twice with damp=1e-30: K = [[25, 25], [25, 25]] exactly."""
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = MFAC([weight], lr=0.1, num_grads=2, damp=1e-30, momentum=0.5)
+    weight.grad = torch.tensor([3.0, 4.0])
+    optimizer.step()
+    state = copy.deepcopy(optimizer.state_dict())
+    moved = weight.detach().clone()
+    with pytest.raises(NotPositiveDefiniteError, match="larger damp"):
+        optimizer.step()  # the same gradient again
+    assert torch.equal(weight, moved)
+    after = optimizer.state_dict()["state"]["mfac"]
+    assert after["steps"] == state["state"]["mfac"]["steps"] == 1
+    assert torch.equal(after["momentum"], state["state"]["mfac"]["momentum"])
+    assert torch.equal(after["window"]["grads"], state["state"]["mfac"]["window"]["grads"])
 
 
 @pytest.mark.parametrize(
