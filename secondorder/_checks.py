@@ -7,18 +7,7 @@ import os
 
 import torch
 
-
-class NonFiniteError(ValueError):
-    """A gradient or vector holds NaN or Inf; nothing was changed."""
-
-
-class NotPositiveDefiniteError(ValueError):
-    """A system that is positive definite in exact arithmetic is not in floating point
-    (damping below the rounding of the products that built it); nothing was changed."""
-
-
-class InsufficientMemoryError(MemoryError):
-    """A buffer would not fit on its device; raised before anything is allocated."""
+from .errors import InsufficientMemoryError, NonFiniteError
 
 
 def check_damping(damp: float, name: str = "damp") -> float:

@@ -200,7 +200,7 @@ def low_rank_fsdp(rank: int, folder: str) -> None:
     """Under FSDP2 every rank steps its rows: equal to one process on the global batch, for
     a right and a left projection with uneven shards; per-rank checkpoints resume exactly;
     SST refuses sharded weights; MFAC's window spans each rank's rows."""
-    from secondorder._checks import NonFiniteError
+    from secondorder.errors import NonFiniteError
     from secondorder.optim import MFAC
 
     makers = {name: make for name, make in low_rank_optimizers().items() if name != "SST"}

@@ -3,13 +3,13 @@ import torch
 from _curvature_oracles import DENSE, LOSSES, MODELS, f64, make_data, tiny_mlp
 from torch import nn
 
-from secondorder._checks import NonFiniteError
 from secondorder.curvature import (
     EmpiricalFisherOperator,
     GGNOperator,
     HessianOperator,
     NondeterminismError,
 )
+from secondorder.errors import NonFiniteError
 
 OPERATORS = {"hessian": HessianOperator, "ggn": GGNOperator, "ef": EmpiricalFisherOperator}
 

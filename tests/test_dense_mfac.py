@@ -4,8 +4,8 @@ from _oracles import block_diagonal_inverse, empirical_fisher, relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secondorder._checks import InsufficientMemoryError, NonFiniteError
 from secondorder.curvature import DenseMFAC
+from secondorder.errors import InsufficientMemoryError, NonFiniteError
 
 f64 = torch.float64
 

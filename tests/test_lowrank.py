@@ -8,7 +8,7 @@ from _oracles import explicit_solve, relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secondorder._checks import NonFiniteError
+from secondorder.errors import NonFiniteError
 from secondorder.optim import DCTAdamW, GaLoreAdamW, NaturalGaLore
 from secondorder.optim.projected_adam import LowRankConfig, ProjectedAdam
 from secondorder.optim.projectors import (

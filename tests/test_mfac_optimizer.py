@@ -5,7 +5,7 @@ import pytest
 import torch
 from _oracles import explicit_solve
 
-from secondorder._checks import NonFiniteError, NotPositiveDefiniteError
+from secondorder.errors import NonFiniteError, NotPositiveDefiniteError
 from secondorder.optim import MFAC
 
 f64 = torch.float64

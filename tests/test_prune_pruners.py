@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from secondorder import _checks
-from secondorder._checks import InsufficientMemoryError, NonFiniteError
+from secondorder.errors import InsufficientMemoryError, NonFiniteError
 from secondorder.prune import (
     MagnitudePruner,
     MFACPruner,

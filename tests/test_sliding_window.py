@@ -6,14 +6,14 @@ from _oracles import explicit_solve, relative_error, woodbury_solve
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secondorder._checks import (
+from secondorder.curvature import SlidingWindowMFAC
+from secondorder.curvature.ldl import ldl_factor
+from secondorder.curvature.mfac import rank2_is_faster
+from secondorder.errors import (
     InsufficientMemoryError,
     NonFiniteError,
     NotPositiveDefiniteError,
 )
-from secondorder.curvature import SlidingWindowMFAC
-from secondorder.curvature.ldl import ldl_factor
-from secondorder.curvature.mfac import rank2_is_faster
 
 f64 = torch.float64
 

@@ -30,14 +30,13 @@ import torch
 
 from .. import kernels
 from .._checks import (
-    NonFiniteError,
-    NotPositiveDefiniteError,
     check_damping,
     check_finite,
     check_positive_int,
     ensure_fits,
 )
 from .._distributed import all_reduce_sum, rank_and_world
+from ..errors import NonFiniteError, NotPositiveDefiniteError
 from .ldl import ldl_factor, ldl_replace_row, ldl_row_error, ldl_solve
 
 __all__ = ["DenseMFAC", "SlidingWindowMFAC", "rank2_is_faster"]
@@ -282,8 +281,8 @@ class SlidingWindowMFAC:
     def update(self, g: torch.Tensor) -> None:
         """Add gradient ``g`` to the window (evicting the oldest once full).
 
-        Raises :class:`~secondorder._checks.NonFiniteError` for NaN or Inf, and
-        :class:`~secondorder._checks.NotPositiveDefiniteError` when ``damp`` is too small
+        Raises :class:`~secondorder.errors.NonFiniteError` for NaN or Inf, and
+        :class:`~secondorder.errors.NotPositiveDefiniteError` when ``damp`` is too small
         for the new system to be factored in floating point; either way the window is
         left unchanged.
         """

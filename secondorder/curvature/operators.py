@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._checks import check_finite, check_positive_int, ensure_fits
 from .._progress import progress as progress_bar
+from ..errors import NondeterminismError
 from ._params import flatten_columns, resolve_params, split_columns
 from .fisher import empirical_fisher_diagonal, sample_gradients
 
@@ -60,10 +61,6 @@ Params = dict[str, torch.Tensor]
 
 # The default chunk of columns holds about this many samples' activations (see chunk_size).
 _SAMPLE_COLUMNS = 1024
-
-
-class NondeterminismError(RuntimeError):
-    """Two passes over the data gave different losses or gradients."""
 
 
 # -- the products on one batch -----------------------------------------------------------------

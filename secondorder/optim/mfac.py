@@ -35,7 +35,7 @@ class MFAC(torch.optim.Optimizer):
     A parameter whose ``.grad`` is ``None`` at a step enters the window as zeros
     and is neither updated nor decayed, and its momentum is left as it was. A
     step where no parameter has a gradient does nothing. A gradient with NaN or
-    Inf raises :class:`~secondorder._checks.NonFiniteError` before anything changes.
+    Inf raises :class:`~secondorder.errors.NonFiniteError` before anything changes.
 
     The window and the momentum are float32 (float64 if every parameter is
     float64), whatever the parameters' dtype, so bf16 models work.

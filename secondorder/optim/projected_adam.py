@@ -57,8 +57,9 @@ from typing import Any, Literal
 
 import torch
 
-from .._checks import NonFiniteError, check_finite, check_positive_int
+from .._checks import check_finite, check_positive_int
 from .._distributed import RowShard, all_reduce_sum, broadcast_from_first, local, row_shard
+from ..errors import NonFiniteError
 from ._state import load_state_dict_exactly
 from .projectors import Projector, Side, orient, rotation
 
@@ -248,7 +249,7 @@ class ProjectedAdam(torch.optim.Optimizer):
         """One update of every parameter that has a gradient.
 
         Every gradient is checked before anything changes: NaN or Inf raises
-        :class:`~secondorder._checks.NonFiniteError` and leaves weights and state as they were.
+        :class:`~secondorder.errors.NonFiniteError` and leaves weights and state as they were.
 
         In ``layerwise`` mode the parameters are updated by hooks during ``backward()``
         (each on every ``accumulation_steps``-th backward pass that reached it, after which
