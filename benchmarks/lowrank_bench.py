@@ -38,26 +38,33 @@ from secondorder.optim.projectors import DCTProjector, SVDProjector, dct_rows
 from secondorder.optim.sst import to_spectral
 
 
-def timed(fn, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls (after one warm-up call)."""
-    fn()
+def timed(fn, repeats: int, device: torch.device | None = None) -> float:
+    """Median seconds of ``repeats`` calls (after one warm-up call); on CUDA each call
+    is timed to the end of its kernels."""
+
+    def call():
+        fn()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
-def refresh_part(repeats: int) -> None:
+def refresh_part(repeats: int, device: torch.device) -> None:
     print("\n### (1) Projector refresh: DCT against SVD, median of", repeats, "(ms)\n")
     rank = 128
     rows = []
     for shape in [(1024, 1024), (4096, 1024)]:
-        X = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
-        svd = timed(partial(SVDProjector().refresh, X, rank), repeats)
-        dct_matmul = timed(partial(DCTProjector(method="matmul").refresh, X, rank), repeats)
-        dct_fft = timed(partial(DCTProjector(method="fft").refresh, X, rank), repeats)
+        X = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
+        svd = timed(partial(SVDProjector().refresh, X, rank), repeats, device)
+        dct_matmul = timed(partial(DCTProjector(method="matmul").refresh, X, rank), repeats, device)
+        dct_fft = timed(partial(DCTProjector(method="fft").refresh, X, rank), repeats, device)
         best = min(dct_matmul, dct_fft)
         rows.append(
             [f"{shape[0]} x {shape[1]}", f"{svd * 1e3:.1f}", f"{dct_matmul * 1e3:.1f}",
@@ -68,10 +75,10 @@ def refresh_part(repeats: int) -> None:
     print("\n`G Q` for the DCT basis: matmul against FFT (Makhoul), square G (ms)\n")
     rows = []
     for size in [256, 512, 1024, 2048, 4096]:
-        X = torch.randn(size, size, generator=torch.Generator().manual_seed(1))
+        X = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(device)
         Q = DCTProjector().full_basis(size, X.dtype, X.device)
-        matmul = timed(partial(torch.matmul, X, Q), repeats)
-        fft = timed(partial(dct_rows, X), repeats)
+        matmul = timed(partial(torch.matmul, X, Q), repeats, device)
+        fft = timed(partial(dct_rows, X), repeats, device)
         rows.append(
             [size, f"{matmul * 1e3:.1f}", f"{fft * 1e3:.1f}", "FFT" if fft < matmul else "matmul"]
         )
@@ -204,6 +211,7 @@ def main() -> None:
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="device of --part refresh")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
@@ -211,7 +219,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s)")
     show = not args.no_progress
     if args.part in ("all", "refresh"):
-        refresh_part(args.repeats)
+        refresh_part(args.repeats, torch.device(args.device))
     if args.part in ("all", "memory"):
         memory_part()
     if args.part == "sweep":
