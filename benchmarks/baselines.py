@@ -27,7 +27,7 @@ def sequential_recurrence(
     """
     blocks, n, _ = grads.shape
     H = torch.empty_like(grads)
-    c = torch.empty(blocks, n, dtype=grads.dtype)
+    c = torch.empty(blocks, n, dtype=grads.dtype, device=grads.device)
     for i in range(n):
         g = grads[:, i, :]
         coef = torch.bmm(H[:, :i, :], g.unsqueeze(-1)).squeeze(-1) / c[:, :i]

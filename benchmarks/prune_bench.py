@@ -3,6 +3,7 @@
     python benchmarks/prune_bench.py                  # accuracy and inverse
     python benchmarks/prune_bench.py --part accuracy  # one-shot M-FAC vs magnitude, digits MLP and CNN
     python benchmarks/prune_bench.py --part inverse   # DenseMFAC vs the paper's sequential recurrence
+    python benchmarks/prune_bench.py --part inverse --device cuda   # the same on a GPU
     python benchmarks/prune_bench.py --part sweep     # damping x recompute steps x num_grads (slow)
 
 accuracy: one ``prune()`` call with MFACPruner's defaults, no fine-tuning, at
@@ -148,20 +149,33 @@ def as_blocks(grads: torch.Tensor, block_size: int | None) -> torch.Tensor:
 
 
 def inverse_child(
-    method: str, dim: int, num_grads: int, block_size: int | None, damp: float
+    method: str, dim: int, num_grads: int, block_size: int | None, damp: float, device: str
 ) -> None:
-    """Run in its own process: build one inverse and print its time and peak memory as JSON."""
+    """Run in its own process: build one inverse and print its time and peak memory as JSON
+    (growth of the peak RSS on CPU, of the peak allocated bytes on CUDA)."""
+    on_cuda = torch.device(device).type == "cuda"
     grads = torch.randn(num_grads, dim, generator=torch.Generator().manual_seed(0)) / dim**0.5
+    grads = grads.to(device)
     if method == "sequential":
         grads = as_blocks(grads, block_size)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if on_cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     start = time.perf_counter()
     if method == "sequential":
         sequential_recurrence(grads, damp)
     else:
         DenseMFAC(grads, damp, block_size).diag()
+    if on_cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    if on_cuda:
+        extra = torch.cuda.max_memory_allocated() - before
+    else:
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     print(json.dumps({"seconds": seconds, "extra_bytes": extra}))
 
 
@@ -185,7 +199,7 @@ def agreement(dim: int = 4096, num_grads: int = 256, damp: float = 1e-4) -> None
         )
 
 
-def inverse(threads: int, repeats: int, large: bool) -> None:
+def inverse(threads: int, repeats: int, large: bool, device: str) -> None:
     agreement()
     cases = [
         (2**17, 64, 128),
@@ -212,7 +226,7 @@ def inverse(threads: int, repeats: int, large: bool) -> None:
             for method, runs in results.items():
                 command = [
                     sys.executable, __file__, "--inverse-child", method, str(dim), str(num_grads),
-                    str(block), str(damp), "--threads", str(threads),
+                    str(block), str(damp), device, "--threads", str(threads),
                 ]  # fmt: skip
                 out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
                 runs.append(json.loads(out.strip().splitlines()[-1]))
@@ -235,19 +249,25 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="inverse: fastest of this many")
     parser.add_argument("--large", action="store_true", help="inverse: only d=2^20, n=256")
-    parser.add_argument("--inverse-child", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--device", default="cpu", help="device of --part inverse")
+    parser.add_argument("--inverse-child", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.inverse_child:
-        method, dim, num_grads, block, damp = args.inverse_child
+        method, dim, num_grads, block, damp, device = args.inverse_child
         inverse_child(
-            method, int(dim), int(num_grads), None if block == "None" else int(block), float(damp)
+            method,
+            int(dim),
+            int(num_grads),
+            None if block == "None" else int(block),
+            float(damp),
+            device,
         )
         return
     if args.part in ("all", "accuracy"):
         accuracy(args.seeds)
     if args.part in ("all", "inverse"):
-        inverse(args.threads, args.repeats, args.large)
+        inverse(args.threads, args.repeats, args.large, args.device)
     if args.part == "sweep":
         sweep(args.seeds)
 
