@@ -173,9 +173,10 @@ class SlidingWindowMFAC:
 
     @staticmethod
     def estimate_bytes(dim: int, num_grads: int, storage_dtype: torch.dtype = torch.float32) -> int:
-        """Bytes held by a window: the gradients plus the ``n × n`` Gram matrix and its factor."""
+        """Bytes held by a window: the gradients, one spare row (a failed step puts the
+        evicted gradient back from it), and the ``n × n`` Gram matrix and its factor."""
         itemsize = torch.empty(0, dtype=storage_dtype).element_size()
-        return num_grads * dim * itemsize + 2 * num_grads * num_grads * 8
+        return (num_grads + 1) * dim * itemsize + 2 * num_grads * num_grads * 8
 
     @property
     def num_stored(self) -> int:
