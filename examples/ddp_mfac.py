@@ -75,6 +75,7 @@ def main() -> None:
         print(
             f"gradient window per rank: {format_bytes(shard)} (one process would hold {format_bytes(full)})"
         )
+    dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()
 
 

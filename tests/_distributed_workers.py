@@ -35,6 +35,9 @@ def _init_and_run(rank: int, port: int, worker: Callable, args: tuple) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         worker(rank, *args)
+        # Both ranks finish before either closes its connections: a rank that tears down
+        # while the other's gloo threads still talk to it can abort the other process.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
