@@ -34,6 +34,28 @@ def test_solve_and_diag_match_the_explicit_inverse(num_grads, dim, block, log_da
     assert relative_error(inverse.diag(), expected.diagonal()) < 1e-8
 
 
+@pytest.mark.parametrize("block", [None, 13, 5])
+def test_chunked_precomputation_matches_the_explicit_inverse(monkeypatch, block):
+    """Column chunks, row blocks of the lower Gram matrix and of the column norms, all
+    ragged at these sizes, give the same inverse as one piece."""
+    from secondorder.curvature import mfac
+
+    monkeypatch.setattr(mfac, "_CHUNK_ELEMENTS", 50)
+    monkeypatch.setattr(mfac, "_GRAM_ROWS", 5)
+    monkeypatch.setattr(mfac, "_NORM_ROWS", 4)
+    gen = torch.Generator().manual_seed(3)
+    G = torch.randn(12, 41, generator=gen, dtype=f64)
+    inverse = DenseMFAC(G, 1e-2, block_size=block)
+    expected = (
+        torch.linalg.inv(empirical_fisher(G, 1e-2))
+        if block is None
+        else block_diagonal_inverse(G, 1e-2, block)
+    )
+    X = torch.randn(2, 41, generator=gen, dtype=f64)
+    assert relative_error(inverse.solve(X), X @ expected) < 1e-10
+    assert relative_error(inverse.diag(), expected.diagonal()) < 1e-10
+
+
 @pytest.mark.parametrize(
     ("block", "methods"),
     [
