@@ -35,43 +35,41 @@ from secondorder.curvature import DenseMFAC, SlidingWindowMFAC
 from secondorder.curvature.ldl import ldl_factor, ldl_replace_row, ldl_row_error
 
 
-def timed(
-    fn: Callable[[], object], *, budget: float = 2.0, max_repeats: int = 50, warmup: bool = True
-) -> float:
-    """Best wall time of ``fn`` over as many calls as fit in ``budget`` seconds (at least
-    ``min(3, max_repeats)``), after one untimed call if ``warmup``. The best, as timeit
-    reports, since on a shared machine other jobs only ever add time."""
-    if warmup:
-        fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min(3, max_repeats) or (
-        time.perf_counter() - start < budget and len(times) < max_repeats
-    ):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
-
-
 def timed_side_by_side(
-    fns: dict[str, Callable[[], object]], *, budget: float = 4.0, max_rounds: int = 50
+    fns: dict[str, Callable[[], object]],
+    *,
+    budget: float = 4.0,
+    max_rounds: int = 50,
+    warmup: bool = True,
 ) -> dict[str, float]:
     """Best wall time of each function, calling them in turn, round after round, for
-    ``budget`` seconds (at least 3 rounds) after one untimed round: a slow spell of a
-    shared machine then hits every function alike, and the ratios hold."""
-    for fn in fns.values():
-        fn()
+    ``budget`` seconds (at least ``min(3, max_rounds)`` rounds), after one untimed round
+    if ``warmup``. The best, as timeit reports, since on a shared machine other jobs only
+    ever add time; in turn, so that a slow spell hits every function alike."""
+    if warmup:
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
-    while rounds < 3 or (time.perf_counter() - start < budget and rounds < max_rounds):
+    while rounds < min(3, max_rounds) or (
+        time.perf_counter() - start < budget and rounds < max_rounds
+    ):
         for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
         rounds += 1
     return {name: min(values) for name, values in times.items()}
+
+
+def timed(
+    fn: Callable[[], object], *, budget: float = 2.0, max_repeats: int = 50, warmup: bool = True
+) -> float:
+    """Best wall time of ``fn`` alone: :func:`timed_side_by_side` of one function."""
+    return timed_side_by_side({"fn": fn}, budget=budget, max_rounds=max_repeats, warmup=warmup)[
+        "fn"
+    ]
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
