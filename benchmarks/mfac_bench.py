@@ -110,13 +110,16 @@ def full_window(
     return window
 
 
-def distinct_gradients(d: int, device: torch.device | str = "cpu") -> Iterator[torch.Tensor]:
-    """Endless gradients, no two alike (rotations of one random vector, a copy each):
-    repeating a few would make the window rank-deficient and ``n·damp·I + G Gᵀ`` singular
-    to rounding."""
-    base = torch.randn(d, device=device)
-    for shift in itertools.count(1):
-        yield base.roll(shift)
+def distinct_gradients(
+    d: int, device: torch.device | str = "cpu", count: int = 4096
+) -> Iterator[torch.Tensor]:
+    """Endless gradients, no two alike within ``count``: overlapping windows ``[i, i + d)``
+    of one random sequence, views that cost nothing to hand out inside a timed step.
+    Repeating a few gradients would make the window rank-deficient and ``n·damp·I + G Gᵀ``
+    singular to rounding."""
+    sequence = torch.randn(d + count, device=device)
+    for shift in itertools.cycle(range(count)):
+        yield sequence[shift : shift + d]
 
 
 def synchronize(device: torch.device) -> None:
