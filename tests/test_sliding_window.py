@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secondorder.curvature import SlidingWindowMFAC
+from secondorder.curvature.gram_system import rank2_is_faster
 from secondorder.curvature.ldl import ldl_factor
-from secondorder.curvature.mfac import rank2_is_faster
 from secondorder.errors import (
     InsufficientMemoryError,
     NonFiniteError,
@@ -103,9 +103,10 @@ def test_updated_factor_stays_within_1e_8_of_a_fresh_factorisation():
         window.num_refactors == num_grads
     )  # the warm-up only: every later step was an up/down-date
     assert window.num_failed_checks == 0
-    fresh_factor, fresh_pivots = ldl_factor(window._small_matrix())
-    assert relative_error(window._factor, fresh_factor) < 1e-8
-    assert relative_error(window._pivots, fresh_pivots) < 1e-8
+    system = window._system
+    fresh_factor, fresh_pivots = ldl_factor(system.matrix())
+    assert relative_error(system.factor, fresh_factor) < 1e-8
+    assert relative_error(system.pivots, fresh_pivots) < 1e-8
 
 
 def test_safeguards_keep_an_ill_conditioned_window_accurate():
@@ -161,7 +162,7 @@ def test_half_precision_storage(storage):
     assert relative_error(out, explicit_solve(held.to(storage), damp, grads[-1].to(storage))) < 1e-6
     error = relative_error(out, explicit_solve(held, damp, grads[-1]))
     assert error < (4e-3 if storage == torch.bfloat16 else 5e-4)
-    assert window._grads.dtype == storage and window._gram.dtype == f64
+    assert window._grads.dtype == storage and window._system.gram.dtype == f64
 
 
 def test_state_dict_round_trip_continues_bit_identically():

@@ -2,7 +2,7 @@
 
 from .fisher import empirical_fisher_diagonal, fisher_merge, per_sample_gradients
 from .hutchinson import DiagonalEstimate, TraceEstimate, hutchinson_diagonal, hutchinson_trace
-from .mfac import DenseMFAC, SlidingWindowMFAC
+from .mfac import DenseMFAC
 from .operators import (
     CurvatureOperator,
     EmpiricalFisherOperator,
@@ -10,6 +10,7 @@ from .operators import (
     HessianOperator,
     NondeterminismError,
 )
+from .sliding_window import SlidingWindowMFAC
 from .spectrum import Eigenpairs, SpectralDensity, spectral_density, top_eigenvalues
 
 __all__ = [

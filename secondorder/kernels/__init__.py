@@ -22,7 +22,14 @@ import torch
 
 from . import reference
 
-__all__ = ["backend", "combine", "row_dots", "write_row_and_dot"]
+__all__ = [
+    "backend",
+    "combine",
+    "gather_dots",
+    "row_dots",
+    "scatter_combine",
+    "write_row_and_dot",
+]
 
 _ENV = "SECONDORDER_KERNELS"
 _CHOICES = ("auto", "torch", "triton")
@@ -51,12 +58,18 @@ def backend(tensor: torch.Tensor) -> str:
     return "triton" if tensor.is_cuda and triton_available() else "torch"
 
 
-def _implementation(tensor: torch.Tensor) -> ModuleType:
+def _implementation(tensor: torch.Tensor, rows: str = "dense") -> ModuleType:
+    """The module whose kernels run for ``tensor``; ``rows`` is ``"dense"`` or ``"sparse"``."""
     if backend(tensor) == "torch":
         return reference
-    from . import mfac  # imports triton; deferred so CPU-only use never pays for it
+    # imports triton; deferred so CPU-only use never pays for it
+    if rows == "dense":
+        from . import dense_window
 
-    return mfac
+        return dense_window
+    from . import sparse_window
+
+    return sparse_window
 
 
 def row_dots(G: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -74,3 +87,29 @@ def combine(
 ) -> torch.Tensor:
     """``scale * x + G[:n]ᵀ c`` from one pass over ``G`` (``G[:n]ᵀ c`` without ``x``)."""
     return _implementation(G).combine(G, c, n, x, scale)
+
+
+def gather_dots(
+    values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, n: int
+) -> torch.Tensor:
+    """``t_i = Σ_j values[i, j] · x[indices[i, j]]`` over the first ``n`` rows of a sparse window."""
+    return _implementation(values, "sparse").gather_dots(values, indices, x, n)
+
+
+def scatter_combine(
+    values: torch.Tensor,
+    indices: torch.Tensor,
+    c: torch.Tensor,
+    n: int,
+    dim: int,
+    x: torch.Tensor | None = None,
+    scale: float = 0.0,
+) -> torch.Tensor:
+    """``scale * x + Σ_{i<n} c_i · scatter(values[i], indices[i])``, dense, of length ``dim``.
+
+    The Triton kernel adds with atomics, whose order varies on a GPU; under
+    ``torch.use_deterministic_algorithms(True)`` the torch twin runs instead, which then
+    adds in a fixed order (bit-reproducible, slower)."""
+    if torch.are_deterministic_algorithms_enabled():
+        return reference.scatter_combine(values, indices, c, n, dim, x, scale)
+    return _implementation(values, "sparse").scatter_combine(values, indices, c, n, dim, x, scale)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_damping, check_positive_int
-from ..curvature.mfac import SlidingWindowMFAC
+from ..curvature import SlidingWindowMFAC
 from .projected_adam import LowRankConfig, OnRefresh, ProjectedAdam, ProjType
 from .projectors import SVDProjector
 

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_damping, check_positive_int
 from .._distributed import Shard, all_gather_shards, local, rank_and_world, row_shard
-from ..curvature.mfac import SlidingWindowMFAC
+from ..curvature import SlidingWindowMFAC
 
 __all__ = ["MFAC"]
 

@@ -1,4 +1,4 @@
-"""Triton kernels for the two passes over the gradient window of M-FAC.
+"""Triton kernels for the two passes over a dense M-FAC gradient window.
 
 One step of the sliding-window algorithm reads the window ``G`` (``[m, d]``,
 of which ``n`` rows are in use) exactly twice:

@@ -12,7 +12,7 @@ import torch
 from secondorder import kernels
 from secondorder.kernels import reference
 
-triton_kernels = pytest.importorskip("secondorder.kernels.mfac")
+triton_kernels = pytest.importorskip("secondorder.kernels.dense_window")
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",

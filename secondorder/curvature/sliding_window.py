@@ -1,0 +1,461 @@
+r"""Sliding M-FAC windows: the inverse empirical Fisher of the last ``num_grads`` gradients.
+
+A window is *rows* (where the gradients live and how two passes run over them) on top
+of the :class:`~.gram_system.GramSystem` every window shares (the ``n × n`` system and
+its O(n²) factor updates). :class:`SlidingWindow` is that skeleton; a subclass fills in
+the rows:
+
+- :class:`SlidingWindowMFAC` keeps whole gradients, ``num_grads × dim`` numbers;
+- :class:`~.sparse_window.SparseSlidingWindowMFAC` keeps ``k = ⌈density·dim⌉`` values and
+  their coordinates per gradient, with error feedback (EFCP).
+
+With the rows ``C`` in use (``n`` of them), damping ``λ`` and ``K = nλI + C Cᵀ``:
+
+    F = λ I + (1/n) Cᵀ C,      F⁻¹ x = (x − Cᵀ K⁻¹ C x) / λ,      F⁻¹ c_s = n Cᵀ K⁻¹ e_s,
+
+the last for a row ``c_s`` of the window itself (the optimiser's product), which
+subtracts nothing and so keeps its accuracy for tiny ``λ``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import torch
+
+from .. import kernels
+from .._checks import check_damping, check_finite, check_positive_int, ensure_fits
+from .._distributed import all_reduce_sum, rank_and_world
+from ..errors import NonFiniteError, NotPositiveDefiniteError
+from .gram_system import GramSystem
+
+__all__ = ["SlidingWindow", "SlidingWindowMFAC"]
+
+
+class SlidingWindow(ABC):
+    """The skeleton of a sliding M-FAC window; subclasses say where the rows live.
+
+    A subclass sets its own settings, then calls ``super().__init__`` (which validates
+    the common ones, checks memory with :meth:`_required_bytes` and calls
+    :meth:`_allocate_rows`), and fills in the row methods below. Everything else (the
+    checks on input vectors, the small system, distributed reductions, rollback on
+    failure, ``solve``, state dicts) is shared.
+    """
+
+    #: saved in :meth:`state_dict` so that one kind of window refuses another's state
+    kind: ClassVar[str]
+
+    def __init__(
+        self,
+        dim: int,
+        num_grads: int,
+        damp: float,
+        *,
+        device: torch.device | str | None,
+        dtype: torch.dtype,
+        storage_dtype: torch.dtype | None,
+        refactor_every: int | None,
+        check_tol: float,
+        factor_update: str,
+        process_group: torch.distributed.ProcessGroup | None,
+    ) -> None:
+        self.dim = check_positive_int(dim, "dim")
+        self.num_grads = check_positive_int(num_grads, "num_grads")
+        self.damp = check_damping(damp)
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        storage_dtype = dtype if storage_dtype is None else storage_dtype
+        if not isinstance(storage_dtype, torch.dtype) or not storage_dtype.is_floating_point:
+            raise TypeError(f"storage_dtype must be a floating dtype, got {storage_dtype}")
+        self.dtype = dtype
+        self.storage_dtype = storage_dtype
+        self.process_group = process_group
+        self.rank, self.world_size = rank_and_world(process_group)
+        device = torch.device("cpu") if device is None else torch.device(device)
+        ensure_fits(
+            self._required_bytes(),
+            device,
+            what=f"a window of {num_grads} {self._row_description()} in {storage_dtype}",
+            advice=self._memory_advice(),
+        )
+        self._system = GramSystem(
+            num_grads,
+            damp,
+            device=device,
+            refactor_every=refactor_every,
+            check_tol=check_tol,
+            factor_update=factor_update,
+        )
+        self.device = self._system.gram.device  # "cuda" resolved to "cuda:0"
+        self._allocate_rows()
+
+    # ---------------------------------------------------------------- what subclasses fill in
+    @abstractmethod
+    def _required_bytes(self) -> int:
+        """Bytes the window will hold, from its settings (checked before allocating)."""
+
+    @abstractmethod
+    def _row_description(self) -> str:
+        """What one row is, for error messages (e.g. "gradients of 1000")."""
+
+    @abstractmethod
+    def _memory_advice(self) -> str:
+        """What to change when the window does not fit."""
+
+    @abstractmethod
+    def _allocate_rows(self) -> None:
+        """Allocate the storage of ``num_grads`` rows (zeros)."""
+
+    @abstractmethod
+    def _write_row(self, slot: int, row: Any, n: int) -> torch.Tensor:
+        """Store ``row`` in ``slot`` (keeping what it replaces for :meth:`_restore_row`) and
+        return its dot products with the ``n`` rows in use (this rank's part of them)."""
+
+    @abstractmethod
+    def _restore_row(self, slot: int) -> None:
+        """Put back the row that the last :meth:`_write_row` replaced."""
+
+    @abstractmethod
+    def _row_dots(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """``C[:n] x`` for a dense ``x`` (this rank's part)."""
+
+    @abstractmethod
+    def _combine(
+        self, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
+    ) -> torch.Tensor:
+        """``scale · x + C[:n]ᵀ c``, dense, in the accumulation dtype."""
+
+    @abstractmethod
+    def _rows_state(self) -> dict[str, Any]:
+        """The rows' tensors and settings, for :meth:`state_dict`."""
+
+    @abstractmethod
+    def _check_rows_state(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`_load_rows_state` can load ``state``."""
+
+    @abstractmethod
+    def _load_rows_state(self, state: dict[str, Any]) -> None:
+        """Restore the rows from a checked ``state``."""
+
+    @abstractmethod
+    def _reset_rows(self) -> None:
+        """Forget every row."""
+
+    @property
+    @abstractmethod
+    def nbytes(self) -> int:
+        """Bytes held by the window: its rows, the ``n × n`` system and any other buffer."""
+
+    # ---------------------------------------------------------------- the shared machinery
+    @property
+    def num_stored(self) -> int:
+        """Number of gradients held, ``n ≤ num_grads``."""
+        return self._system.num_stored
+
+    @property
+    def factor_update(self) -> str:
+        """How a full window keeps ``K``'s factor current: ``"rank2"`` or ``"refactor"``."""
+        return self._system.factor_update
+
+    @factor_update.setter
+    def factor_update(self, value: str) -> None:
+        if value not in ("rank2", "refactor"):
+            raise ValueError(f"factor_update must be 'rank2' or 'refactor', got {value!r}")
+        self._system.factor_update = value
+
+    @property
+    def num_refactors(self) -> int:
+        """How many times the small system was factored afresh."""
+        return self._system.num_refactors
+
+    @property
+    def num_failed_checks(self) -> int:
+        """How many O(n²) factor updates failed their accuracy check (then refactored)."""
+        return self._system.num_failed_checks
+
+    def _vector(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape != (self.dim,):
+            raise ValueError(
+                f"{name} has shape {tuple(x.shape)}; this window holds vectors of shape ({self.dim},)"
+            )
+        if x.device != self.device:
+            raise ValueError(f"{name} is on {x.device} but the window is on {self.device}")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        if self.process_group is None:
+            check_finite(x, name)
+        else:  # every rank must raise, or the others would wait in the next all-reduce
+            bad = 0 if bool(torch.isfinite(x.sum())) else int((~torch.isfinite(x)).sum())
+            total = all_reduce_sum(torch.tensor([bad], device=self.device), self.process_group)
+            if total.item():
+                raise NonFiniteError(
+                    f"{name} has {total.item()} NaN or Inf entries in the shards of "
+                    f"{self.world_size} ranks ({bad} here, on rank {self.rank})"
+                )
+        return x.to(self.dtype).contiguous()
+
+    def _insert(self, row: Any) -> int:
+        """Write ``row`` into the ring and bring the small system up to date; return its slot.
+
+        If ``K`` is no longer numerically positive definite, the window is restored as it
+        was and :class:`NotPositiveDefiniteError` is raised."""
+        slot, n = self._system.next_slot()
+        gram_row = all_reduce_sum(self._write_row(slot, row, n), self.process_group)
+        try:
+            self._system.insert(slot, gram_row)
+        except torch.linalg.LinAlgError:
+            self._restore_row(slot)
+            accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
+            rounding = torch.finfo(accumulation).eps * float(gram_row.abs().max())
+            raise NotPositiveDefiniteError(
+                f"adding this gradient makes n·damp·I + G Gᵀ singular in floating point: "
+                f"n·damp = {n * self.damp:.3g} is below the rounding of the dot products "
+                f"(about eps·‖g‖² = {rounding:.3g}), as happens when gradients repeat. Use a "
+                "larger damp, or dtype=torch.float64; the window is unchanged"
+            ) from None
+        return slot
+
+    def _solve_inserted(self, slot: int) -> torch.Tensor:
+        """``F⁻¹ c_s = n Cᵀ K⁻¹ e_s`` for the row just inserted in ``slot``."""
+        coefficients = self._system.solve_inserted(slot).to(self.dtype)
+        return self._combine(coefficients, self.num_stored)
+
+    def solve(self, x: torch.Tensor) -> torch.Tensor:
+        """``F⁻¹ x = (x − Cᵀ K⁻¹ C x) / λ`` for any vector ``x`` of length ``dim``.
+
+        When ``x`` lies mostly in the span of the window and ``λ`` is tiny the two
+        terms nearly cancel, and float32 loses ``log10(‖x‖² / (n λ))`` digits
+        (all of them at λ = 1e-7 for unit-scale gradients). Use ``dtype=torch.float64``
+        there; ``update_solve``, the optimiser's product, has no such cancellation.
+        """
+        x = self._vector(x, "x")
+        n = self.num_stored
+        if n == 0:
+            return x / self.damp
+        t = all_reduce_sum(self._row_dots(x, n), self.process_group)
+        coefficients = -self._system.solve(t) / self.damp
+        return self._combine(coefficients.to(self.dtype), n, x, 1.0 / self.damp)
+
+    def reset(self) -> None:
+        """Forget every gradient."""
+        self._system.reset()
+        self._reset_rows()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain values only; loads with ``torch.load(weights_only=True)``."""
+        return {
+            "kind": self.kind,
+            "dim": self.dim,
+            "num_grads": self.num_grads,
+            "damp": self.damp,
+            "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
+            "world_size": self.world_size,
+            "rank": self.rank,
+            **self._system.state_dict(),
+            **self._rows_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a window saved by :meth:`state_dict`; the next step is bit-identical.
+
+        Everything is checked before anything changes: a refused state leaves the window
+        as it was."""
+        kind = state.get("kind", "dense")  # windows saved before sparse ones existed are dense
+        if kind != self.kind:
+            raise ValueError(f"cannot load the state of a {kind} window into a {self.kind} one")
+        if (state.get("world_size", 1), state.get("rank", 0)) != (self.world_size, self.rank):
+            raise ValueError(
+                f"this window was saved by rank {state.get('rank', 0)} of "
+                f"{state.get('world_size', 1)} and is loaded by rank {self.rank} of "
+                f"{self.world_size}: a sharded window resumes only on the same ranks "
+                "(resharding is not supported)"
+            )
+        mine = self.state_dict()
+        for key in ("dim", "num_grads", "damp", "storage_dtype"):
+            if state[key] != mine[key]:
+                raise ValueError(
+                    f"cannot load a window with {key}={state[key]!r} into one with {key}={mine[key]!r}"
+                )
+        self._system.check_state(state)
+        self._check_rows_state(state)
+        self._system.load_state_dict(state)
+        self._load_rows_state(state)
+
+
+def check_saved_tensor(state: dict[str, Any], key: str, like: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``state[key]`` is a tensor of ``like``'s shape and dtype."""
+    saved = state.get(key)
+    if not isinstance(saved, torch.Tensor):
+        raise ValueError(f"the saved window has no tensor {key!r}")
+    if saved.shape != like.shape or saved.dtype != like.dtype:
+        raise ValueError(
+            f"saved {key} is {saved.dtype} of shape {tuple(saved.shape)}, expected "
+            f"{like.dtype} of shape {tuple(like.shape)}"
+        )
+
+
+class SlidingWindowMFAC(SlidingWindow):
+    r"""Inverse empirical Fisher of the last ``num_grads`` gradients, one gradient at a time.
+
+    ``F = damp·I + (1/n) Σ g_i g_iᵀ`` over the ``n ≤ num_grads`` gradients held;
+    once full, each new gradient evicts the oldest.
+
+    One :meth:`update_solve` (an optimiser step) makes two passes over the
+    ``num_grads × dim`` window, the floor of the algorithm: one that writes the
+    new gradient into its slot and computes ``t = G g`` at the same time, and
+    one that forms ``n Gᵀ K⁻¹ e_s``. In between, the ``n × n`` system
+    ``K = n·damp·I + G Gᵀ = L D Lᵀ`` is kept current
+    (:class:`~secondorder.curvature.gram_system.GramSystem`):
+
+    - while the window fills, ``n`` (and so the shift ``n·damp``) changes every
+      step, and ``K`` is refactored: O(n³), for the first ``num_grads`` steps only;
+    - once full, a new gradient changes one row and column of ``K``, a rank-2
+      modification of ``L D Lᵀ`` done in O(n²) (:func:`~.ldl.ldl_replace_row`).
+      The factor is checked against ``K`` on the changed row and the diagonal
+      (O(n²)) and refactored if the error exceeds ``check_tol``, and anyway every
+      ``refactor_every`` updates (default ``num_grads``: O(n²) amortised), so
+      rounding errors cannot build up. Each solve with ``K`` takes one step of
+      iterative refinement.
+
+    The O(n²) modification is some twenty memory-bound passes over ``n × n``
+    float64, while a refactorisation is one compute-bound Cholesky of ``n³/3``
+    flops; which is faster depends on the device and on ``n``
+    (``factor_update="auto"``, see :func:`~.gram_system.rank2_is_faster` and
+    docs/benchmarks.md).
+
+    Args:
+        dim: length ``d`` of the gradients.
+        num_grads: window size ``m``; bounded only by memory, checked before allocating.
+        damp: ``λ > 0``.
+        device: where the window lives.
+        dtype: dtype of the vectors returned (float32 or float64).
+        storage_dtype: dtype of the window; ``torch.bfloat16`` halves its memory
+            while the small system stays in float64 and the passes accumulate in
+            float32 (relative error about 2e-3, docs/benchmarks.md). On CPU the passes
+            upcast it tile by tile and run about 3-4x slower than a float32 window;
+            the Triton kernels read it directly. Defaults to ``dtype``.
+        refactor_every: refactor at least every this many updates (``None``: only when a check fails).
+        check_tol: relative error of the factor that triggers a refactorisation.
+        factor_update: how a full window keeps ``K``'s factor current: ``"rank2"``
+            (the O(n²) up/down-date), ``"refactor"`` (O(n³) each step) or ``"auto"``
+            (whichever :func:`~.gram_system.rank2_is_faster` says for the device and
+            ``num_grads``).
+        process_group: shard the window over the ranks of this ``torch.distributed``
+            group. ``dim`` is then the length of this rank's shard of the coordinates
+            and the Fisher is over the concatenation of all shards; each rank passes
+            its own shard of the same gradient, in the same order. The only extra
+            communication is one all-reduce of ``n`` numbers per pass over the
+            window (and one of a single number for the NaN check); every rank
+            solves the same ``n × n`` system and returns its shard of the result.
+    """
+
+    kind = "dense"
+
+    def __init__(
+        self,
+        dim: int,
+        num_grads: int = 1024,
+        damp: float = 1e-6,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        storage_dtype: torch.dtype | None = None,
+        refactor_every: int | None = -1,
+        check_tol: float = 1e-10,
+        factor_update: str = "auto",
+        process_group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        super().__init__(
+            dim,
+            num_grads,
+            damp,
+            device=device,
+            dtype=dtype,
+            storage_dtype=storage_dtype,
+            refactor_every=refactor_every,
+            check_tol=check_tol,
+            factor_update=factor_update,
+            process_group=process_group,
+        )
+
+    @staticmethod
+    def estimate_bytes(dim: int, num_grads: int, storage_dtype: torch.dtype = torch.float32) -> int:
+        """Bytes held by a window: the gradients, one spare row (a failed step puts the
+        evicted gradient back from it), and the ``n × n`` Gram matrix and its factor."""
+        itemsize = torch.empty(0, dtype=storage_dtype).element_size()
+        return (num_grads + 1) * dim * itemsize + GramSystem.estimate_bytes(num_grads)
+
+    @property
+    def nbytes(self) -> int:
+        system = self._system
+        tensors = (self._grads, self._evicted, system.gram, system.factor, system.pivots)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def update(self, g: torch.Tensor) -> None:
+        """Add gradient ``g`` to the window (evicting the oldest once full).
+
+        Raises :class:`~secondorder.errors.NonFiniteError` for NaN or Inf, and
+        :class:`~secondorder.errors.NotPositiveDefiniteError` when ``damp`` is too small
+        for the new system to be factored in floating point; either way the window is
+        left unchanged.
+        """
+        self._insert(self._vector(g, "gradient"))
+
+    def update_solve(self, g: torch.Tensor) -> torch.Tensor:
+        r"""Add ``g`` to the window and return ``F⁻¹ g`` with the new window: one optimiser step.
+
+        ``g`` is now row ``s`` of ``G``, so ``G g = (K − nλI) e_s`` and the Woodbury
+        form collapses to ``F⁻¹ g = n Gᵀ K⁻¹ e_s``. Unlike ``(g − Gᵀ c) / λ`` this
+        subtracts nothing, so it keeps its accuracy for tiny ``λ`` and with a
+        half-precision window (where it is the inverse applied to ``g`` as stored).
+        """
+        return self._solve_inserted(self._insert(self._vector(g, "gradient")))
+
+    # ---------------------------------------------------------------- dense rows
+    def _required_bytes(self) -> int:
+        return self.estimate_bytes(self.dim, self.num_grads, self.storage_dtype)
+
+    def _row_description(self) -> str:
+        return f"gradients of {self.dim}"
+
+    def _memory_advice(self) -> str:
+        return (
+            "lower num_grads, store the window in half precision "
+            "(storage_dtype=torch.bfloat16), or keep a sparse window (SparseSlidingWindowMFAC)"
+        )
+
+    def _allocate_rows(self) -> None:
+        self._grads = torch.zeros(
+            self.num_grads, self.dim, dtype=self.storage_dtype, device=self.device
+        )
+        self._evicted = torch.empty_like(self._grads[0])
+
+    def _write_row(self, slot: int, row: torch.Tensor, n: int) -> torch.Tensor:
+        self._evicted.copy_(self._grads[slot])
+        return kernels.write_row_and_dot(self._grads, slot, row, n)
+
+    def _restore_row(self, slot: int) -> None:
+        self._grads[slot].copy_(self._evicted)
+
+    def _row_dots(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        return kernels.row_dots(self._grads, x, n)
+
+    def _combine(
+        self, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
+    ) -> torch.Tensor:
+        return kernels.combine(self._grads, c, n, x, scale)
+
+    def _rows_state(self) -> dict[str, Any]:
+        return {"grads": self._grads}
+
+    def _check_rows_state(self, state: dict[str, Any]) -> None:
+        check_saved_tensor(state, "grads", self._grads)
+
+    def _load_rows_state(self, state: dict[str, Any]) -> None:
+        self._grads.copy_(state["grads"])
+
+    def _reset_rows(self) -> None:
+        self._grads.zero_()
