@@ -39,3 +39,39 @@ def block_diagonal_inverse(G: torch.Tensor, damp: float, block: int) -> torch.Te
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.to(torch.float64), expected.to(torch.float64)
     return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
+
+
+def efcp_steps(
+    grads: torch.Tensor,
+    num_grads: int,
+    damp: float,
+    k: int,
+    *,
+    error_feedback: bool = True,
+    storage: torch.dtype = torch.float64,
+    blocks: int = 1,
+):
+    """EFCP written out plainly, in float64: for each gradient, yield ``(c, e, u)``.
+
+    ``a = e + g``; ``c`` keeps the ``k`` entries of largest ``|a|`` (ties to the lower
+    coordinate, by a stable sort), rounded to ``storage``; ``e = a − c``; ``u`` is the
+    explicit ``(damp I + Σ c_i c_iᵀ / n)⁻¹ c`` over the last ``num_grads`` ``c``'s. With
+    ``blocks > 1`` the coordinates are cut into that many equal shards, each keeping its
+    own top ``k`` (the shard-local selection of a distributed window)."""
+    grads = grads.to(torch.float64)
+    d = grads.shape[1]
+    shard = d // blocks
+    e = torch.zeros(d, dtype=torch.float64)
+    held: list[torch.Tensor] = []
+    for g in grads:
+        a = e + g
+        c = torch.zeros_like(a)
+        for start in range(0, d, shard):
+            part = a[start : start + shard]
+            order = sorted(range(shard), key=lambda j, part=part: (-abs(float(part[j])), j))
+            chosen = torch.tensor(order[:k]) + start
+            c[chosen] = a[chosen].to(storage).to(torch.float64)
+        if error_feedback:
+            e = a - c
+        held = [*held, c][-num_grads:]
+        yield c, e.clone(), explicit_solve(torch.stack(held), damp, c)

@@ -241,7 +241,7 @@ def test_a_window_too_large_for_memory_is_refused_before_allocating():
         SlidingWindowMFAC(10**12, 1024)
     assert (
         SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
-        == (10 + 1) * 1000 * 2 + 2 * 10 * 10 * 8
+        == (10 + 1) * 1000 * 2 + (2 * 10 + 1) * 10 * 8
     )
 
 

@@ -11,6 +11,7 @@ from .operators import (
     NondeterminismError,
 )
 from .sliding_window import SlidingWindowMFAC
+from .sparse_window import SparseSlidingWindowMFAC
 from .spectrum import Eigenpairs, SpectralDensity, spectral_density, top_eigenvalues
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "HessianOperator",
     "NondeterminismError",
     "SlidingWindowMFAC",
+    "SparseSlidingWindowMFAC",
     "SpectralDensity",
     "TraceEstimate",
     "empirical_fisher_diagonal",

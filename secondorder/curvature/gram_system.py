@@ -101,8 +101,8 @@ class GramSystem:
 
     @staticmethod
     def estimate_bytes(num_grads: int) -> int:
-        """The Gram matrix and the factor: two ``m × m`` float64 matrices."""
-        return 2 * num_grads * num_grads * 8
+        """The Gram matrix and the factor (two ``m × m`` float64 matrices) and its pivots."""
+        return (2 * num_grads + 1) * num_grads * 8
 
     def next_slot(self) -> tuple[int, int]:
         """``(slot, n)``: where the next row goes and how many rows are in use once it is there."""

@@ -127,6 +127,10 @@ class SlidingWindow(ABC):
         """``scale · x + C[:n]ᵀ c``, dense, in the accumulation dtype."""
 
     @abstractmethod
+    def _dense_rows(self, slots: list[int]) -> torch.Tensor:
+        """The rows in ``slots`` as a dense ``[len(slots), dim]`` tensor in ``dtype``."""
+
+    @abstractmethod
     def _rows_state(self) -> dict[str, Any]:
         """The rows' tensors and settings, for :meth:`state_dict`."""
 
@@ -173,6 +177,11 @@ class SlidingWindow(ABC):
     def num_failed_checks(self) -> int:
         """How many O(n²) factor updates failed their accuracy check (then refactored)."""
         return self._system.num_failed_checks
+
+    def gradients(self) -> torch.Tensor:
+        """The gradients held, oldest first, as a dense ``[num_stored, dim]`` tensor in ``dtype``
+        (a copy, as stored: rounded to ``storage_dtype``, compressed for a sparse window)."""
+        return self._dense_rows(self._system.slots_oldest_first())
 
     def _vector(self, x: torch.Tensor, name: str) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):
@@ -447,6 +456,9 @@ class SlidingWindowMFAC(SlidingWindow):
         self, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
     ) -> torch.Tensor:
         return kernels.combine(self._grads, c, n, x, scale)
+
+    def _dense_rows(self, slots: list[int]) -> torch.Tensor:
+        return self._grads[slots].to(self.dtype)
 
     def _rows_state(self) -> dict[str, Any]:
         return {"grads": self._grads}
