@@ -123,6 +123,56 @@ def sharded_mfac(rank: int, folder: str) -> None:
         raise AssertionError(f"rank {rank} did not raise")
 
 
+def sharded_sparse_mfac(rank: int) -> None:
+    """MFAC(density=0.3) under 2-rank DDP against float64 EFCP done by one process on the whole
+    batch, with the coordinates cut into the ranks' two shards, each keeping its own top k."""
+    from _oracles import even_shards, explicit_solve, top_k_compress
+
+    from secondorder.curvature.sparse_window import kept_entries
+    from secondorder.optim import MFAC
+
+    lr, damp, num_grads, density = 0.05, 1e-2, 3, 0.3
+    net = DistributedDataParallel(model().double())
+    optimizer = MFAC(
+        net.parameters(),
+        lr=lr,
+        num_grads=num_grads,
+        damp=damp,
+        density=density,
+        process_group=dist.group.WORLD,
+    )
+    reference = model().double()
+    params = list(reference.parameters())
+    total = sum(p.numel() for p in params)
+    size = -(-total // WORLD)  # each rank's shard, the last one padded with zeros
+    k = kept_entries(size, density)
+    error, history = torch.zeros(WORLD * size, dtype=torch.float64), []
+    for step in range(STEPS):
+        inputs, targets = batch(step)
+        optimizer.zero_grad()
+        mine = net(inputs[rank::WORLD].double())
+        torch.nn.functional.cross_entropy(mine, targets[rank::WORLD]).backward()
+        optimizer.step()
+
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(reference(inputs.double()), targets).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in params])
+        accumulator = error + torch.cat([g, g.new_zeros(WORLD * size - total)])
+        compressed = top_k_compress(accumulator, k, groups=even_shards(WORLD * size, WORLD))
+        error = accumulator - compressed
+        history = [*history, compressed][-num_grads:]
+        update = explicit_solve(torch.stack(history), damp, compressed)[:total]
+        with torch.no_grad():
+            start = 0
+            for p in params:
+                p -= lr * update[start : start + p.numel()].view_as(p)
+                start += p.numel()
+        for a, b in zip(params, net.module.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    shard = error[rank * size : (rank + 1) * size]
+    torch.testing.assert_close(optimizer.window.error, shard, rtol=0, atol=1e-12)
+
+
 def wide_model(seed: int = 0) -> torch.nn.Module:
     """One weight projected on the right (8 × 6, rows ≥ cols) and one on the left (3 × 8);
     under FSDP2 the 3 rows split unevenly, 2 + 1."""
@@ -197,6 +247,60 @@ def fsdp_model(seed: int = 0) -> torch.nn.Module:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     return fully_shard(net)
+
+
+def fsdp_sparse_mfac(rank: int) -> None:
+    """MFAC(density=0.3) under FSDP2, each rank's window spanning its rows of every weight and
+    keeping its own top k, against float64 EFCP in one process with the same coordinate groups."""
+    from _oracles import explicit_solve, top_k_compress
+    from torch.distributed.fsdp import fully_shard
+
+    from secondorder.curvature.sparse_window import kept_entries
+    from secondorder.optim import MFAC
+
+    lr, damp, num_grads, density = 0.05, 1e-2, 3, 0.3
+    net = wide_model().double()
+    for layer in net:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(net)
+    optimizer = MFAC(net.parameters(), lr=lr, num_grads=num_grads, damp=damp, density=density)
+    reference = wide_model().double()
+    params = list(reference.parameters())
+    groups = []  # the flat coordinates of each rank's rows, in the order its window holds them
+    for r in range(WORLD):
+        coordinates, offset = [], 0
+        for p in params:
+            rows, cols = p.shape[0], p[0].numel()
+            chunk = -(-rows // WORLD)  # torch.chunk's split, as FSDP2 shards
+            start, stop = min(rows, r * chunk), min(rows, (r + 1) * chunk)
+            coordinates.append(torch.arange(offset + start * cols, offset + stop * cols))
+            offset += p.numel()
+        groups.append(torch.cat(coordinates))
+    ks = [kept_entries(len(group), density) for group in groups]
+    error, history = torch.zeros(offset, dtype=torch.float64), []
+    for step in range(STEPS):
+        inputs, targets = batch(step)
+        optimizer.zero_grad()
+        mine = net(inputs[rank::WORLD].double())
+        torch.nn.functional.cross_entropy(mine, targets[rank::WORLD]).backward()
+        optimizer.step()
+
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(reference(inputs.double()), targets).backward()
+        accumulator = error + torch.cat([p.grad.reshape(-1) for p in params])
+        compressed = top_k_compress(accumulator, ks, groups=groups)
+        error = accumulator - compressed
+        history = [*history, compressed][-num_grads:]
+        update = explicit_solve(torch.stack(history), damp, compressed)
+        with torch.no_grad():
+            start = 0
+            for p in params:
+                p -= lr * update[start : start + p.numel()].view_as(p)
+                start += p.numel()
+        expected = torch.cat([p.detach().reshape(-1) for p in params])
+        torch.testing.assert_close(flat_parameters(net), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(optimizer.window.error, error[groups[rank]], rtol=0, atol=1e-12)
 
 
 def low_rank_fsdp(rank: int, folder: str) -> None:

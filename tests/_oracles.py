@@ -41,6 +41,33 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(actual - expected) / torch.linalg.vector_norm(expected))
 
 
+def top_k_compress(
+    a: torch.Tensor,
+    k: int | list[int],
+    storage: torch.dtype = torch.float64,
+    groups: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``a`` with all but its ``k`` entries of largest magnitude zeroed (ties to the lower
+    coordinate, by a stable sort), the kept ones rounded to ``storage``. With ``groups``
+    (lists of coordinates, e.g. the shards of distributed ranks) each group keeps its own
+    top ``k`` (or ``k[i]`` for group ``i``)."""
+    groups = [torch.arange(a.numel())] if groups is None else groups
+    ks = [k] * len(groups) if isinstance(k, int) else k
+    c = torch.zeros_like(a)
+    for coordinates, kept in zip(groups, ks, strict=True):
+        part = a[coordinates]
+        order = sorted(range(len(part)), key=lambda j, part=part: (-abs(float(part[j])), j))
+        chosen = coordinates[order[:kept]]
+        c[chosen] = a[chosen].to(storage).to(a.dtype)
+    return c
+
+
+def even_shards(d: int, count: int) -> list[torch.Tensor]:
+    """The coordinates of ``count`` equal consecutive shards of ``d``."""
+    size = d // count
+    return [torch.arange(start, start + size) for start in range(0, d, size)]
+
+
 def efcp_steps(
     grads: torch.Tensor,
     num_grads: int,
@@ -53,24 +80,14 @@ def efcp_steps(
 ):
     """EFCP written out plainly, in float64: for each gradient, yield ``(c, e, u)``.
 
-    ``a = e + g``; ``c`` keeps the ``k`` entries of largest ``|a|`` (ties to the lower
-    coordinate, by a stable sort), rounded to ``storage``; ``e = a − c``; ``u`` is the
-    explicit ``(damp I + Σ c_i c_iᵀ / n)⁻¹ c`` over the last ``num_grads`` ``c``'s. With
-    ``blocks > 1`` the coordinates are cut into that many equal shards, each keeping its
-    own top ``k`` (the shard-local selection of a distributed window)."""
-    grads = grads.to(torch.float64)
-    d = grads.shape[1]
-    shard = d // blocks
-    e = torch.zeros(d, dtype=torch.float64)
+    ``a = e + g``; ``c`` = :func:`top_k_compress` of ``a`` (in ``blocks`` equal shards);
+    ``e = a − c``; ``u`` is the explicit ``(damp I + Σ c_i c_iᵀ / n)⁻¹ c`` over the last
+    ``num_grads`` ``c``'s."""
+    e = torch.zeros(grads.shape[1], dtype=torch.float64)
     held: list[torch.Tensor] = []
-    for g in grads:
+    for g in grads.to(torch.float64):
         a = e + g
-        c = torch.zeros_like(a)
-        for start in range(0, d, shard):
-            part = a[start : start + shard]
-            order = sorted(range(shard), key=lambda j, part=part: (-abs(float(part[j])), j))
-            chosen = torch.tensor(order[:k]) + start
-            c[chosen] = a[chosen].to(storage).to(torch.float64)
+        c = top_k_compress(a, k, storage, even_shards(a.numel(), blocks))
         if error_feedback:
             e = a - c
         held = [*held, c][-num_grads:]

@@ -2,7 +2,14 @@
 
 import pytest
 import torch.distributed as dist
-from _distributed_workers import launch, low_rank_ddp, low_rank_fsdp, sharded_mfac
+from _distributed_workers import (
+    fsdp_sparse_mfac,
+    launch,
+    low_rank_ddp,
+    low_rank_fsdp,
+    sharded_mfac,
+    sharded_sparse_mfac,
+)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built")
 
@@ -12,6 +19,10 @@ def test_sharded_mfac_equals_one_process_and_resumes_per_rank(tmp_path):
     1/world; per-rank checkpoints resume bit-identically; wrong rank or world is refused; a
     NaN in one rank's gradient raises on every rank instead of hanging the others."""
     launch(sharded_mfac, str(tmp_path))
+
+
+def test_sparse_mfac_under_ddp_equals_shard_local_selection_in_one_process():
+    launch(sharded_sparse_mfac)
 
 
 def test_ddp_example_runs_under_torchrun(tmp_path):
@@ -51,3 +62,7 @@ def test_fsdp2_every_rank_steps_its_rows(tmp_path):
     uneven shards, both projection sides and refreshes; per-rank checkpoints resume exactly;
     NaN in one rank's rows raises everywhere; SST refuses sharded weights."""
     launch(low_rank_fsdp, str(tmp_path))
+
+
+def test_sparse_mfac_under_fsdp2_keeps_each_ranks_own_top_k():
+    launch(fsdp_sparse_mfac)

@@ -3,7 +3,7 @@ import io
 
 import pytest
 import torch
-from _oracles import explicit_solve
+from _oracles import explicit_solve, top_k_compress
 
 from secondorder.errors import NonFiniteError, NotPositiveDefiniteError
 from secondorder.optim import MFAC
@@ -79,6 +79,86 @@ def test_steps_match_the_explicit_inverse_with_groups_decay_and_momentum():
         )
 
 
+@pytest.mark.parametrize("error_feedback", [True, False])
+def test_sparse_steps_match_the_float64_algorithm(error_feedback):
+    """density=0.3: the compressed accumulator of g + weight_decay·w (+ e) is preconditioned,
+    with momentum, through the window's wrap-around."""
+    model = tiny_model(f64)
+    params = list(model.parameters())
+    optimizer = MFAC(
+        params,
+        lr=0.1,
+        num_grads=3,
+        damp=1e-2,
+        momentum=0.5,
+        weight_decay=0.01,
+        density=0.3,
+        error_feedback=error_feedback,
+    )
+    d = sum(p.numel() for p in params)
+    k = -(-3 * d // 10)
+    history, e, velocity = [], torch.zeros(d, dtype=f64), torch.zeros(d, dtype=f64)
+    for step in range(7):
+        optimizer.zero_grad()
+        loss_of(model, data(step, dtype=f64)).backward()
+        w = flat(p.detach() for p in params).clone()
+        a = e + flat(p.grad for p in params) + 0.01 * w
+        c = top_k_compress(a, k)
+        e = a - c if error_feedback else e
+        history.append(c)
+        velocity = 0.5 * velocity + 0.5 * explicit_solve(torch.stack(history[-3:]), 1e-2, c)
+        optimizer.step()
+        torch.testing.assert_close(
+            flat(p.detach() for p in params), w - 0.1 * velocity, rtol=1e-9, atol=1e-12
+        )
+    torch.testing.assert_close(optimizer.window.error, e, rtol=0, atol=1e-12)
+
+
+def test_density_one_is_the_dense_optimiser():
+    dense, sparse = tiny_model(), tiny_model()
+    settings = {"lr": 0.05, "num_grads": 4, "damp": 1e-2, "momentum": 0.9}
+    train(dense, MFAC(dense.parameters(), **settings), 9)
+    train(sparse, MFAC(sparse.parameters(), density=1.0, **settings), 9)
+    for a, b in zip(dense.parameters(), sparse.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sparse_state_dict_resumes_bit_identically():
+    settings = {"lr": 0.05, "num_grads": 4, "damp": 1e-2, "density": 0.2}
+    reference, interrupted = tiny_model(), tiny_model()
+    ref_opt = MFAC(reference.parameters(), **settings)
+    train(reference, ref_opt, 10)
+    int_opt = MFAC(interrupted.parameters(), **settings)
+    train(interrupted, int_opt, 6)
+    buffer = io.BytesIO()
+    torch.save({"model": interrupted.state_dict(), "optim": int_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = tiny_model(seed=1)
+    resumed.load_state_dict(saved["model"])
+    res_opt = MFAC(resumed.parameters(), **settings)
+    res_opt.load_state_dict(saved["optim"])
+    assert res_opt.window.error.any()
+    train(resumed, res_opt, 4, seed0=6)
+    for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="density"):
+        MFAC(tiny_model().parameters(), **(settings | {"density": 0.3})).load_state_dict(
+            ref_opt.state_dict()
+        )
+    with pytest.raises(ValueError, match="of a sparse window into a dense"):
+        MFAC(tiny_model().parameters(), lr=0.05, num_grads=4, damp=1e-2).load_state_dict(
+            ref_opt.state_dict()
+        )
+
+
+def test_sparse_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"density must be a number in \(0, 1\]"):
+        MFAC(tiny_model().parameters(), density=0.0)
+    with pytest.raises(ValueError, match="error_feedback=False applies to a sparse window"):
+        MFAC(tiny_model().parameters(), error_feedback=False)
+
+
 def test_state_dict_round_trip_resumes_bit_identically():
     """Saved mid-run (after the window wrapped), loaded with weights_only=True into fresh objects."""
     settings = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3}
@@ -139,12 +219,18 @@ def test_closure_is_evaluated_and_its_loss_returned():
     assert optimizer.window.num_stored == 1
 
 
-def test_parameters_without_gradients_are_skipped():
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_parameters_without_gradients_are_skipped(density):
     model = tiny_model()
     unused = torch.nn.Parameter(torch.ones(7))
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     optimizer = MFAC(
-        [*model.parameters(), unused, frozen], lr=0.05, num_grads=4, damp=1e-3, weight_decay=0.1
+        [*model.parameters(), unused, frozen],
+        lr=0.05,
+        num_grads=4,
+        damp=1e-3,
+        weight_decay=0.1,
+        density=density,
     )
     assert (
         optimizer.window.dim == sum(p.numel() for p in model.parameters()) + 7
@@ -156,12 +242,13 @@ def test_parameters_without_gradients_are_skipped():
     assert optimizer.window.num_stored == 3
 
 
-def test_bfloat16_parameters_follow_the_float32_trajectory():
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_bfloat16_parameters_follow_the_float32_trajectory(density):
     """Same start, same batches: the bf16 model (float32 window) tracks the float32 model."""
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny_model(dtype)
-        optimizer = MFAC(model.parameters(), lr=0.2, num_grads=8, damp=0.1)
+        optimizer = MFAC(model.parameters(), lr=0.2, num_grads=8, damp=0.1, density=density)
         batch = data(0, n=64, dtype=dtype)
         start = loss_of(model, batch).item()
         for _ in range(30):
@@ -169,7 +256,7 @@ def test_bfloat16_parameters_follow_the_float32_trajectory():
             loss_of(model, batch).backward()
             optimizer.step()
         losses[dtype] = (start, loss_of(model, batch).item())
-        assert optimizer.window._grads.dtype == torch.float32
+        assert optimizer.window.dtype == torch.float32
         assert all(p.dtype == dtype for p in model.parameters())
     (start32, end32), (start16, end16) = losses[torch.float32], losses[torch.bfloat16]
     assert end32 < 0.85 * start32 and end16 < 0.85 * start16
@@ -181,18 +268,23 @@ def test_storage_dtype_reaches_the_window():
     assert optimizer.window._grads.dtype == torch.bfloat16
 
 
-def test_a_non_finite_gradient_raises_and_changes_nothing():
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_a_non_finite_gradient_raises_and_changes_nothing(density):
     model = tiny_model()
-    optimizer = MFAC(model.parameters(), lr=0.05, num_grads=4, damp=1e-3)
+    optimizer = MFAC(model.parameters(), lr=0.05, num_grads=4, damp=1e-3, density=density)
     train(model, optimizer, 2)
     before = [p.detach().clone() for p in model.parameters()]
+    window = copy.deepcopy(optimizer.window.state_dict())
     optimizer.zero_grad()
     loss_of(model, data(5)).backward()
     model[0].weight.grad[0, 0] = float("nan")
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    after = optimizer.window.state_dict()
     assert optimizer.window.num_stored == 2
+    for key, value in window.items():
+        assert torch.equal(after[key], value) if torch.is_tensor(value) else after[key] == value
 
 
 def test_a_singular_window_raises_and_the_step_changes_nothing():

@@ -9,7 +9,9 @@ import torch
 
 from .._checks import check_damping, check_positive_int
 from .._distributed import Shard, all_gather_shards, local, rank_and_world, row_shard
-from ..curvature import SlidingWindowMFAC
+from ..curvature import SlidingWindowMFAC, SparseSlidingWindowMFAC
+from ..curvature.sliding_window import SlidingWindow
+from ..curvature.sparse_window import check_density
 
 __all__ = ["MFAC"]
 
@@ -30,7 +32,14 @@ class MFAC(torch.optim.Optimizer):
     ``F⁻¹ g`` comes from a :class:`~secondorder.curvature.SlidingWindowMFAC`
     spanning every parameter that requires grad, as one flat vector. ``lr``,
     ``momentum`` and ``weight_decay`` may differ per parameter group;
-    ``num_grads``, ``damp`` and ``storage_dtype`` belong to the one window.
+    ``num_grads``, ``damp``, ``storage_dtype`` and ``density`` belong to the one window.
+
+    With ``density`` set, the window keeps only the top ``⌈density · d⌉`` entries of each
+    gradient, with error feedback (EFCP, Modoranu et al. 2023; a
+    :class:`~secondorder.curvature.SparseSlidingWindowMFAC`): ``u = F̂⁻¹ c`` for the
+    compressed accumulator ``c`` of ``g + e`` replaces ``F⁻¹ g`` above, and the window
+    takes about ``8 · density · num_grads`` bytes per parameter instead of
+    ``4 · num_grads`` (1% keeps a 40th at ``num_grads = 1024``).
 
     A parameter whose ``.grad`` is ``None`` at a step enters the window as zeros
     and is neither updated nor decayed, and its momentum is left as it was. A
@@ -48,6 +57,10 @@ class MFAC(torch.optim.Optimizer):
         momentum: ``μ`` in ``[0, 1)``.
         weight_decay: L2 coefficient added to the gradient.
         storage_dtype: dtype of the gradient window; ``torch.bfloat16`` halves its memory.
+        density: ``None`` for the dense window; a number in ``(0, 1]`` for the sparse window
+            keeping that fraction of each gradient (the reference uses 0.01).
+        error_feedback: with ``density``, carry what compression drops into the next step
+            (EFCP); ``False`` is plain top-k, an ablation.
         process_group: under data parallelism (DDP), shard the window over the ranks of
             this group: each rank keeps the last ``num_grads`` gradients only for its
             contiguous ``1/world`` of the flat coordinates, so the window's memory
@@ -57,7 +70,8 @@ class MFAC(torch.optim.Optimizer):
             all-gathers the update (``d`` numbers, as much as DDP's gradient
             all-reduce). The gradients must be the same on every rank, as DDP
             leaves them. ``state_dict()`` then holds this rank's shard: save one
-            per rank and resume on the same number of ranks.
+            per rank and resume on the same number of ranks. With ``density``, each
+            rank keeps the top entries of its own shard (blockwise top-k, not global).
 
     Under FSDP2 (parameters sharded by ``fully_shard``) no ``process_group`` is needed: each
     rank's window covers the rows of every weight that FSDP2 gave it, the dot products are
@@ -75,11 +89,20 @@ class MFAC(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         storage_dtype: torch.dtype | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
+        *,
+        density: float | None = None,
+        error_feedback: bool = True,
     ) -> None:
         check_positive_int(num_grads, "num_grads")
         check_damping(damp)
+        if density is not None:
+            check_density(density)
+        elif not error_feedback:
+            raise ValueError(
+                "error_feedback=False applies to a sparse window: give a density as well"
+            )
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
-        self._window: SlidingWindowMFAC | None = None
+        self._window: SlidingWindow | None = None
         super().__init__(params, defaults)
 
         self._params = [
@@ -102,14 +125,18 @@ class MFAC(torch.optim.Optimizer):
         else:  # FSDP2: the window spans this rank's rows, nothing is gathered
             self._shard = Shard(0, 1, sum(self._sizes))
             self._process_group = None
-        self._window = SlidingWindowMFAC(
-            self._shard.size,
-            num_grads,
-            damp,
-            device=devices.pop(),
-            dtype=self._dtype,
-            storage_dtype=storage_dtype,
-            process_group=process_group if fsdp_group is None else fsdp_group,
+        options = {
+            "device": devices.pop(),
+            "dtype": self._dtype,
+            "storage_dtype": storage_dtype,
+            "process_group": process_group if fsdp_group is None else fsdp_group,
+        }
+        self._window = (
+            SlidingWindowMFAC(self._shard.size, num_grads, damp, **options)
+            if density is None
+            else SparseSlidingWindowMFAC(
+                self._shard.size, num_grads, damp, density, error_feedback=error_feedback, **options
+            )
         )
         self._momentum: torch.Tensor | None = None
         self._steps = 0
@@ -132,7 +159,7 @@ class MFAC(torch.optim.Optimizer):
         return group
 
     @property
-    def window(self) -> SlidingWindowMFAC:
+    def window(self) -> SlidingWindow:
         """The inverse-Fisher estimator behind the optimiser."""
         assert self._window is not None
         return self._window
