@@ -28,11 +28,11 @@ from secondorder.demo.lowrank import (
     low_rank_groups,
     matrix_layers,
     new_model,
-    optimizer_state_bytes,
     results_table,
     train_step,
 )
 from secondorder.demo.report import markdown_table
+from secondorder.demo.training import optimizer_state_bytes
 from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
 from secondorder.optim.projectors import DCTProjector, SVDProjector, dct_rows
 from secondorder.optim.sst import to_spectral

@@ -18,6 +18,10 @@ Parts:
   accuracy  float32 F⁻¹g for a g in the window: update_solve's n Gᵀ K⁻¹ e_s against the
             subtracting form (g − Gᵀ K⁻¹ G g)/λ, and update_solve with the window stored
             in bf16 and fp16, all against a float64 oracle of the unrounded gradients.
+  sparse    the compressed (EFCP) window: bytes at num_grads = 1024 for d = 1e6 and 1e7
+            against the dense float32 window; update_solve of full windows at n = 1024,
+            d = 1e6 (--n, --d) side by side with the dense one; where a sparse step's time
+            goes (top-k over d, the gather of the new Gram row, the small system, the scatter).
 """
 
 from __future__ import annotations
@@ -31,8 +35,10 @@ from collections.abc import Callable, Iterator
 import torch
 from baselines import sequential_recurrence, sequential_solve, woodbury_from_scratch
 
-from secondorder.curvature import DenseMFAC, SlidingWindowMFAC
+from secondorder import kernels
+from secondorder.curvature import DenseMFAC, SlidingWindowMFAC, SparseSlidingWindowMFAC
 from secondorder.curvature.ldl import ldl_factor, ldl_replace_row, ldl_row_error
+from secondorder.curvature.sparse_window import top_k_indices
 
 
 def timed_side_by_side(
@@ -334,13 +340,135 @@ def bench_accuracy(damps: list[float], n: int = 64, d: int = 2000) -> str:
     return table(header, rows)
 
 
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def bench_sparse_memory(num_grads: int, dims: list[int], densities: list[float]) -> str:
+    """Bytes held (values, int32 coordinates, error buffer, n × n system, spare row), from
+    ``estimate_bytes``, which a test checks against ``nbytes`` of a built window."""
+    rows = []
+    for d in dims:
+        dense = SlidingWindowMFAC.estimate_bytes(d, num_grads, torch.float32)
+        for density in densities:
+            sparse = SparseSlidingWindowMFAC.estimate_bytes(d, num_grads, density)
+            half = SparseSlidingWindowMFAC.estimate_bytes(d, num_grads, density, torch.bfloat16)
+            rows.append(
+                [
+                    f"{d:.0e}",
+                    f"{density:.0%}",
+                    format_bytes(dense),
+                    format_bytes(sparse),
+                    f"{dense / sparse:.0f}x",
+                    format_bytes(half),
+                    f"{dense / half:.0f}x",
+                ]
+            )
+    header = [
+        "d",
+        "density",
+        "dense float32",
+        "sparse, float32 values",
+        "smaller by",
+        "sparse, bf16 values",
+        "smaller by",
+    ]
+    return table(header, rows)
+
+
+def filled_sparse_window(
+    n: int, d: int, density: float, damp: float, gradients: Iterator[torch.Tensor]
+) -> SparseSlidingWindowMFAC:
+    """A full sparse window, filled by ``n`` real updates (compression, error feedback,
+    Gram rows by the window's own gather pass)."""
+    window = SparseSlidingWindowMFAC(d, n, damp, density)
+    for _ in range(n):
+        window.update(next(gradients))
+    return window
+
+
+def bench_sparse_step(n: int, d: int, densities: list[float], damp: float) -> tuple[str, str]:
+    """``update_solve`` of full windows, dense and sparse, called in turn round after round;
+    then the parts of one sparse step at the first density, timed the same way."""
+    gradients = distinct_gradients(d)
+    windows: dict[str, object] = {"dense float32": full_window(n, d, damp, "auto")}
+    for density in densities:
+        print(f"# filling the {density:.0%} window ({n} updates)", flush=True)
+        windows[f"sparse {density:.0%}"] = filled_sparse_window(n, d, density, damp, gradients)
+    steps = {
+        name: (lambda window=window: window.update_solve(next(gradients)))
+        for name, window in windows.items()
+    }
+    best = timed_side_by_side(steps, budget=20.0, max_rounds=20)
+    dense = best["dense float32"]
+    rows = [
+        [
+            name,
+            f"{best[name] * 1e3:.1f}",
+            f"{dense / best[name]:.1f}x",
+            format_bytes(window.nbytes),
+        ]
+        for name, window in windows.items()
+    ]
+    steps_table = table(
+        [
+            f"window (n = {n}, d = {d:.0e})",
+            "update_solve (ms)",
+            "faster than dense",
+            "bytes held",
+        ],
+        rows,
+    )
+
+    # The parts of one step of the first sparse window, on its own state (nothing inserted).
+    window = windows[f"sparse {densities[0]:.0%}"]
+    state = window.state_dict()
+    values, indices = state["values"], state["indices"]
+    g = next(gradients)
+    accumulator = state["error"] + g
+    x = torch.randn(d)
+    coefficients = torch.randn(n)
+    # a small system of the same size, as in --part factor
+    G = torch.randn(n, 2 * n, dtype=torch.float64)
+    K = G @ G.T + n * 1e-4 * torch.eye(n, dtype=torch.float64)
+    L, D = ldl_factor(K)
+    delta = 0.01 * torch.randn(n, dtype=torch.float64)
+
+    def rank2() -> None:
+        ldl_row_error(*ldl_replace_row(L, D, n // 2, delta), K, n // 2)
+
+    parts = {
+        "top-k over d (selection, ties by index)": lambda: top_k_indices(accumulator, window.k),
+        "gather: t = C x (Gram row)": lambda: kernels.gather_dots(values, indices, x, n),
+        "scatter: Cᵀ y (the result)": lambda: kernels.scatter_combine(
+            values, indices, coefficients, n, d
+        ),
+        "small system: rank-2 update + check": rank2,
+        "small system: refactor": lambda: ldl_factor(K),
+    }
+    part_times = timed_side_by_side(parts, budget=6.0, max_rounds=30)
+    whole = best[f"sparse {densities[0]:.0%}"]
+    part_rows = [
+        [name, f"{seconds * 1e3:.2f}", f"{seconds / whole:.0%}"]
+        for name, seconds in part_times.items()
+    ]
+    parts_table = table(
+        [f"part of a sparse {densities[0]:.0%} step", "ms", "of the whole step"], part_rows
+    )
+    return steps_table, parts_table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
         "--part",
-        choices=["window", "factor", "dense", "accuracy", "bandwidth", "all"],
+        choices=["window", "factor", "dense", "accuracy", "bandwidth", "sparse", "all"],
         default="all",
     )
     parser.add_argument("--device", default="cpu", help="device of --part bandwidth")
@@ -362,7 +490,7 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     parts = (
-        ["window", "factor", "dense", "bandwidth", "accuracy"]
+        ["window", "factor", "dense", "bandwidth", "accuracy", "sparse"]
         if args.part == "all"
         else [args.part]
     )
@@ -391,6 +519,15 @@ def main() -> None:
     if "accuracy" in parts:
         damps = [1e-4] if args.quick else [1e-2, 1e-4, 1e-6, 1e-8]
         print("\n## Accuracy of F⁻¹g (float32 arithmetic)\n\n" + bench_accuracy(damps))
+    if "sparse" in parts:
+        densities = [0.01, 0.05, 0.1]
+        print(
+            "\n## Sparse windows: memory\n\n" + bench_sparse_memory(1024, [10**6, 10**7], densities)
+        )
+        n = args.n[0] if args.n else (64 if args.quick else 1024)
+        d = int(args.d[0]) if args.d else (10**4 if args.quick else 10**6)
+        steps, parts_table = bench_sparse_step(n, d, densities, damp=1e-6)
+        print("\n## Sparse windows: step time\n\n" + steps + "\n\n" + parts_table)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ def test_quick_demo_from_the_command_line_writes_a_report(tmp_path, capsys):
     assert "report written to" in capsys.readouterr().out
     text = (tmp_path / "report.md").read_text()
     assert "| MFAC |" in text and "| AdamW |" in text
+    sparse_row = next(line for line in text.splitlines() if line.startswith("| MFAC sparse 1% |"))
+    assert "KiB |" in sparse_row  # its window's bytes beside its accuracy
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 

@@ -23,6 +23,7 @@ from ..optim.sst import to_spectral
 from .data import TextCorpus, load_stdlib_corpus
 from .models import tiny_llama
 from .report import Report, markdown_table, plot_curves, text_table
+from .training import optimizer_state_bytes
 
 TITLE = "Low-rank optimisers pretraining a tiny Llama on the standard library"
 
@@ -115,21 +116,6 @@ class LMResult:
     tokens_per_second: float = float("nan")
     seconds: float = float("nan")
     state_bytes: int = 0
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of every tensor in the optimiser's per-parameter state, nested ones included."""
-
-    def size(value) -> int:
-        if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(size(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(size(v) for v in value)
-        return 0
-
-    return sum(size(state) for state in optimizer.state.values())
 
 
 @torch.no_grad()

@@ -23,6 +23,24 @@ class RunResult:
     test_loss: float = float("nan")
     test_accuracy: float = float("nan")
     seconds: float = float("nan")
+    state_bytes: int = 0
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor in the optimiser's per-parameter state, nested ones included,
+    and of MFAC's gradient window, which lives beside that state."""
+
+    def size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, dict):
+            return sum(size(v) for v in value.values())
+        if isinstance(value, (list, tuple)):
+            return sum(size(v) for v in value)
+        return 0
+
+    window = getattr(optimizer, "window", None)
+    return sum(size(state) for state in optimizer.state.values()) + (window.nbytes if window else 0)
 
 
 @torch.no_grad()
@@ -77,6 +95,7 @@ def train_classifier(
     result.seconds = time.perf_counter() - start - callback_seconds
     if hasattr(bar, "close"):
         bar.close()
+    result.state_bytes = optimizer_state_bytes(optimizer)
     result.train_loss, _ = evaluate(model, train)
     result.test_loss, result.test_accuracy = evaluate(model, test)
     return result
