@@ -33,9 +33,9 @@ from secondorder.demo.lowrank import (
 )
 from secondorder.demo.report import markdown_table
 from secondorder.demo.training import optimizer_state_bytes
+from secondorder.nn import to_spectral
 from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
 from secondorder.optim.projectors import DCTProjector, SVDProjector, dct_rows
-from secondorder.optim.sst import to_spectral
 
 
 def timed(fn, repeats: int, device: torch.device | None = None) -> float:

@@ -18,6 +18,9 @@ Parts:
   accuracy  float32 F⁻¹g for a g in the window: update_solve's n Gᵀ K⁻¹ e_s against the
             subtracting form (g − Gᵀ K⁻¹ G g)/λ, and update_solve with the window stored
             in bf16 and fp16, all against a float64 oracle of the unrounded gradients.
+  capacity  the largest model whose M-FAC window (num_grads = 1024) fits in 24, 80 and 141 GB:
+            dense float32 and bf16, sparse 1%, and sparse 1% sharded over 8 ranks (from
+            estimate_bytes; the window only, not the model, its gradients or activations).
   sparse    the compressed (EFCP) window: bytes at num_grads = 1024 for d = 1e6 and 1e7
             against the dense float32 window; update_solve of full windows at n = 1024,
             d = 1e6 (--n, --d) side by side with the dense one; where a sparse step's time
@@ -380,6 +383,46 @@ def bench_sparse_memory(num_grads: int, dims: list[int], densities: list[float])
     return table(header, rows)
 
 
+def largest_dim(fits: Callable[[int], bool]) -> int:
+    """The largest ``d`` with ``fits(d)``, by doubling then bisection (``fits`` is monotone)."""
+    low, high = 0, 1
+    while fits(high):
+        low, high = high, 2 * high
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def bench_capacity(num_grads: int = 1024, budgets_gb: tuple[int, ...] = (24, 80, 141)) -> str:
+    windows = {
+        "dense float32": lambda d: SlidingWindowMFAC.estimate_bytes(d, num_grads),
+        "dense bf16": lambda d: SlidingWindowMFAC.estimate_bytes(d, num_grads, torch.bfloat16),
+        "sparse 1% (float32 values)": lambda d: SparseSlidingWindowMFAC.estimate_bytes(
+            d, num_grads, 0.01
+        ),
+    }
+    rows = []
+    for name, nbytes in windows.items():
+        row = [name]
+        for budget in budgets_gb:
+            row.append(
+                f"{largest_dim(lambda d, nbytes=nbytes, b=budget: nbytes(d) <= b * 1e9) / 1e6:,.0f}M"
+            )
+        rows.append(row)
+    # sharded over 8 ranks: each rank holds the window of its eighth of the coordinates
+    sparse = windows["sparse 1% (float32 values)"]
+    rows.append(
+        ["sparse 1%, sharded over 8 ranks (per-rank memory)"]
+        + [
+            f"{8 * largest_dim(lambda d, b=budget: sparse(d) <= b * 1e9) / 1e6:,.0f}M"
+            for budget in budgets_gb
+        ]
+    )
+    header = [f"window (num_grads = {num_grads})"] + [f"{b} GB" for b in budgets_gb]
+    return table(header, rows)
+
+
 def filled_sparse_window(
     n: int, d: int, density: float, damp: float, gradients: Iterator[torch.Tensor]
 ) -> SparseSlidingWindowMFAC:
@@ -468,7 +511,7 @@ def main() -> None:
     )
     parser.add_argument(
         "--part",
-        choices=["window", "factor", "dense", "accuracy", "bandwidth", "sparse", "all"],
+        choices=["window", "factor", "dense", "accuracy", "bandwidth", "sparse", "capacity", "all"],
         default="all",
     )
     parser.add_argument("--device", default="cpu", help="device of --part bandwidth")
@@ -490,7 +533,7 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     parts = (
-        ["window", "factor", "dense", "bandwidth", "accuracy", "sparse"]
+        ["window", "factor", "dense", "bandwidth", "accuracy", "capacity", "sparse"]
         if args.part == "all"
         else [args.part]
     )
@@ -519,6 +562,8 @@ def main() -> None:
     if "accuracy" in parts:
         damps = [1e-4] if args.quick else [1e-2, 1e-4, 1e-6, 1e-8]
         print("\n## Accuracy of F⁻¹g (float32 arithmetic)\n\n" + bench_accuracy(damps))
+    if "capacity" in parts:
+        print("\n## Largest model whose window fits\n\n" + bench_capacity())
     if "sparse" in parts:
         densities = [0.01, 0.05, 0.1]
         print(

@@ -20,8 +20,8 @@ from torch import nn
 
 from secondorder.demo.data import load_stdlib_corpus
 from secondorder.demo.models import tiny_llama
+from secondorder.nn import to_spectral
 from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
-from secondorder.optim.sst import to_spectral
 
 RANK = 32
 

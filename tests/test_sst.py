@@ -7,15 +7,9 @@ import pytest
 import torch
 from torch import nn
 
+from secondorder.nn import SpectralLinear, refactor, spectral_factors, to_spectral
 from secondorder.optim import SST
-from secondorder.optim.sst import (
-    SpectralLinear,
-    _round_generator,
-    refactor,
-    sample_pairs,
-    spectral_factors,
-    to_spectral,
-)
+from secondorder.optim.sst import _round_generator, sample_pairs
 
 f64 = torch.float64
 
@@ -275,7 +269,9 @@ def test_state_dict_round_trip_resumes_bit_identically(mode):
 
 def test_bad_settings_are_refused():
     model = mlp()
-    with pytest.raises(ValueError, match=r"rank 6 is larger than the dimension it compresses"):
+    with pytest.raises(
+        ValueError, match=r"rank 6 is larger than the 5 singular values of a weight"
+    ):
         SST([{"params": [model[2].weight], "rank": 6}])
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         SST([{"params": [model[2].weight], "rank": 0}])
@@ -285,7 +281,9 @@ def test_bad_settings_are_refused():
         to_spectral(mlp(), rank=6)
     with pytest.raises(ValueError, match=r"not nn.Linear layers of this model: \['1'\]"):
         to_spectral(mlp(), rank=2, modules=["1"])
-    with pytest.raises(ValueError, match="no SpectralLinear layers: call to_spectral"):
+    with pytest.raises(
+        ValueError, match=r"no SpectralLinear layers: call secondorder.nn.to_spectral"
+    ):
         SST(mlp())
     with pytest.raises(ValueError, match="give it to to_spectral"):
         SST(to_spectral(mlp(), rank=2), rank=2)
@@ -299,3 +297,11 @@ def test_weight_decay_shrinks_the_whole_weight():
     model[0].weight.grad = torch.zeros_like(model[0].weight)
     optimizer.step()
     torch.testing.assert_close(model[0].weight, 0.95 * before, rtol=1e-12, atol=1e-12)
+
+
+def test_the_old_import_path_of_to_spectral_warns_and_still_works():
+    from secondorder.optim import sst
+
+    with pytest.warns(DeprecationWarning, match="moved to secondorder.nn.to_spectral"):
+        model = sst.to_spectral(mlp(), 3)
+    assert isinstance(model[0], SpectralLinear)

@@ -154,6 +154,20 @@ class GramSystem:
             self.num_stored, self.next_position, self.updates_since_refactor = saved
             raise
 
+    def replace(self, slots: list[int], gram: torch.Tensor) -> None:
+        """The rows in ``slots`` (all rows in use) were all changed and their Gram matrix is now
+        ``gram`` (in the order of ``slots``): refactor ``K``. Raises
+        ``torch.linalg.LinAlgError``, with the system as it was, if ``K`` is not positive
+        definite."""
+        index = torch.tensor(slots, device=self.gram.device)
+        saved = self.gram.clone()
+        self.gram[index[:, None], index[None, :]] = gram.to(SMALL_DTYPE)
+        try:
+            self.refactor()
+        except torch.linalg.LinAlgError:
+            self.gram.copy_(saved)
+            raise
+
     def refactor(self) -> None:
         """Factor ``K`` afresh, O(n³)."""
         self.factor, self.pivots = ldl_factor(self.matrix())

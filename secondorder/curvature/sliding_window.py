@@ -20,6 +20,7 @@ subtracts nothing and so keeps its accuracy for tiny ``λ``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -422,6 +423,40 @@ class SlidingWindowMFAC(SlidingWindow):
         half-precision window (where it is the inverse applied to ``g`` as stored).
         """
         return self._solve_inserted(self._insert(self._vector(g, "gradient")))
+
+    def transform_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace the gradients held by ``fn`` of them, in place, keeping their order.
+
+        ``fn`` takes the ``[num_stored, dim]`` gradients (oldest first, in ``dtype``) and
+        returns new ones of that shape; the Gram matrix and its factor are then rebuilt, in
+        O(n² d + n³). Natural GaLore uses it to carry its window into a new basis
+        (``fn = lambda rows: (rows.view(n, -1, r) @ R).view(n, -1)``). Under a
+        ``process_group`` every rank transforms its own shard. On an error (a result of the
+        wrong shape, NaN, a system that cannot be factored) the window is left as it was.
+        """
+        slots = self._system.slots_oldest_first()
+        if not slots:
+            return
+        old_rows = self._grads[slots].clone()
+        new_rows = fn(old_rows.to(self.dtype))
+        if not isinstance(new_rows, torch.Tensor) or new_rows.shape != old_rows.shape:
+            raise ValueError(
+                f"fn must return a tensor of shape {tuple(old_rows.shape)}, got "
+                f"{tuple(getattr(new_rows, 'shape', ()))}"
+            )
+        check_finite(new_rows, "the transformed gradients")
+        self._grads[slots] = new_rows.to(self.storage_dtype)
+        stored = self._grads[slots]
+        accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
+        gram = stored.to(accumulation) @ stored.to(accumulation).T
+        try:
+            self._system.replace(slots, all_reduce_sum(gram, self.process_group))
+        except torch.linalg.LinAlgError:
+            self._grads[slots] = old_rows
+            raise NotPositiveDefiniteError(
+                "the transformed gradients make n·damp·I + G Gᵀ singular in floating point; "
+                "the window is unchanged"
+            ) from None
 
     # ---------------------------------------------------------------- dense rows
     def _required_bytes(self) -> int:

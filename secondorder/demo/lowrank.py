@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from .._progress import progress
+from ..nn import to_spectral
 from ..optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
-from ..optim.sst import to_spectral
 from .data import TextCorpus, load_stdlib_corpus
 from .models import tiny_llama
 from .report import Report, markdown_table, plot_curves, text_table

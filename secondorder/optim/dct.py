@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import torch
 
-from .projected_adam import OnRefresh, ProjectedAdam, ProjType
+from .projected_adam import ProjectedAdam
 from .projectors import DCTProjector
 
 __all__ = ["DCTAdamW"]
@@ -33,13 +33,13 @@ class DCTAdamW(ProjectedAdam):
 
     Args:
         params, lr, betas, eps, weight_decay, correct_bias: as for AdamW.
-        rank, update_proj_gap, scale, proj_type, on_refresh: defaults for the groups
-            (a group with ``rank`` is low-rank).
+        update_proj_gap: steps between refreshes of the columns (1: every step).
         norm: 1 or 2, the norm ranking the columns of ``X Q``.
         method: how ``X Q`` is formed on a refresh: ``"matmul"``, ``"fft"`` or ``"auto"``.
-        layerwise, accumulation_steps, process_group: see
-            :class:`~secondorder.optim.projected_adam.ProjectedAdam` (and its module docstring
-            for DDP and FSDP2).
+        **options: the other keyword arguments of
+            :class:`~secondorder.optim.projected_adam.ProjectedAdam` (``rank``, ``scale``,
+            ``proj_type``, ``on_refresh``, ``layerwise``, ``accumulation_steps``,
+            ``process_group``; see its module docstring for DDP and FSDP2).
     """
 
     def __init__(
@@ -51,31 +51,19 @@ class DCTAdamW(ProjectedAdam):
         weight_decay: float = 0.0,
         correct_bias: bool = True,
         *,
-        rank: int | None = None,
         update_proj_gap: int = 1,
-        scale: float = 1.0,
-        proj_type: ProjType = "std",
-        on_refresh: OnRefresh = "rotate",
         norm: int = 1,
         method: Literal["auto", "matmul", "fft"] = "auto",
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        process_group: torch.distributed.ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             params,
             DCTProjector(norm=norm, method=method),
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            correct_bias,
-            rank=rank,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
             update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            on_refresh=on_refresh,
-            layerwise=layerwise,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
+            **options,
         )

@@ -9,7 +9,7 @@ import torch
 
 from .._checks import check_damping, check_positive_int
 from ..curvature import SlidingWindowMFAC
-from .projected_adam import LowRankConfig, OnRefresh, ProjectedAdam, ProjType
+from .projected_adam import LowRankConfig, ProjectedAdam
 from .projectors import SVDProjector
 
 __all__ = ["GaLoreAdamW", "NaturalGaLore"]
@@ -33,6 +33,13 @@ class GaLoreAdamW(ProjectedAdam):
     behaviour. The step and its differences from the reference are in
     :mod:`secondorder.optim.projected_adam`, as are DDP (``process_group`` broadcasts each
     new basis from the first rank) and FSDP2 (each rank steps its rows of every weight).
+
+    Args:
+        params, lr, betas, eps, weight_decay, correct_bias: as ``galore_torch.GaLoreAdamW``.
+        **options: the keyword arguments of
+            :class:`~secondorder.optim.projected_adam.ProjectedAdam` (``rank``,
+            ``update_proj_gap``, ``scale``, ``proj_type``, ``on_refresh``, ``layerwise``,
+            ``accumulation_steps``, ``process_group``).
     """
 
     def __init__(
@@ -43,32 +50,17 @@ class GaLoreAdamW(ProjectedAdam):
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
-        *,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: ProjType = "std",
-        on_refresh: OnRefresh = "rotate",
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        process_group: torch.distributed.ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
         super().__init__(
             params,
             SVDProjector(),
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            correct_bias,
-            rank=rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            on_refresh=on_refresh,
-            layerwise=layerwise,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            correct_bias=correct_bias,
+            **options,
         )
 
 
@@ -124,36 +116,13 @@ class NaturalGaLore(GaLoreAdamW):
         *,
         history: int = 20,
         damp: float = 5e-5,
-        rank: int | None = None,
-        update_proj_gap: int = 200,
-        scale: float = 1.0,
-        proj_type: ProjType = "std",
-        on_refresh: OnRefresh = "rotate",
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        process_group: torch.distributed.ProcessGroup | None = None,
+        **options: Any,
     ) -> None:
         self._windows: dict[torch.Tensor, SlidingWindowMFAC] = {}
-        # GaLoreAdamW's own __init__ takes no further settings; build the common base directly
-        ProjectedAdam.__init__(
-            self,
-            params,
-            SVDProjector(),
-            lr,
-            betas,
-            eps,
-            weight_decay,
-            correct_bias,
-            rank=rank,
-            update_proj_gap=update_proj_gap,
-            scale=scale,
-            proj_type=proj_type,
-            on_refresh=on_refresh,
-            layerwise=layerwise,
-            accumulation_steps=accumulation_steps,
-            process_group=process_group,
-            extra_defaults={"history": history, "damp": damp},
-        )
+        super().__init__(
+            params, lr, betas, eps, weight_decay, correct_bias,
+            history=history, damp=damp, **options,
+        )  # fmt: skip
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
@@ -166,6 +135,7 @@ class NaturalGaLore(GaLoreAdamW):
         """The window of ``p``, built (and loaded from its saved state) on first use."""
         window = self._windows.get(p)
         if window is None:
+            config = LowRankConfig.from_group(group)
             window = SlidingWindowMFAC(
                 like.numel(),
                 group["history"],
@@ -173,7 +143,7 @@ class NaturalGaLore(GaLoreAdamW):
                 device=like.device,
                 dtype=like.dtype,
                 # under FSDP2 with a right projection, each rank holds its rows of the window
-                process_group=self._split_group(p, LowRankConfig.from_group(group)),
+                process_group=None if config is None else self._split_group(p, config),
             )
             if "fisher" in state:
                 window.load_state_dict(state["fisher"])
@@ -194,15 +164,9 @@ class NaturalGaLore(GaLoreAdamW):
         super()._rotate(p, state, group, R)
         if "fisher" not in state:
             return
-        saved = state["fisher"]
-        window = self._window(p, state, group, saved["grads"][0])
-        n, slot = saved["num_stored"], saved["next_slot"]
-        oldest_first = [(slot + i) % n for i in range(n)] if n == window.num_grads else range(n)
+        window = self._window(p, state, group, state["exp_avg"])
         rank = R.shape[0]
-        held = saved["grads"][list(oldest_first)].to(R.dtype).reshape(n, -1, rank) @ R
-        window.reset()
-        for g in held:
-            window.update(g.reshape(-1))
+        window.transform_(lambda rows: (rows.view(rows.shape[0], -1, rank) @ R).flatten(1))
         state["fisher"] = window.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

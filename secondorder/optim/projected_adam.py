@@ -51,19 +51,19 @@ steps its own rows:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 
-from .._checks import check_finite, check_positive_int
+from .._checks import check_positive_int
+from .._common import statistics_dtype
 from .._distributed import RowShard, all_reduce_sum, broadcast_from_first, local, row_shard
-from ..errors import NonFiniteError
-from ._state import load_state_dict_exactly
+from .adamw_core import AdamWCore, adam_moments, decoupled_decay, write_back
 from .projectors import Projector, Side, orient, rotation
 
-__all__ = ["LowRankConfig", "ProjectedAdam", "adam_moments"]
+__all__ = ["LowRankConfig", "ProjectedAdam"]
 
 ProjType = Literal["std", "reverse_std", "left", "right"]
 OnRefresh = Literal["keep", "rotate"]
@@ -120,44 +120,39 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
 
 
-def compute_dtype(param: torch.Tensor) -> torch.dtype:
-    """Statistics are float64 for float64 weights and float32 for every other dtype."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-class ProjectedAdam(torch.optim.Optimizer):
+class ProjectedAdam(AdamWCore):
     r"""AdamW whose moments live in a rank-``r`` projection of each weight matrix.
 
+    It claims the matrix (and conv) weights of groups with a ``rank`` from the
+    :class:`~secondorder.optim.adamw_core.AdamWCore`, which steps everything else by AdamW.
     Subclasses choose the :class:`~secondorder.optim.projectors.Projector` and may
-    precondition the projected gradient (:meth:`_precondition`); SST replaces the
-    low-rank step altogether (:meth:`_low_rank_update`). The maths is in the module
+    precondition the projected gradient (:meth:`_precondition`). The maths is in the module
     docstring.
 
     Args:
         params: parameters or groups. A group with ``rank`` is low-rank and may set
             ``update_proj_gap``, ``scale``, ``proj_type`` and ``on_refresh``.
+        projector: how each basis is chosen.
         lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
         correct_bias: Adam's bias correction (GaLore's flag).
         rank, update_proj_gap, scale, proj_type, on_refresh: defaults for the groups.
-        layerwise: update each parameter from a hook as soon as its gradient is
-            accumulated, and free that gradient, so full gradients never coexist.
-            See :meth:`step` for the contract.
-        accumulation_steps: with ``layerwise``, update on every this many backward passes.
-        extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's ``history``).
+        layerwise, accumulation_steps: see :class:`~secondorder.optim.adamw_core.AdamWCore`.
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
+        **extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's
+            ``history``), checked by its :meth:`_validate_group`.
     """
 
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        projector: Projector | None,
+        projector: Projector,
+        *,
         lr: float = 1e-3,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.0,
         correct_bias: bool = True,
-        *,
         rank: int | None = None,
         update_proj_gap: int = 200,
         scale: float = 1.0,
@@ -165,11 +160,12 @@ class ProjectedAdam(torch.optim.Optimizer):
         on_refresh: OnRefresh = "rotate",
         layerwise: bool = False,
         accumulation_steps: int = 1,
-        extra_defaults: dict[str, Any] | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
+        **extra_defaults: Any,
     ) -> None:
         self.projector = projector
         self.process_group = process_group
+        self._configs: list[LowRankConfig | None] = []
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -181,52 +177,15 @@ class ProjectedAdam(torch.optim.Optimizer):
             "scale": scale,
             "proj_type": proj_type,
             "on_refresh": on_refresh,
-            **(extra_defaults or {}),
+            **extra_defaults,
         }
-        super().__init__(params, defaults)
-        self.layerwise = layerwise
-        self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
-        self._backward_counts: dict[torch.Tensor, int] = {}
-        self._group_of: dict[torch.Tensor, int] = {}
-        self._hooks: list[Any] = []
-        if layerwise:
-            for index in range(len(self.param_groups)):
-                self._register_hooks(index)
-
-    def _register_hooks(self, index: int) -> None:
-        for p in self.param_groups[index]["params"]:
-            if p.requires_grad:
-                self._group_of[p] = index
-                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
-
-    def remove_hooks(self) -> None:
-        """Detach the ``layerwise`` hooks; the optimiser then steps only when :meth:`step` is called."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()
-        self.layerwise = False
+        super().__init__(
+            params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps
+        )
 
     # ----------------------------------------------------------------- settings
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        try:
-            self._validate_group(self.param_groups[-1])
-        except ValueError:
-            self.param_groups.pop()  # a refused group leaves the optimiser as it was
-            raise
-        if getattr(self, "layerwise", False):
-            self._register_hooks(len(self.param_groups) - 1)
-
     def _validate_group(self, group: dict[str, Any]) -> None:
-        if not group["lr"] >= 0:
-            raise ValueError(f"lr must be >= 0, got {group['lr']!r}")
-        beta1, beta2 = group["betas"]
-        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
-            raise ValueError(f"betas must be in [0, 1), got {group['betas']!r}")
-        if not group["eps"] >= 0:
-            raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
-        if not group["weight_decay"] >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+        super()._validate_group(group)
         config = LowRankConfig.from_group(group)
         if config is None:
             return
@@ -243,62 +202,20 @@ class ProjectedAdam(torch.optim.Optimizer):
                     f"or put this weight in a group without 'rank'"
                 )
 
+    def _group_changed(self, index: int) -> None:
+        del self._configs[index:]
+        self._configs.append(LowRankConfig.from_group(self.param_groups[index]))
+
+    def _claims(self, p: torch.Tensor, index: int) -> bool:
+        return self._configs[index] is not None and p.dim() >= 2
+
     # ----------------------------------------------------------------- stepping
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        """One update of every parameter that has a gradient.
-
-        Every gradient is checked before anything changes: NaN or Inf raises
-        :class:`~secondorder.errors.NonFiniteError` and leaves weights and state as they were.
-
-        In ``layerwise`` mode the parameters are updated by hooks during ``backward()``
-        (each on every ``accumulation_steps``-th backward pass that reached it, after which
-        its ``.grad`` is set to ``None``); ``step()`` then only runs the closure. Call it
-        anyway once per iteration so LR schedulers see a step. Between updates, gradients
-        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if self.layerwise:
-            return loss
-        work = [
-            (p, group) for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        _check_gradients([p for p, _ in work])
-        for p, group in work:
-            self._update(p, group)
-        return loss
-
-    def _on_grad(self, p: torch.Tensor) -> None:
-        count = self._backward_counts.get(p, 0) + 1
-        self._backward_counts[p] = count % self.accumulation_steps
-        if count < self.accumulation_steps:
-            return
-        group = self.param_groups[self._group_of[p]]
-        with torch.no_grad():
-            _check_gradients([p])
-            self._update(p, group)
-        p.grad = None
-
-    def _update(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+    def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         state = self.state[p]
-        config = LowRankConfig.from_group(group)
-        dtype = compute_dtype(p)
-        grad = local(p.grad).to(dtype)
         if not state:
             state["step"] = 0
-        if config is None or p.dim() < 2:
-            if "exp_avg" not in state:
-                state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-            step_size, denom = adam_moments(state, grad, group)
-            with _writable(local(p), dtype) as target:
-                _decay(target, group)
-                target.addcdiv_(state["exp_avg"], denom, value=-step_size)
-            return
-        self._low_rank_update(p, group, config, grad, row_shard(p))
+        grad = local(p.grad).to(statistics_dtype(p.dtype))
+        self._low_rank_update(p, group, self._configs[index], grad, row_shard(p))
 
     def _low_rank_update(
         self,
@@ -340,8 +257,8 @@ class ProjectedAdam(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(low)
         step_size, denom = adam_moments(state, low, group)
         update = orient((state["exp_avg"] / denom) @ mine.mT, side).reshape(local(p).shape)
-        with _writable(local(p), dtype) as target:
-            _decay(target, group)
+        with write_back(local(p), dtype) as target:
+            decoupled_decay(target, group)
             target.add_(update, alpha=-step_size * config.scale)
 
     def _refresh(
@@ -390,73 +307,3 @@ class ProjectedAdam(torch.optim.Optimizer):
         if "exp_avg" in state:
             state["exp_avg"] = state["exp_avg"] @ R
             state["exp_avg_sq"] = state["exp_avg_sq"] @ R.square()
-
-    # ----------------------------------------------------------------- state
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
-        load_state_dict_exactly(self, state_dict)
-        self._backward_counts.clear()
-
-
-def adam_moments(
-    state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]
-) -> tuple[float, torch.Tensor]:
-    """Count the step and update ``state``'s moments with ``g``; return AdamW's step size and denominator.
-
-    The update is then ``-step_size · exp_avg / denom``: the same operations, in the same
-    order, as ``torch.optim.AdamW``'s single-tensor path.
-    """
-    beta1, beta2 = group["betas"]
-    state["step"] += 1
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if not group["correct_bias"]:
-        return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
-    step = state["step"]
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return group["lr"] / (1 - beta1**step), denom
-
-
-def _check_gradients(params: list[torch.Tensor]) -> None:
-    """Raise before anything changes if a gradient is sparse or holds NaN or Inf (one sync per
-    device). For FSDP2 gradients the verdict is agreed over their group, so that a NaN in one
-    rank's rows stops every rank instead of leaving the others waiting in a collective."""
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for p in params:
-        if p.grad.is_sparse:
-            raise RuntimeError("the low-rank optimisers do not support sparse gradients")
-        by_device.setdefault(p.grad.device, []).append(p)
-    for group in by_device.values():
-        finite = torch.stack([torch.isfinite(local(p.grad)).all() for p in group])
-        shards = {shard.group for shard in map(row_shard, group) if shard is not None}
-        for process_group in shards:
-            bad = (~finite).sum(dtype=torch.int64).reshape(1)
-            if all_reduce_sum(bad, process_group).item() and bool(finite.all()):
-                raise NonFiniteError("a gradient holds NaN or Inf in the rows of another rank")
-        if not bool(finite.all()):
-            bad = group[int((~finite).nonzero()[0, 0])]
-            check_finite(
-                local(bad.grad), f"the gradient of a parameter of shape {tuple(bad.shape)}"
-            )
-
-
-def _decay(target: torch.Tensor, group: dict[str, Any]) -> None:
-    if group["weight_decay"]:
-        target.mul_(1 - group["lr"] * group["weight_decay"])
-
-
-class _writable:
-    """``p`` itself, or for low-precision ``p`` a float32 copy written back on exit (one rounding)."""
-
-    def __init__(self, p: torch.Tensor, dtype: torch.dtype) -> None:
-        self.p = p
-        self.target = p if p.dtype == dtype else p.to(dtype)
-
-    def __enter__(self) -> torch.Tensor:
-        return self.target
-
-    def __exit__(self, *exc: object) -> None:
-        if self.target is not self.p and exc[0] is None:
-            self.p.copy_(self.target)

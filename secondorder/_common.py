@@ -1,0 +1,33 @@
+"""Types and policies every package of the library shares, defined once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["LossFn", "Params", "statistics_dtype", "to_device"]
+
+#: ``loss_fn(outputs, targets)``: a scalar mean loss over the batch
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+#: parameters by name, as ``torch.func.functional_call`` takes them
+Params = dict[str, torch.Tensor]
+
+
+def statistics_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics kept for tensors of ``dtypes`` (moments, windows, small
+    systems): float64 when every one is float64, float32 otherwise (bf16 and fp16 included,
+    whose statistics would lose too much)."""
+    return torch.float64 if dtypes and all(d == torch.float64 for d in dtypes) else torch.float32
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (nested in dicts, lists and tuples) moved to ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device=device)
+    if isinstance(value, dict):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_device(item, device) for item in value)
+    return value

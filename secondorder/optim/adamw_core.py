@@ -1,0 +1,290 @@
+r"""The AdamW core of the optimiser family: one step loop, one set of checks, one AdamW.
+
+For a parameter ``w`` with gradient ``g`` at step ``t`` of a group with ``lr``,
+``betas = (β₁, β₂)``, ``eps`` and ``weight_decay``:
+
+.. math::
+
+    m &\leftarrow \beta_1 m + (1 - \beta_1) g, \qquad
+    v \leftarrow \beta_2 v + (1 - \beta_2) g^2 \\
+    w &\leftarrow (1 - \text{lr} \cdot \text{wd})\, w
+        - \frac{\text{lr}}{1 - \beta_1^t} \cdot \frac{m}{\sqrt{v / (1 - \beta_2^t)} + \epsilon}
+
+the same operations, in the same order, as ``torch.optim.AdamW`` (decoupled decay before
+the update, ``ε`` added after the bias correction of ``√v``); ``correct_bias=False`` drops
+both bias corrections (GaLore's flag). The moments are float32 for any weight dtype
+(float64 for float64 weights), and a low-precision weight is updated in float32 and
+rounded once (:class:`write_back`).
+
+:class:`AdamWCore` is a ``torch.optim.Optimizer`` that steps every parameter with a
+gradient this way, except those a subclass *claims* (:meth:`AdamWCore._claims`), which it
+steps its own way (:meth:`AdamWCore._step_claimed`): the low-rank optimisers claim the
+matrices of groups with a ``rank``, SST the weights it trains spectrally. The core owns
+what they share: the loop over groups, the gradient checks (before anything changes), the
+per-group settings validated once (:class:`AdamWSettings`), the layer-wise mode that
+steps each parameter from a hook during ``backward()``, and loading state without
+torch's dtype cast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .._checks import check_finite, check_positive_int
+from .._common import statistics_dtype
+from .._distributed import all_reduce_sum, local, row_shard
+from ..errors import NonFiniteError
+from ._state import load_state_dict_exactly
+
+__all__ = ["AdamWCore", "AdamWSettings", "adam_moments", "decoupled_decay", "write_back"]
+
+
+@dataclass(frozen=True)
+class AdamWSettings:
+    """AdamW's settings of one parameter group, checked once when the group is added."""
+
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    weight_decay: float
+    correct_bias: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.lr >= 0:
+            raise ValueError(f"lr must be >= 0, got {self.lr!r}")
+        beta1, beta2 = self.betas
+        if not (0 <= beta1 < 1 and 0 <= beta2 < 1):
+            raise ValueError(f"betas must be in [0, 1), got {self.betas!r}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> AdamWSettings:
+        return cls(
+            lr=group["lr"],
+            betas=tuple(group["betas"]),
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            correct_bias=group["correct_bias"],
+        )
+
+
+def adam_moments(
+    state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]
+) -> tuple[float, torch.Tensor]:
+    """Count the step and update ``state``'s moments with ``g``; return AdamW's step size and
+    denominator, so that the update is ``-step_size · exp_avg / denom``."""
+    beta1, beta2 = group["betas"]
+    state["step"] += 1
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    exp_avg.lerp_(g, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if not group["correct_bias"]:
+        return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
+    step = state["step"]
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+    return group["lr"] / (1 - beta1**step), denom
+
+
+def decoupled_decay(target: torch.Tensor, group: dict[str, Any]) -> None:
+    """``w ← (1 − lr · weight_decay) w``, AdamW's decoupled weight decay."""
+    if group["weight_decay"]:
+        target.mul_(1 - group["lr"] * group["weight_decay"])
+
+
+class write_back:
+    """``p`` itself, or for a low-precision ``p`` a copy in ``dtype`` that is written back
+    (rounded once) when the block exits without an error."""
+
+    def __init__(self, p: torch.Tensor, dtype: torch.dtype) -> None:
+        self.p = p
+        self.target = p if p.dtype == dtype else p.to(dtype)
+
+    def __enter__(self) -> torch.Tensor:
+        return self.target
+
+    def __exit__(self, *exc: object) -> None:
+        if self.target is not self.p and exc[0] is None:
+            self.p.copy_(self.target)
+
+
+def check_gradients(params: list[torch.Tensor]) -> None:
+    """Raise before anything changes if a gradient is sparse or holds NaN or Inf.
+
+    One reduction over all gradients of a device (their largest magnitude, which NaN
+    propagates through and Inf reaches) and one host synchronisation per device. For FSDP2
+    gradients the verdict is agreed over their group, so that a NaN in one rank's rows stops
+    every rank instead of leaving the others waiting in a collective."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError("this optimiser does not support sparse gradients")
+        by_device.setdefault(p.grad.device, []).append(p)
+    for group in by_device.values():
+        grads = [local(p.grad) for p in group]
+        largest = torch.stack(torch._foreach_norm(grads, float("inf")))
+        finite = torch.isfinite(largest)
+        shards = {shard.group for shard in map(row_shard, group) if shard is not None}
+        for process_group in shards:
+            bad = (~finite).sum(dtype=torch.int64).reshape(1)
+            if all_reduce_sum(bad, process_group).item() and bool(finite.all()):
+                raise NonFiniteError("a gradient holds NaN or Inf in the rows of another rank")
+        if not bool(finite.all()):
+            bad = group[int((~finite).nonzero()[0, 0])]
+            check_finite(
+                local(bad.grad), f"the gradient of a parameter of shape {tuple(bad.shape)}"
+            )
+
+
+class AdamWCore(torch.optim.Optimizer):
+    r"""AdamW (the module docstring's step) for every parameter a subclass does not claim.
+
+    Subclasses fill in:
+
+    - :meth:`_claims` ``(p, index)``: whether parameter ``p`` of group ``index`` is stepped
+      by :meth:`_step_claimed` instead of AdamW (default: none is);
+    - :meth:`_step_claimed` ``(p, group, index)``: that step;
+    - :meth:`_validate_group` to check their own group keys (calling ``super()``), and
+      :meth:`_group_changed` to cache what they derive from a group.
+
+    Args:
+        params: parameters or groups.
+        defaults: every group setting and its default; AdamW's (``lr``, ``betas``, ``eps``,
+            ``weight_decay``, ``correct_bias``) are required.
+        layerwise: update each parameter from a hook as soon as its gradient is
+            accumulated, and free that gradient, so full gradients never coexist. See
+            :meth:`step` for the contract.
+        accumulation_steps: with ``layerwise``, update on every this many backward passes.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+        defaults: dict[str, Any],
+        *,
+        layerwise: bool = False,
+        accumulation_steps: int = 1,
+    ) -> None:
+        self.layerwise = layerwise
+        self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
+        self._backward_counts: dict[torch.Tensor, int] = {}
+        self._group_of: dict[torch.Tensor, int] = {}
+        self._hooks: list[Any] = []
+        super().__init__(params, defaults)
+
+    # ----------------------------------------------------------------- what subclasses fill in
+    def _claims(self, p: torch.Tensor, index: int) -> bool:
+        """Whether ``p`` (of ``self.param_groups[index]``) is stepped by :meth:`_step_claimed`."""
+        return False
+
+    def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        raise NotImplementedError
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a bad setting of ``group`` (nothing has changed yet)."""
+        AdamWSettings.from_group(group)
+
+    def _group_changed(self, index: int) -> None:
+        """``self.param_groups[index]`` was added or loaded; refresh what is derived from it."""
+
+    # ----------------------------------------------------------------- groups
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            self._validate_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()  # a refused group leaves the optimiser as it was
+            raise
+        index = len(self.param_groups) - 1
+        self._group_changed(index)
+        if self.layerwise:
+            self._register_hooks(index)
+
+    def _register_hooks(self, index: int) -> None:
+        for p in self.param_groups[index]["params"]:
+            if p.requires_grad:
+                self._group_of[p] = index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
+    def remove_hooks(self) -> None:
+        """Detach the ``layerwise`` hooks; the optimiser then steps only when :meth:`step` is called."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()
+        self.layerwise = False
+
+    # ----------------------------------------------------------------- stepping
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update of every parameter that has a gradient.
+
+        Every gradient is checked before anything changes: NaN or Inf raises
+        :class:`~secondorder.errors.NonFiniteError` and leaves weights and state as they were.
+
+        In ``layerwise`` mode the parameters are updated by hooks during ``backward()``
+        (each on every ``accumulation_steps``-th backward pass that reached it, after which
+        its ``.grad`` is set to ``None``); ``step()`` then only runs the closure. Call it
+        anyway once per iteration so LR schedulers see a step. Between updates, gradients
+        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self.layerwise:
+            return loss
+        work = [
+            (p, group, index)
+            for index, group in enumerate(self.param_groups)
+            for p in group["params"]
+            if p.grad is not None
+        ]
+        check_gradients([p for p, _, _ in work])
+        for p, group, index in work:
+            self._update(p, group, index)
+        return loss
+
+    def _on_grad(self, p: torch.Tensor) -> None:
+        count = self._backward_counts.get(p, 0) + 1
+        self._backward_counts[p] = count % self.accumulation_steps
+        if count < self.accumulation_steps:
+            return
+        index = self._group_of[p]
+        with torch.no_grad():
+            check_gradients([p])
+            self._update(p, self.param_groups[index], index)
+        p.grad = None
+
+    def _update(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        if self._claims(p, index):
+            self._step_claimed(p, group, index)
+        else:
+            self._adamw_step(p, group)
+
+    def _adamw_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
+        state = self.state[p]
+        dtype = statistics_dtype(p.dtype)
+        grad = local(p.grad).to(dtype)
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+        step_size, denom = adam_moments(state, grad, group)
+        with write_back(local(p), dtype) as target:
+            decoupled_decay(target, group)
+            target.addcdiv_(state["exp_avg"], denom, value=-step_size)
+
+    # ----------------------------------------------------------------- state
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
+        load_state_dict_exactly(self, state_dict)
+        self._backward_counts.clear()
+        for index in range(len(self.param_groups)):
+            self._group_changed(index)
