@@ -56,15 +56,6 @@ def all_reduce_sum(t: torch.Tensor, process_group: dist.ProcessGroup | None) -> 
     return t
 
 
-def any_rank(flag: bool, process_group: dist.ProcessGroup | None, device: torch.device) -> bool:
-    """Whether ``flag`` holds on at least one rank (so that all ranks take the same branch)."""
-    if process_group is None:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX, group=process_group)
-    return bool(value.item())
-
-
 def all_gather_shards(piece: torch.Tensor, shard: Shard, process_group) -> torch.Tensor:
     """The flat vector of ``shard.total`` coordinates from every rank's padded piece."""
     if process_group is None:

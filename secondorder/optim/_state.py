@@ -14,15 +14,7 @@ from typing import Any
 
 import torch
 
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device=device)
-    if isinstance(value, dict):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
+from .._common import to_device
 
 
 def load_state_dict_exactly(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
@@ -34,4 +26,4 @@ def load_state_dict_exactly(optimizer: torch.optim.Optimizer, state_dict: dict[s
     for param_id, saved in state_dict["state"].items():
         if param_id in params:
             param = params[param_id]
-            optimizer.state[param] = _to_device(saved, param.device)
+            optimizer.state[param] = to_device(saved, param.device)

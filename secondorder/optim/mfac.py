@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from .._checks import check_damping, check_positive_int
+from .._common import statistics_dtype
 from .._distributed import Shard, all_gather_shards, local, rank_and_world, row_shard
 from ..curvature import SlidingWindowMFAC, SparseSlidingWindowMFAC
 from ..curvature.sliding_window import SlidingWindow
@@ -115,8 +116,7 @@ class MFAC(torch.optim.Optimizer):
             raise ValueError(
                 f"MFAC needs all parameters on one device, got {sorted(map(str, devices))}"
             )
-        all_double = all(p.dtype == torch.float64 for p in self._params)
-        self._dtype = torch.float64 if all_double else torch.float32
+        self._dtype = statistics_dtype(*(p.dtype for p in self._params))
         self._sizes = [local(p).numel() for p in self._params]
         fsdp_group = self._fsdp_group(process_group)
         if fsdp_group is None:  # one process, or a flat shard of each rank's full gradient
