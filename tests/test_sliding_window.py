@@ -287,3 +287,72 @@ def test_a_singular_system_raises_and_leaves_the_window_unchanged(rank2, warm):
         assert torch.equal(after[key], value) if torch.is_tensor(value) else after[key] == value
     window.update(g2)  # a new direction still goes in
     assert window.num_stored == 2
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_relative_damping_is_the_mean_squared_entry_times_rho(kind):
+    """Refactoring every step, λ = ρ · mean(g²) over the gradients held, at every step."""
+    from secondorder.curvature import SparseSlidingWindowMFAC
+
+    dim, num_grads, rho = 30, 4, 0.05
+    gen = torch.Generator().manual_seed(11)
+    grads = 3 * torch.randn(9, dim, generator=gen, dtype=f64)
+    options = {"dtype": f64, "relative_damp": rho, "factor_update": "refactor"}
+    window = (
+        SlidingWindowMFAC(dim, num_grads, **options)
+        if kind == "dense"
+        else SparseSlidingWindowMFAC(dim, num_grads, 1e-6, 1.0, **options)
+    )
+    for step, g in enumerate(grads):
+        out = window.update_solve(g)
+        held = grads[max(0, step + 1 - num_grads) : step + 1]
+        damp = rho * float(held.square().mean())
+        assert window.damp == pytest.approx(damp, rel=1e-12)
+        assert relative_error(out, explicit_solve(held, damp, g)) < 1e-10
+
+
+def test_relative_damping_makes_the_step_scale_free():
+    """F(cG) = c² F(G) when λ scales with the gradients, so F⁻¹(c g) = F⁻¹(g) / c."""
+    gen = torch.Generator().manual_seed(12)
+    grads = torch.randn(20, 50, generator=gen, dtype=f64)
+    small = SlidingWindowMFAC(50, 6, dtype=f64, relative_damp=0.01, factor_update="rank2")
+    large = SlidingWindowMFAC(50, 6, dtype=f64, relative_damp=0.01, factor_update="rank2")
+    for g in grads:
+        torch.testing.assert_close(large.update_solve(1e3 * g), small.update_solve(g) / 1e3)
+    assert large.damp == pytest.approx(1e6 * small.damp)
+
+
+def test_relative_damping_is_frozen_between_refactorisations():
+    """Once full, λ changes only when the factor is refactored (every refactor_every updates)."""
+    gen = torch.Generator().manual_seed(13)
+    window = SlidingWindowMFAC(
+        40, 4, dtype=f64, relative_damp=0.1, factor_update="rank2", refactor_every=3
+    )
+    damps = []
+    for step in range(12):
+        window.update(torch.randn(40, generator=gen, dtype=f64) * (1 + step))
+        damps.append(window.damp)
+    # refactors at steps 0-3 (filling), then every 3rd update: steps 6, 9
+    changes = [i for i in range(1, 12) if damps[i] != damps[i - 1]]
+    assert changes == [1, 2, 3, 6, 9]
+    assert window.num_failed_checks == 0
+    held = window.gradients()
+    x = torch.randn(40, generator=gen, dtype=f64)
+    assert relative_error(window.solve(x), explicit_solve(held, window.damp, x)) < 1e-9
+
+
+def test_relative_damping_resumes_and_refuses_a_mismatch():
+    gen = torch.Generator().manual_seed(14)
+    grads = torch.randn(10, 20, generator=gen)
+    reference = SlidingWindowMFAC(20, 4, relative_damp=0.1)
+    for g in grads[:6]:
+        reference.update(g)
+    resumed = SlidingWindowMFAC(20, 4, relative_damp=0.1)
+    resumed.load_state_dict(reference.state_dict())
+    assert resumed.damp == reference.damp
+    for g in grads[6:]:
+        assert torch.equal(resumed.update_solve(g), reference.update_solve(g))
+    with pytest.raises(ValueError, match="relative_damp"):
+        SlidingWindowMFAC(20, 4, relative_damp=0.2).load_state_dict(reference.state_dict())
+    with pytest.raises(ValueError, match="relative_damp"):
+        SlidingWindowMFAC(20, 4).load_state_dict(reference.state_dict())

@@ -33,6 +33,10 @@ SMALL_DTYPE = torch.float64
 
 FACTOR_UPDATES = ("auto", "rank2", "refactor")
 
+# The relative damping of rows that are all zero: the smallest normal float64, so that
+# K stays invertible (F⁻¹ is then applied to zero gradients only).
+_SMALLEST_DAMPING = torch.finfo(torch.float64).tiny
+
 # Smallest window for which the O(n²) up/down-date of K's factor beats a fresh
 # Cholesky, per device type (docs/benchmarks.md, "Small system"). CPU, measured: they
 # tie at 256; the update wins 1.2-2.5x at 512 and 1.9-2.7x from 1024 to 4096.
@@ -55,14 +59,25 @@ class GramSystem:
     brings ``K``'s factor up to date or, if ``K`` is no longer numerically positive
     definite, restores everything and raises ``torch.linalg.LinAlgError``.
 
+    Damping is absolute (``λ = damp``), or relative to the scale of the gradients held:
+    with ``relative_damp = ρ``, ``λ = ρ · tr(C Cᵀ) / (n · dim)``, ``ρ`` times the mean
+    squared entry of the rows (the mean diagonal of ``(1/n) Cᵀ C``), as the pruner's
+    ``relative_damp``. A ``λ`` that changed every step would spoil the O(n²) factor
+    update (the shift ``nλ`` moves), so it is recomputed only when ``K`` is refactored
+    anyway: every step while the window fills, then every ``refactor_every`` updates and
+    after a failed check.
+
     Args:
         num_grads: slots in the ring, ``m``.
-        damp: ``λ > 0``.
+        damp: ``λ > 0`` (with ``relative_damp``, only the value before the first row).
         device: where the ``m × m`` matrices live.
         refactor_every: refactor at least every this many updates (``None``: only when a
             check fails; ``-1``: every ``num_grads``, O(n²) amortised).
         check_tol: relative error of an updated factor that triggers a refactorisation.
         factor_update: ``"rank2"``, ``"refactor"`` or ``"auto"`` (:func:`rank2_is_faster`).
+        relative_damp: ``ρ > 0`` for relative damping, or ``None``.
+        dim: the number of coordinates of a row (over every rank of a sharded window), for
+            relative damping.
     """
 
     def __init__(
@@ -74,9 +89,15 @@ class GramSystem:
         refactor_every: int | None = -1,
         check_tol: float = 1e-10,
         factor_update: str = "auto",
+        relative_damp: float | None = None,
+        dim: int = 1,
     ) -> None:
         self.num_grads = check_positive_int(num_grads, "num_grads")
         self.damp = check_damping(damp)
+        self.relative_damp = (
+            None if relative_damp is None else check_damping(relative_damp, "relative_damp")
+        )
+        self.dim = check_positive_int(dim, "dim")
         if refactor_every == -1:
             refactor_every = num_grads
         if refactor_every is not None:
@@ -134,7 +155,7 @@ class GramSystem:
         filling = self.num_stored < self.num_grads
         n = gram_row.shape[0]
         old_row = self.gram[slot, :n].clone()
-        saved = (self.num_stored, self.next_position, self.updates_since_refactor)
+        saved = (self.num_stored, self.next_position, self.updates_since_refactor, self.damp)
         self.gram[slot, :n] = gram_row
         self.gram[:n, slot] = gram_row
         self.num_stored = n
@@ -151,7 +172,7 @@ class GramSystem:
         except torch.linalg.LinAlgError:
             self.gram[slot, :n] = old_row
             self.gram[:n, slot] = old_row
-            self.num_stored, self.next_position, self.updates_since_refactor = saved
+            self.num_stored, self.next_position, self.updates_since_refactor, self.damp = saved
             raise
 
     def replace(self, slots: list[int], gram: torch.Tensor) -> None:
@@ -160,16 +181,21 @@ class GramSystem:
         ``torch.linalg.LinAlgError``, with the system as it was, if ``K`` is not positive
         definite."""
         index = torch.tensor(slots, device=self.gram.device)
-        saved = self.gram.clone()
+        saved, damp = self.gram.clone(), self.damp
         self.gram[index[:, None], index[None, :]] = gram.to(SMALL_DTYPE)
         try:
             self.refactor()
         except torch.linalg.LinAlgError:
             self.gram.copy_(saved)
+            self.damp = damp
             raise
 
     def refactor(self) -> None:
-        """Factor ``K`` afresh, O(n³)."""
+        """Factor ``K`` afresh, O(n³); with relative damping, recompute ``λ`` first."""
+        if self.relative_damp is not None and self.num_stored:
+            n = self.num_stored
+            mean_square = float(self.gram[:n, :n].diagonal().sum()) / (n * self.dim)
+            self.damp = max(self.relative_damp * mean_square, _SMALLEST_DAMPING)
         self.factor, self.pivots = ldl_factor(self.matrix())
         self.updates_since_refactor = 0
         self.num_refactors += 1
@@ -212,6 +238,7 @@ class GramSystem:
 
     def state_dict(self) -> dict[str, Any]:
         return {
+            "current_damp": self.damp,
             "num_stored": self.num_stored,
             "next_slot": self.next_position,
             "updates_since_refactor": self.updates_since_refactor,
@@ -242,3 +269,5 @@ class GramSystem:
         self.num_stored = int(state["num_stored"])
         self.next_position = int(state["next_slot"])
         self.updates_since_refactor = int(state["updates_since_refactor"])
+        if self.relative_damp is not None:
+            self.damp = float(state["current_damp"])

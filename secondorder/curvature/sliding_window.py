@@ -60,10 +60,14 @@ class SlidingWindow(ABC):
         check_tol: float,
         factor_update: str,
         process_group: torch.distributed.ProcessGroup | None,
+        relative_damp: float | None = None,
     ) -> None:
         self.dim = check_positive_int(dim, "dim")
         self.num_grads = check_positive_int(num_grads, "num_grads")
-        self.damp = check_damping(damp)
+        self._damp_setting = check_damping(damp)
+        self.relative_damp = (
+            None if relative_damp is None else check_damping(relative_damp, "relative_damp")
+        )
         if dtype not in (torch.float32, torch.float64):
             raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
         storage_dtype = dtype if storage_dtype is None else storage_dtype
@@ -80,6 +84,10 @@ class SlidingWindow(ABC):
             what=f"a window of {num_grads} {self._row_description()} in {storage_dtype}",
             advice=self._memory_advice(),
         )
+        total_dim = dim
+        if process_group is not None and self.relative_damp is not None:
+            size = torch.tensor([dim], dtype=torch.float64, device=device)
+            total_dim = int(all_reduce_sum(size, process_group).item())
         self._system = GramSystem(
             num_grads,
             damp,
@@ -87,6 +95,8 @@ class SlidingWindow(ABC):
             refactor_every=refactor_every,
             check_tol=check_tol,
             factor_update=factor_update,
+            relative_damp=self.relative_damp,
+            dim=total_dim,
         )
         self.device = self._system.gram.device  # "cuda" resolved to "cuda:0"
         self._allocate_rows()
@@ -157,6 +167,11 @@ class SlidingWindow(ABC):
     def num_stored(self) -> int:
         """Number of gradients held, ``n ≤ num_grads``."""
         return self._system.num_stored
+
+    @property
+    def damp(self) -> float:
+        """The damping ``λ`` in use (with ``relative_damp``, as last recomputed)."""
+        return self._system.damp
 
     @property
     def factor_update(self) -> str:
@@ -260,7 +275,8 @@ class SlidingWindow(ABC):
             "kind": self.kind,
             "dim": self.dim,
             "num_grads": self.num_grads,
-            "damp": self.damp,
+            "damp": self._damp_setting,
+            "relative_damp": self.relative_damp,
             "storage_dtype": str(self.storage_dtype).removeprefix("torch."),
             "world_size": self.world_size,
             "rank": self.rank,
@@ -284,7 +300,11 @@ class SlidingWindow(ABC):
                 "(resharding is not supported)"
             )
         mine = self.state_dict()
-        for key in ("dim", "num_grads", "damp", "storage_dtype"):
+        state = {"relative_damp": None, **state}  # saved before relative damping existed
+        keys = ("dim", "num_grads", "relative_damp", "storage_dtype")
+        if self.relative_damp is None:
+            keys += ("damp",)
+        for key in keys:
             if state[key] != mine[key]:
                 raise ValueError(
                     f"cannot load a window with {key}={state[key]!r} into one with {key}={mine[key]!r}"
@@ -342,6 +362,10 @@ class SlidingWindowMFAC(SlidingWindow):
         damp: ``λ > 0``.
         device: where the window lives.
         dtype: dtype of the vectors returned (float32 or float64).
+        relative_damp: if given, ``λ`` is ``relative_damp`` times the mean squared entry
+            of the gradients held, recomputed whenever the small system is refactored (see
+            :class:`~.gram_system.GramSystem`), and ``damp`` is unused: a damping that does
+            not depend on the gradients' scale.
         storage_dtype: dtype of the window; ``torch.bfloat16`` halves its memory
             while the small system stays in float64 and the passes accumulate in
             float32 (relative error about 2e-3, docs/benchmarks.md). On CPU the passes
@@ -377,6 +401,7 @@ class SlidingWindowMFAC(SlidingWindow):
         check_tol: float = 1e-10,
         factor_update: str = "auto",
         process_group: torch.distributed.ProcessGroup | None = None,
+        relative_damp: float | None = None,
     ) -> None:
         super().__init__(
             dim,
@@ -389,6 +414,7 @@ class SlidingWindowMFAC(SlidingWindow):
             check_tol=check_tol,
             factor_update=factor_update,
             process_group=process_group,
+            relative_damp=relative_damp,
         )
 
     @staticmethod

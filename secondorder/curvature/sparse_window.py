@@ -82,7 +82,8 @@ class SparseSlidingWindowMFAC(SlidingWindow):
             reference's default is 1%. ``k = ⌈density · dim⌉`` (see :func:`kept_entries`).
         error_feedback: carry what compression drops into the next gradient (EFCP);
             ``False`` gives plain top-``k`` (``e`` stays zero), an ablation.
-        device, dtype, storage_dtype, refactor_every, check_tol, factor_update: as for
+        device, dtype, storage_dtype, refactor_every, check_tol, factor_update,
+        relative_damp: as for
             :class:`~secondorder.curvature.SlidingWindowMFAC`; ``storage_dtype`` is the
             dtype of the stored values (``torch.bfloat16`` allowed: ``e`` then absorbs
             the rounding).
@@ -110,6 +111,7 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         check_tol: float = 1e-10,
         factor_update: str = "auto",
         process_group: torch.distributed.ProcessGroup | None = None,
+        relative_damp: float | None = None,
     ) -> None:
         self.density = check_density(density)
         self.error_feedback = bool(error_feedback)
@@ -130,6 +132,7 @@ class SparseSlidingWindowMFAC(SlidingWindow):
             check_tol=check_tol,
             factor_update=factor_update,
             process_group=process_group,
+            relative_damp=relative_damp,
         )
 
     @staticmethod
