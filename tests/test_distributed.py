@@ -7,6 +7,7 @@ from _distributed_workers import (
     launch,
     low_rank_ddp,
     low_rank_fsdp,
+    sharded_grafted_mfac,
     sharded_mfac,
     sharded_sparse_mfac,
 )
@@ -23,6 +24,10 @@ def test_sharded_mfac_equals_one_process_and_resumes_per_rank(tmp_path):
 
 def test_sparse_mfac_under_ddp_equals_shard_local_selection_in_one_process():
     launch(sharded_sparse_mfac)
+
+
+def test_grafted_mfac_under_ddp_equals_one_process():
+    launch(sharded_grafted_mfac)
 
 
 def test_ddp_example_runs_under_torchrun(tmp_path):

@@ -146,7 +146,7 @@ def test_sparse_state_dict_resumes_bit_identically():
         MFAC(tiny_model().parameters(), **(settings | {"density": 0.3})).load_state_dict(
             ref_opt.state_dict()
         )
-    with pytest.raises(ValueError, match="of a sparse window into a dense"):
+    with pytest.raises(ValueError, match=r"density=0\.2 into one with density=None"):
         MFAC(tiny_model().parameters(), lr=0.05, num_grads=4, damp=1e-2).load_state_dict(
             ref_opt.state_dict()
         )
@@ -298,10 +298,10 @@ def test_a_singular_window_raises_and_the_step_changes_nothing():
     with pytest.raises(NotPositiveDefiniteError, match="larger damp"):
         optimizer.step()  # the same gradient again
     assert torch.equal(weight, moved)
-    after = optimizer.state_dict()["state"]["mfac"]
-    assert after["steps"] == state["state"]["mfac"]["steps"] == 1
-    assert torch.equal(after["momentum"], state["state"]["mfac"]["momentum"])
-    assert torch.equal(after["window"]["grads"], state["state"]["mfac"]["window"]["grads"])
+    after, before = optimizer.state_dict()["state"][0]["mfac"], state["state"][0]["mfac"]
+    assert after["steps"] == before["steps"] == 1
+    assert torch.equal(after["momentum"], before["momentum"])
+    assert torch.equal(after["window"]["grads"], before["window"]["grads"])
 
 
 @pytest.mark.parametrize(
@@ -320,13 +320,74 @@ def test_bad_hyperparameters(kwargs, message):
 
 
 def test_structural_errors():
-    with pytest.raises(ValueError, match="no parameters that require grad"):
-        MFAC([torch.nn.Parameter(torch.ones(2), requires_grad=False)])
     optimizer = MFAC(tiny_model().parameters(), num_grads=2)
-    with pytest.raises(RuntimeError, match="create a new optimiser to add parameters"):
-        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))]})
     with pytest.raises(ValueError, match="cannot load a window with num_grads=2"):
         MFAC(tiny_model().parameters(), num_grads=3).load_state_dict(optimizer.state_dict())
+    with pytest.raises(ValueError, match="num_grads=3 in a parameter group: num_grads belongs"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "num_grads": 3})
+    assert len(optimizer.param_groups) == 1
+    with pytest.raises(ValueError, match="meta device"):
+        MFAC([torch.nn.Parameter(torch.ones(2, device="meta"))])
+    with pytest.raises(ValueError, match="exactly one of damp and relative_damp"):
+        MFAC(tiny_model().parameters(), damp=1e-3, relative_damp=1e-2)
+    with pytest.raises(ValueError, match="graft must be None or one of"):
+        MFAC(tiny_model().parameters(), graft="lion")
+
+
+def test_an_all_frozen_list_builds_and_steps_as_a_no_op_until_something_unfreezes():
+    """As torch.optim.AdamW: no error at construction; the window appears with a gradient."""
+    weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
+    optimizer = MFAC([weight], lr=0.1, num_grads=2, damp=0.1)
+    optimizer.step()
+    with pytest.raises(RuntimeError, match="MFAC has no window yet"):
+        optimizer.window
+    weight.requires_grad_(True)
+    weight.grad = torch.tensor([1.0, 0.0, 0.0])
+    optimizer.step()
+    assert optimizer.window.dim == 3
+    torch.testing.assert_close(weight.detach(), torch.tensor([1 - 0.1 / 1.1, 1.0, 1.0]))
+
+
+@pytest.mark.parametrize("density", [None, 0.5])
+def test_a_parameter_unfrozen_later_joins_the_window(density):
+    """Frozen at construction, it gets a gradient later: it is updated (never ignored), and
+    the window grows with zeros in the stored gradients, so the dense step equals a window
+    that always spanned it with zero gradients there. (A sparse window keeps more entries
+    once it is wider, k = ⌈density · d⌉, so there it is the same only from the growth on.)"""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    second.requires_grad_(False)
+    grown = MFAC([*first.parameters(), *second.parameters()], lr=0.1, num_grads=3, damp=0.1,
+                 density=density)  # fmt: skip
+    always = [
+        p.detach().clone().requires_grad_(True) for p in (*first.parameters(), *second.parameters())
+    ]
+    reference = MFAC(always, lr=0.1, num_grads=3, damp=0.1, density=density)
+    start = second.weight.detach().clone()
+    gen = torch.Generator().manual_seed(1)
+    for step in range(5):
+        if step == 2:
+            second.requires_grad_(True)
+        x = torch.randn(4, 3, generator=gen)
+        for params in (list(first.parameters()) + list(second.parameters()), always):
+            for p in params:
+                p.grad = None
+            w1, b1, w2, b2 = params
+            out = torch.tanh(x @ w1.T + b1) @ (w2.T if w2.requires_grad else w2.detach().T) + b2
+            out.square().sum().backward()
+        for p in always[2:]:
+            if step < 2:
+                p.grad = torch.zeros_like(p)  # the reference sees zeros where the other is frozen
+        grown.step()
+        reference.step()
+    ours = [*first.parameters(), *second.parameters()]
+    assert grown.window.dim == reference.window.dim == 20
+    if density is None:
+        for a, b in zip(ours, always, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    else:
+        assert grown.window.k == reference.window.k == 10
+        assert not torch.equal(second.weight.detach(), start)  # it was stepped, not ignored
 
 
 def _logistic_regression_loss(make_optimizer, seed, epochs=3):

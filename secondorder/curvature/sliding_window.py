@@ -284,11 +284,8 @@ class SlidingWindow(ABC):
             **self._rows_state(),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a window saved by :meth:`state_dict`; the next step is bit-identical.
-
-        Everything is checked before anything changes: a refused state leaves the window
-        as it was."""
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can load ``state`` (changes nothing)."""
         kind = state.get("kind", "dense")  # windows saved before sparse ones existed are dense
         if kind != self.kind:
             raise ValueError(f"cannot load the state of a {kind} window into a {self.kind} one")
@@ -311,6 +308,13 @@ class SlidingWindow(ABC):
                 )
         self._system.check_state(state)
         self._check_rows_state(state)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a window saved by :meth:`state_dict`; the next step is bit-identical.
+
+        Everything is checked before anything changes (:meth:`check_state_dict`): a refused
+        state leaves the window as it was."""
+        self.check_state_dict(state)
         self._system.load_state_dict(state)
         self._load_rows_state(state)
 
