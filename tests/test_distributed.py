@@ -7,6 +7,7 @@ from _distributed_workers import (
     launch,
     low_rank_ddp,
     low_rank_fsdp,
+    mfac_through_dcp,
     sharded_grafted_mfac,
     sharded_mfac,
     sharded_sparse_mfac,
@@ -71,3 +72,7 @@ def test_fsdp2_every_rank_steps_its_rows(tmp_path):
 
 def test_sparse_mfac_under_fsdp2_keeps_each_ranks_own_top_k():
     launch(fsdp_sparse_mfac)
+
+
+def test_mfac_resumes_through_distributed_checkpoint_under_fsdp2_and_ddp(tmp_path):
+    launch(mfac_through_dcp, str(tmp_path))

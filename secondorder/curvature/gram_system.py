@@ -112,13 +112,36 @@ class GramSystem:
         self.check_tol = check_tol
         self.factor_update = factor_update
         self.gram = torch.zeros(num_grads, num_grads, dtype=SMALL_DTYPE, device=device)
-        self.factor = torch.zeros(0, 0, dtype=SMALL_DTYPE, device=device)
-        self.pivots = torch.zeros(0, dtype=SMALL_DTYPE, device=device)
+        # K's factor L D Lᵀ in the leading n × n block of fixed m × m buffers, so that a saved
+        # state has the same shapes at every n (torch.distributed.checkpoint loads into
+        # tensors of the saved shape)
+        self._factor = torch.zeros(num_grads, num_grads, dtype=SMALL_DTYPE, device=device)
+        self._pivots = torch.zeros(num_grads, dtype=SMALL_DTYPE, device=device)
         self.num_stored = 0
         self.next_position = 0  # the ring's next slot once full
         self.updates_since_refactor = 0
         self.num_refactors = 0
         self.num_failed_checks = 0
+
+    @property
+    def factor(self) -> torch.Tensor:
+        """``L`` of ``K = L D Lᵀ`` (unit lower triangular, ``n × n``; a view)."""
+        n = self.num_stored
+        return self._factor[:n, :n]
+
+    @property
+    def pivots(self) -> torch.Tensor:
+        """``D`` of ``K = L D Lᵀ`` (``n`` positive numbers; a view)."""
+        return self._pivots[: self.num_stored]
+
+    def _set_factor(self, L: torch.Tensor, D: torch.Tensor) -> None:
+        n = L.shape[0]
+        self._factor[:n, :n] = L
+        self._pivots[:n] = D
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.gram, self._factor, self._pivots))
 
     @staticmethod
     def estimate_bytes(num_grads: int) -> int:
@@ -196,7 +219,7 @@ class GramSystem:
             n = self.num_stored
             mean_square = float(self.gram[:n, :n].diagonal().sum()) / (n * self.dim)
             self.damp = max(self.relative_damp * mean_square, _SMALLEST_DAMPING)
-        self.factor, self.pivots = ldl_factor(self.matrix())
+        self._set_factor(*ldl_factor(self.matrix()))
         self.updates_since_refactor = 0
         self.num_refactors += 1
 
@@ -205,7 +228,7 @@ class GramSystem:
         if updated is not None:
             error = ldl_row_error(*updated, self.matrix(), slot)
             if math.isfinite(error) and error <= self.check_tol:
-                self.factor, self.pivots = updated
+                self._set_factor(*updated)
                 self.updates_since_refactor += 1
                 return
         self.num_failed_checks += 1
@@ -232,8 +255,8 @@ class GramSystem:
     def reset(self) -> None:
         """Forget every row."""
         self.gram.zero_()
-        self.factor = self.factor.new_zeros(0, 0)
-        self.pivots = self.pivots.new_zeros(0)
+        self._factor.zero_()
+        self._pivots.zero_()
         self.num_stored = self.next_position = self.updates_since_refactor = 0
 
     def state_dict(self) -> dict[str, Any]:
@@ -243,8 +266,8 @@ class GramSystem:
             "next_slot": self.next_position,
             "updates_since_refactor": self.updates_since_refactor,
             "gram": self.gram,
-            "factor": self.factor,
-            "pivots": self.pivots,
+            "factor": self._factor,
+            "pivots": self._pivots,
         }
 
     def check_state(self, state: dict[str, Any]) -> None:
@@ -253,20 +276,25 @@ class GramSystem:
         n = int(state["num_stored"])
         if not 0 <= n <= m or not 0 <= int(state["next_slot"]) < m:
             raise ValueError(f"a saved ring position is outside a window of {m} slots")
-        shapes = {"gram": (m, m), "factor": (n, n), "pivots": (n,)}
-        for key, shape in shapes.items():
-            if tuple(state[key].shape) != shape:
+        # the first release saved the n × n factor itself
+        shapes = {"gram": [(m, m)], "factor": [(m, m), (n, n)], "pivots": [(m,), (n,)]}
+        for key, allowed in shapes.items():
+            if tuple(state[key].shape) not in allowed:
                 raise ValueError(
-                    f"saved {key} has shape {tuple(state[key].shape)}, expected {shape}"
+                    f"saved {key} has shape {tuple(state[key].shape)}, expected {allowed[0]}"
                 )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved (call :meth:`check_state` first)."""
         device = self.gram.device
         self.gram.copy_(state["gram"])
-        self.factor = state["factor"].to(device, SMALL_DTYPE, copy=True)
-        self.pivots = state["pivots"].to(device, SMALL_DTYPE, copy=True)
-        self.num_stored = int(state["num_stored"])
+        n = int(state["num_stored"])
+        self._factor.zero_()
+        self._pivots.zero_()
+        factor, pivots = state["factor"], state["pivots"]
+        self._factor[: factor.shape[0], : factor.shape[1]] = factor.to(device, SMALL_DTYPE)
+        self._pivots[: pivots.shape[0]] = pivots.to(device, SMALL_DTYPE)
+        self.num_stored = n
         self.next_position = int(state["next_slot"])
         self.updates_since_refactor = int(state["updates_since_refactor"])
         if self.relative_damp is not None:

@@ -430,9 +430,8 @@ class SlidingWindowMFAC(SlidingWindow):
 
     @property
     def nbytes(self) -> int:
-        system = self._system
-        tensors = (self._grads, self._evicted, system.gram, system.factor, system.pivots)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        rows = (self._grads, self._evicted)
+        return sum(t.numel() * t.element_size() for t in rows) + self._system.nbytes
 
     def update(self, g: torch.Tensor) -> None:
         """Add gradient ``g`` to the window (evicting the oldest once full).

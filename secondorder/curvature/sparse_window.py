@@ -155,18 +155,14 @@ class SparseSlidingWindowMFAC(SlidingWindow):
 
     @property
     def nbytes(self) -> int:
-        system = self._system
         tensors = (
             self._values,
             self._indices,
             self._evicted_values,
             self._evicted_indices,
             self._error,
-            system.gram,
-            system.factor,
-            system.pivots,
         )
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in tensors) + self._system.nbytes
 
     @property
     def error(self) -> torch.Tensor:

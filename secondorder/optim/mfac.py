@@ -239,6 +239,7 @@ class MFAC(torch.optim.Optimizer):
         self._steps = 0
         self._momentum: torch.Tensor | None = None
         self._graft_state: dict[str, torch.Tensor] = {}
+        self._allocate_buffers()
         self._publish_state()
 
     # ----------------------------------------------------------------- groups and settings
@@ -353,6 +354,19 @@ class MFAC(torch.optim.Optimizer):
             )
         return self._layout_.window
 
+    def _allocate_buffers(self) -> None:
+        """The momentum (if a group uses it) and grafting buffers, zero, allocated up front so
+        that a fresh optimiser's state has every tensor a saved one has (which is what
+        ``torch.distributed.checkpoint`` loads into)."""
+        window = self._layout_.window
+        if window is None:
+            return
+        zeros = torch.zeros(window.dim, dtype=window.dtype, device=window.device)
+        if self._momentum is None and any(group["momentum"] for group in self.param_groups):
+            self._momentum = zeros.clone()
+        if self._settings.graft in ("adam", "rmsprop", "adagrad"):
+            self._graft_state.setdefault("exp_avg_sq", zeros.clone())
+
     def _grow(self, newcomers: list[torch.Tensor]) -> None:
         """Add parameters to the window: their coordinates are appended, zero in every stored
         gradient (and in the error, momentum and grafting buffers)."""
@@ -371,8 +385,8 @@ class MFAC(torch.optim.Optimizer):
         if self._momentum is not None:
             self._momentum = torch.cat([self._momentum, self._momentum.new_zeros(extra)])
         for name, buffer in self._graft_state.items():
-            grown = len(newcomers) if name == "steps" else extra
-            self._graft_state[name] = torch.cat([buffer, buffer.new_zeros(grown)])
+            self._graft_state[name] = torch.cat([buffer, buffer.new_zeros(extra)])
+        self._allocate_buffers()  # the first members of a window that did not exist
 
     # ----------------------------------------------------------------- stepping
     @torch.no_grad()
@@ -400,6 +414,9 @@ class MFAC(torch.optim.Optimizer):
         g = layout.shard.take(flat)
         update = self.window.update_solve(g)
         self._steps += 1
+        for p, active in zip(layout.members, has_grad, strict=True):
+            if active:
+                self.state[p]["step"] += 1
         if self._settings.graft is not None:
             self._graft(update, g, has_grad, groups)
         if any(group["momentum"] for group in groups):
@@ -414,7 +431,6 @@ class MFAC(torch.optim.Optimizer):
                 piece = direction[start : start + size].view_as(target).to(target.dtype)
                 target.add_(piece, alpha=-_as_float(group["lr"]))
             start += size
-        self._publish_state()
         return loss
 
     def _member_groups(self) -> list[dict[str, Any]]:
@@ -467,13 +483,12 @@ class MFAC(torch.optim.Optimizer):
                 second.copy_(torch.where(active, beta2 * second + (1 - beta2) * g * g, second))
             denominator = second
             if kind == "adam":
-                steps = self._graft_state.setdefault(
-                    "steps", torch.zeros(len(groups), dtype=torch.float64)
-                )
-                steps += torch.tensor(has_grad, dtype=torch.float64)
-                beta2s = torch.tensor([group["betas"][1] for group in groups], dtype=torch.float64)
-                correction = (1 - beta2s**steps).clamp_min(torch.finfo(torch.float64).tiny)
-                denominator = second / self._per_coordinate(correction.tolist(), g)
+                counts = [float(self.state[p]["step"]) for p in self._layout_.members]
+                corrections = [
+                    1 - group["betas"][1] ** count if count else 1.0
+                    for group, count in zip(groups, counts, strict=True)
+                ]
+                denominator = second / self._per_coordinate(corrections, g)
             step = g / (denominator.sqrt() + eps)
         count = len(groups) + 1  # the members, and the padding
         segments = self._layout_.segments
@@ -515,7 +530,8 @@ class MFAC(torch.optim.Optimizer):
 
     def _publish_state(self) -> None:
         """Put what MFAC keeps into ``self.state`` of the first parameter: tensors and plain
-        values only, references (no copies)."""
+        values only, references (no copies). Done when built, loaded, saved and copied:
+        between those, the record may refer to buffers a step has since replaced."""
         layout = self._layout_
         index = {id(p): i for i, p in enumerate(self._all_params())}
         record: dict[str, Any] = {
@@ -528,7 +544,9 @@ class MFAC(torch.optim.Optimizer):
             record["momentum"] = self._momentum
         for name, buffer in self._graft_state.items():
             record[f"graft_{name}"] = buffer
-        self.state[self._anchor()] = {self._state_key(): record}
+        for p in self._all_params():  # torch.distributed.checkpoint wants state for each
+            self.state[p].setdefault("step", torch.tensor(0.0))
+        self.state[self._anchor()][self._state_key()] = record
 
     def state_dict(self) -> dict[str, Any]:
         self._publish_state()
@@ -599,9 +617,7 @@ class MFAC(torch.optim.Optimizer):
         momentum = record.get("momentum")
         self._momentum = None if momentum is None else momentum.to(device, copy=True)
         self._graft_state = {
-            name.removeprefix("graft_"): value.to(
-                "cpu" if name == "graft_steps" else device, copy=True
-            )
+            name.removeprefix("graft_"): value.to(device, copy=True)
             for name, value in record.items()
             if name.startswith("graft_")
         }
