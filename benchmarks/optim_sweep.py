@@ -3,6 +3,9 @@
     python benchmarks/optim_sweep.py --part cnn        # the digits CNN of the demo (15 epochs)
     python benchmarks/optim_sweep.py --part logistic   # logistic regression, 3 seeds
     python benchmarks/optim_sweep.py --part sparse     # dense against sparse (EFCP) M-FAC
+    python benchmarks/optim_sweep.py --part tune --task llama300    # the comparison's sweep
+    python benchmarks/optim_sweep.py --part final --task llama300   # its seeds at the best points
+    python benchmarks/optim_sweep.py --part report                  # its tables
 
 cnn       each optimiser of the demo over a small grid, on the demo's CNN and data split.
 logistic  multinomial logistic regression on the raw digits (a convex problem): SGD, SGD with
@@ -11,6 +14,16 @@ sparse    dense M-FAC against the sparse window at 1%, 5% and 10% density, with 
           error feedback, at the dense optimiser's tuned lr and damp: the CNN (5 seeds, test
           accuracy and loss), the logistic regression (3 seeds) and the tiny Llama of the
           low-rank benchmark against AdamW (3 seeds, 300 steps; --llama-steps).
+tune      the comparison of issue 15, step 1: every optimiser family over a coarse grid (3-4
+          learning rates; 3 relative dampings for M-FAC), one seed, scored on a validation
+          split (digits: 20% of the training images; the tiny Llama: the first half of the
+          held-out text). Tasks: llama300, llama1000 (warm-up then cosine), cnn (the demo's,
+          15 epochs), logistic (2 epochs). Appends to runs/sweep/tune-<task>.jsonl and skips
+          what is already there, so an interrupted sweep resumes.
+final     step 2: each family at its best point, seeds 1..3 (1..5 on the CNN), trained on the
+          whole training split and scored on held-out data (digits: the test images; Llama:
+          the second half of the held-out text). Appends to runs/sweep/final-<task>.jsonl.
+report    the tables of both steps, from the .jsonl files.
 """
 
 from __future__ import annotations
@@ -18,16 +31,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 import statistics
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from secondorder.demo import lowrank
-from secondorder.demo.data import load_digits, load_stdlib_corpus
+from secondorder.demo.data import Split, TextCorpus, load_digits, load_stdlib_corpus
 from secondorder.demo.models import digits_cnn
 from secondorder.demo.training import train_classifier
-from secondorder.optim import MFAC
+from secondorder.optim import MFAC, GaLoreAdamW
 
 
 def cnn_sweep() -> None:
@@ -210,6 +226,237 @@ def sparse_llama(seeds: int = 3, steps: int = 300) -> None:
         )
 
 
+# ---------------------------------------------------------------------------- the comparison
+SWEEP_DIR = Path("runs/sweep")
+#: the relative dampings every M-FAC family is swept over (λ = ρ · mean squared gradient entry)
+RHOS = (10.0, 100.0, 1000.0)
+
+
+def galore_groups(params: list[torch.nn.Parameter], rank: int) -> list[dict]:
+    """Matrices (and conv kernels) in a rank group, the rest plain, as GaLore is used."""
+    matrices = [p for p in params if p.dim() >= 2 and min(p.shape[0], p[0].numel()) > rank]
+    chosen = {id(p) for p in matrices}
+    others = [p for p in params if id(p) not in chosen]
+    return [{"params": others}, {"params": matrices, "rank": rank, "update_proj_gap": 50}]
+
+
+#: learning rates per task and family: AdamW, SGD+momentum, GaLore, plain and grafted M-FAC
+LEARNING_RATES = {
+    "llama": {
+        "AdamW": (5e-4, 1e-3, 2e-3, 5e-3),
+        "SGD+momentum": (0.03, 0.1, 0.3, 1.0),
+        "GaLoreAdamW": (1e-3, 3e-3, 1e-2),
+        "MFAC": (1e-3, 1e-2, 1e-1),
+        "grafted": (1e-3, 3e-3, 1e-2),
+    },
+    "cnn": {
+        "AdamW": (3e-4, 1e-3, 3e-3),
+        "SGD+momentum": (0.03, 0.1, 0.3),
+        "GaLoreAdamW": (1e-3, 3e-3, 1e-2),
+        "MFAC": (0.01, 0.05, 0.2),
+        "grafted": (1e-3, 3e-3, 1e-2),
+    },
+    "logistic": {
+        "AdamW": (1e-2, 3e-2, 1e-1),
+        "SGD+momentum": (0.3, 1.0, 3.0),
+        "GaLoreAdamW": (1e-2, 3e-2, 1e-1),
+        "MFAC": (0.03, 0.1, 0.3, 1.0),
+        "grafted": (1e-2, 3e-2, 1e-1),
+    },
+}
+
+
+def families(task: str) -> dict[str, list[dict]]:
+    """Each optimiser family's grid of settings for ``task``."""
+    rates = LEARNING_RATES["llama" if task.startswith("llama") else task]
+    window = {"num_grads": 64}
+    grafted = {"graft": "adam", "momentum": 0.9, **window}
+    return {
+        "AdamW": [{"lr": lr} for lr in rates["AdamW"]],
+        "SGD+momentum": [{"lr": lr} for lr in rates["SGD+momentum"]],
+        "GaLoreAdamW": [{"lr": lr} for lr in rates["GaLoreAdamW"]],
+        "MFAC": [
+            {"lr": lr, "relative_damp": rho, **window}
+            for lr, rho in itertools.product(rates["MFAC"], RHOS)
+        ],
+        "MFAC grafted (adam)": [
+            {"lr": lr, "relative_damp": rho, **grafted}
+            for lr, rho in itertools.product(rates["grafted"], RHOS)
+        ],
+        "MFAC grafted (adam), sparse 1%": [
+            {"lr": lr, "relative_damp": rho, "density": 0.01, **grafted}
+            for lr, rho in itertools.product(rates["grafted"], RHOS)
+        ],
+    }
+
+
+def make_optimizer(family: str, settings: dict, params: list[torch.nn.Parameter], task: str):
+    if family == "AdamW":
+        return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
+    if family == "SGD+momentum":
+        return torch.optim.SGD(params, lr=settings["lr"], momentum=0.9)
+    if family == "GaLoreAdamW":
+        rank = 32 if task.startswith("llama") else 4
+        return GaLoreAdamW(galore_groups(params, rank), lr=settings["lr"])
+    return MFAC(params, **settings)
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What one run of the comparison measured."""
+
+    loss: float  # validation or held-out loss (nats per byte for the Llama)
+    accuracy: float | None
+    seconds_per_step: float
+    state_bytes: int
+
+
+def run_llama(family: str, settings: dict, task: str, seed: int, split: str) -> Outcome:
+    steps = {"llama300": 300, "llama1000": 1000}[task]
+    setup = dataclasses.replace(lowrank.LMSetup(), steps=steps, warmup=steps // 10, seed=seed)
+    full = load_stdlib_corpus(setup.corpus_bytes)
+    half = len(full.valid) // 2
+    held_out = full.valid[:half] if split == "valid" else full.valid[half:]
+    corpus = TextCorpus(full.train, held_out, full.files)
+
+    def build(model, setup, lr):
+        return model, make_optimizer(family, {**settings, "lr": lr}, list(model.parameters()), task)
+
+    result = lowrank.train_lm(family, build, settings["lr"], corpus, setup, show_progress=False)
+    return Outcome(result.valid_loss, None, result.seconds / steps, result.state_bytes)
+
+
+def digits_splits(split: str) -> tuple[Split, Split]:
+    """(training, scoring) images: 80/20 of the training images to tune, else train/test."""
+    train, test = load_digits()
+    if split == "test":
+        return train, test
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(123))
+    cut = int(0.8 * len(train))
+    pick = lambda index: Split(train.inputs[index], train.targets[index])  # noqa: E731
+    return pick(order[:cut]), pick(order[cut:])
+
+
+def run_digits(family: str, settings: dict, task: str, seed: int, split: str) -> Outcome:
+    train, scored = digits_splits(split)
+    torch.manual_seed(seed)
+    if task == "cnn":
+        model, epochs, batch = digits_cnn(), 15, 64
+    else:
+        model, epochs, batch = (
+            torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+            2,
+            32,
+        )
+    run = train_classifier(
+        family, model, lambda p: make_optimizer(family, settings, p, task), train, scored,
+        epochs=epochs, batch_size=batch, seed=seed, show_progress=False,
+    )  # fmt: skip
+    steps = len(run.step_losses)
+    return Outcome(run.test_loss, run.test_accuracy, run.seconds / steps, run.state_bytes)
+
+
+def run_one(family: str, settings: dict, task: str, seed: int, split: str) -> Outcome:
+    if task.startswith("llama"):
+        return run_llama(family, settings, task, seed, split)
+    return run_digits(family, settings, task, seed, split)
+
+
+def read_records(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_record(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+def run_and_record(path: Path, family: str, settings: dict, task: str, seed: int, split: str):
+    done = {
+        (r["family"], json.dumps(r["settings"], sort_keys=True), r["seed"])
+        for r in read_records(path)
+    }
+    if (family, json.dumps(settings, sort_keys=True), seed) in done:
+        return
+    start = time.perf_counter()
+    try:
+        outcome = dataclasses.asdict(run_one(family, settings, task, seed, split))
+    except (ValueError, RuntimeError) as error:  # a setting that diverges or is refused
+        outcome = {"loss": float("nan"), "accuracy": None, "error": str(error)[:200]}
+    record = {"task": task, "family": family, "settings": settings, "seed": seed, "split": split}
+    append_record(path, record | outcome | {"wall": time.perf_counter() - start})
+
+
+def tune(task: str, only: str | None) -> None:
+    path = SWEEP_DIR / f"tune-{task}.jsonl"
+    for family, grid in families(task).items():
+        if only is None or family == only:
+            for settings in grid:
+                run_and_record(path, family, settings, task, seed=0, split="valid")
+
+
+def score(record: dict) -> float:
+    loss = record["loss"]
+    return loss if loss == loss else float("inf")  # NaN (diverged) ranks last
+
+
+def best_settings(task: str) -> dict[str, dict]:
+    """Each family's setting of lowest validation loss in the tuning records."""
+    best: dict[str, dict] = {}
+    for record in read_records(SWEEP_DIR / f"tune-{task}.jsonl"):
+        family = record["family"]
+        if family not in best or score(record) < score(best[family]):
+            best[family] = record
+    return {family: record["settings"] for family, record in best.items()}
+
+
+def final(task: str, only: str | None) -> None:
+    seeds = range(1, 6) if task == "cnn" else range(1, 4)
+    path = SWEEP_DIR / f"final-{task}.jsonl"
+    for family, settings in best_settings(task).items():
+        if only is None or family == only:
+            for seed in seeds:
+                run_and_record(path, family, settings, task, seed=seed, split="test")
+
+
+def describe(settings: dict) -> str:
+    names = {"relative_damp": "ρ", "num_grads": "m", "momentum": "μ"}
+    skip = {"graft", "density"}
+    return ", ".join(f"{names.get(k, k)}={v:g}" for k, v in settings.items() if k not in skip)
+
+
+def report() -> None:
+    for path in sorted(SWEEP_DIR.glob("tune-*.jsonl")):
+        task = path.stem.removeprefix("tune-")
+        print(f"\n### {task}: tuning (seed 0, validation split)\n")
+        print("| optimiser | setting | validation loss |\n|---|---|---|")
+        for record in read_records(path):
+            print(f"| {record['family']} | {describe(record['settings'])} | {record['loss']:.4f} |")
+        finals = read_records(SWEEP_DIR / f"final-{task}.jsonl")
+        if not finals:
+            continue
+        print(f"\n### {task}: held-out, mean ± std over seeds\n")
+        header = "| optimiser | setting | held-out loss | accuracy | s/step | optimiser state |"
+        print(header + "\n|---|---|---|---|---|---|")
+        by_family: dict[str, list[dict]] = {}
+        for record in finals:
+            by_family.setdefault(record["family"], []).append(record)
+        for family, records in by_family.items():
+            losses = [r["loss"] for r in records]
+            accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+            accuracy = mean_std(accuracies) if len(accuracies) > 1 else "—"
+            seconds = statistics.median(r["seconds_per_step"] for r in records)
+            state = records[0]["state_bytes"] / 2**20
+            print(
+                f"| {family} | {describe(records[0]['settings'])} | {mean_std(losses)} "
+                f"({len(records)} seeds) | {accuracy} | {seconds * 1e3:.1f} ms | {state:.2f} MiB |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -223,12 +470,17 @@ def main() -> None:
             "sparse-cnn",
             "sparse-logistic",
             "sparse-llama",
+            "tune",
+            "final",
+            "report",
             "all",
         ],
         default="all",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--llama-steps", type=int, default=300)
+    parser.add_argument("--task", choices=["llama300", "llama1000", "cnn", "logistic"])
+    parser.add_argument("--family", help="only this optimiser family (tune, final)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("cnn", "all"):
@@ -244,6 +496,12 @@ def main() -> None:
     if args.part in ("sparse", "sparse-llama", "all"):
         print("\n## Sparse M-FAC on the tiny Llama (3 seeds)\n")
         sparse_llama(steps=args.llama_steps)
+    if args.part in ("tune", "final"):
+        if args.task is None:
+            parser.error(f"--part {args.part} needs --task")
+        (tune if args.part == "tune" else final)(args.task, args.family)
+    if args.part == "report":
+        report()
 
 
 if __name__ == "__main__":
