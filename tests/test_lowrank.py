@@ -596,3 +596,26 @@ def test_projected_update_lies_in_the_span_of_the_basis(rows, cols, proj_type, d
     update = p.detach() if side == "right" else p.detach().T
     torch.testing.assert_close(update @ P @ P.T, update, rtol=1e-10, atol=1e-12)
     assert torch.linalg.matrix_rank(update).item() <= rank
+
+
+def test_natural_galore_relative_damping_is_scale_free():
+    """With relative damping, scaling every gradient by c leaves Natural GaLore's steps as
+    they were (the Fisher and its damping scale together, and Adam undoes the rest), up to
+    Adam's ε; with absolute damping it does not."""
+    trajectories = {}
+    for relative in (None, 0.1):
+        for scale in (1.0, 1e3):
+            p = torch.nn.Parameter(torch.ones(6, 4, dtype=f64))
+            optimizer = NaturalGaLore(
+                [{"params": [p], "rank": 2, "update_proj_gap": 3}],
+                lr=0.1, history=3, damp=1.0, relative_damp=relative, eps=1e-30,
+            )  # fmt: skip
+            gen = torch.Generator().manual_seed(3)
+            for _ in range(7):
+                p.grad = scale * torch.randn(6, 4, generator=gen, dtype=f64)
+                optimizer.step()
+            trajectories[relative, scale] = p.detach().clone()
+    torch.testing.assert_close(
+        trajectories[0.1, 1.0], trajectories[0.1, 1e3], rtol=1e-9, atol=1e-12
+    )
+    assert not torch.allclose(trajectories[None, 1.0], trajectories[None, 1e3], rtol=1e-3)

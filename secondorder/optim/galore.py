@@ -102,6 +102,10 @@ class NaturalGaLore(GaLoreAdamW):
     Args:
         history: gradients in each window (20 in the reference).
         damp: ``damp > 0`` of the mean-convention Fisher above.
+        relative_damp: if set (per group too), it replaces ``damp`` by ``relative_damp``
+            times the mean squared entry of the projected gradients in the window, fixed
+            between refactorisations of its small system (as ``MFAC(relative_damp=...)``):
+            a damping that does not depend on the gradients' scale.
         Other arguments as for :class:`GaLoreAdamW`.
     """
 
@@ -116,18 +120,21 @@ class NaturalGaLore(GaLoreAdamW):
         *,
         history: int = 20,
         damp: float = 5e-5,
+        relative_damp: float | None = None,
         **options: Any,
     ) -> None:
         self._windows: dict[torch.Tensor, SlidingWindowMFAC] = {}
         super().__init__(
             params, lr, betas, eps, weight_decay, correct_bias,
-            history=history, damp=damp, **options,
+            history=history, damp=damp, relative_damp=relative_damp, **options,
         )  # fmt: skip
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
         check_positive_int(group["history"], "history")
         check_damping(group["damp"])
+        if group["relative_damp"] is not None:
+            check_damping(group["relative_damp"], "relative_damp")
 
     def _window(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], like: torch.Tensor
@@ -142,6 +149,7 @@ class NaturalGaLore(GaLoreAdamW):
                 group["damp"],
                 device=like.device,
                 dtype=like.dtype,
+                relative_damp=group["relative_damp"],
                 # under FSDP2 with a right projection, each rank holds its rows of the window
                 process_group=None if config is None else self._split_group(p, config),
             )

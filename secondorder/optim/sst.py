@@ -133,6 +133,11 @@ class SST(AdamWCore):
             half/half mix is ``0.5``).
         seed: the sampling of round ``t`` of weight ``i`` depends on ``(seed, i, t)`` only,
             so a run resumed from a ``state_dict`` samples the same pairs.
+        rewarmup_steps: after each resampling but the first, the spectral steps of that
+            weight are scaled by ``min(1, (j + 1) / rewarmup_steps)`` at step ``j`` of the
+            round (0 turns it off). The first bias-corrected Adam steps of freshly sampled
+            unit vectors move every entry by about ``±lr``, and without this the loss jumps
+            at every round boundary (docs/benchmarks.md, "SST's round boundaries").
     """
 
     def __init__(
@@ -148,10 +153,18 @@ class SST(AdamWCore):
         update_proj_gap: int = 200,
         uniform_mix: float = 0.0,
         seed: int = 0,
+        rewarmup_steps: int = 10,
     ) -> None:
         if not 0 <= uniform_mix <= 1:
             raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
+        if (
+            isinstance(rewarmup_steps, bool)
+            or not isinstance(rewarmup_steps, int)
+            or rewarmup_steps < 0
+        ):
+            raise ValueError(f"rewarmup_steps must be an integer >= 0, got {rewarmup_steps!r}")
         self.seed = seed
+        self.rewarmup_steps = rewarmup_steps
         self._layers: list[SpectralLinear] = []
         self._configs: list[SpectralConfig | None] = []
         if isinstance(params, nn.Module):
@@ -225,10 +238,19 @@ class SST(AdamWCore):
         grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
         moments: tuple[dict[str, Any], ...],
         group: dict[str, Any],
+        round_index: int,
+        round_step: int,
     ) -> None:
-        """AdamW on ``s`` and on the sampled ``u, v`` (enhanced gradients); clamp; renormalise."""
+        """AdamW on ``s`` and on the sampled ``u, v`` (enhanced gradients); clamp; renormalise.
+
+        ``round_step`` counts from 0 in each round; from the second round on, the first
+        ``rewarmup_steps`` steps are scaled down linearly (see the class docstring)."""
+        warmup = 1.0
+        if round_index > 0 and self.rewarmup_steps:
+            warmup = min(1.0, (round_step + 1) / self.rewarmup_steps)
         for index, (tensor, grad, state) in enumerate(zip(factors, grads, moments, strict=True)):
             step_size, denom = adam_moments(state, grad.to(state["exp_avg"].dtype), group)
+            step_size *= warmup
             with write_back(tensor, state["exp_avg"].dtype) as target:
                 if index == 0:
                     decoupled_decay(target, group)  # (1 - lr·wd) s  ⇔  (1 - lr·wd) W
@@ -293,7 +315,9 @@ class SST(AdamWCore):
         grads = (torch.einsum("ik,ik->k", U, GV), GV[:, indices], G.mT @ U[:, indices])
         u, v = U[:, indices], V[:, indices]
         moments = tuple(state["moments"][name] for name in "suv")
-        self._spectral_step((s, u, v), grads, moments, group)
+        round_step = (state["step"] - 1) % config.update_proj_gap
+        round_index = (state["step"] - 1) // config.update_proj_gap
+        self._spectral_step((s, u, v), grads, moments, group, round_index, round_step)
         U[:, indices], V[:, indices] = u, v
         p.copy_(((U * s) @ V.mT).reshape(p.shape))
 
@@ -302,8 +326,9 @@ class SST(AdamWCore):
         s, u, v = layer.s, layer.u, layer.v
         grads = tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in (s, u, v))
         moments = tuple(self.state[t] for t in (s, u, v))
-        self._spectral_step((s, u, v), grads, moments, group)
         state = self.state[s]
+        round_index = state["rounds"] - 1  # _start_round has counted the current one
+        self._spectral_step((s, u, v), grads, moments, group, round_index, state["round_step"])
         state["round_step"] += 1
         if state["round_step"] == group["update_proj_gap"]:
             layer.refactor()
