@@ -151,11 +151,7 @@ ROWS = [
         SST,
         {"lr": 0.02, "weight_decay": 0.01, "uniform_mix": 0.5},
         fsdp2=False,
-        known_failures={
-            **LOW_RANK_FAILURES,
-            "dcp": "does not resume",
-            "dcp_two_processes:ddp": "does not resume",
-        },
+        known_failures=LOW_RANK_FAILURES,
     ),
 ]
 
