@@ -134,11 +134,7 @@ ROWS = [
         "NaturalGaLore",
         NaturalGaLore,
         {"lr": 0.02, "weight_decay": 0.01, "history": 3, "damp": 1e-3},
-        known_failures={
-            **LOW_RANK_FAILURES,
-            "dcp": "its window's state changes shape",
-            "dcp_two_processes": "its window's state changes shape",
-        },
+        known_failures=LOW_RANK_FAILURES,
     ),
     Row(
         "DCTAdamW",

@@ -491,6 +491,30 @@ def test_state_dict_round_trip_resumes_bit_identically(cls, dtype):
         assert torch.equal(a, b)
 
 
+def test_natural_galore_loads_a_window_saved_before_padding():
+    """Windows are now saved at full size (for DCP); a checkpoint holding the window's own
+    n × n state, as written before, still resumes bit-identically."""
+    data = batches(6)
+    reference, interrupted = tiny_model(), tiny_model()
+    reference_optimizer = make(NaturalGaLore, reference, history=4)
+    optimizer = make(NaturalGaLore, interrupted, history=4)
+    train(reference, reference_optimizer, data)
+    train(interrupted, optimizer, data[:2])  # two of four slots filled
+    saved = optimizer.state_dict()
+    for state in saved["state"].values():
+        if "fisher" in state:
+            fisher = {k: v for k, v in state["fisher"].items() if k != "padded"}
+            n = fisher["num_stored"]
+            assert n == 2 and fisher["factor"].shape == (4, 4)
+            fisher["factor"], fisher["pivots"] = fisher["factor"][:n, :n], fisher["pivots"][:n]
+            state["fisher"] = fisher
+    resumed_optimizer = make(NaturalGaLore, interrupted, history=4)
+    resumed_optimizer.load_state_dict(saved)
+    train(interrupted, resumed_optimizer, data[2:])
+    for a, b in zip(reference.parameters(), interrupted.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------ layer-wise
 
 

@@ -146,7 +146,7 @@ class NaturalGaLore(GaLoreAdamW):
                 process_group=None if config is None else self._split_group(p, config),
             )
             if "fisher" in state:
-                window.load_state_dict(state["fisher"])
+                window.load_state_dict(_unpadded(state["fisher"]))
             self._windows[p] = window
         return window
 
@@ -155,7 +155,7 @@ class NaturalGaLore(GaLoreAdamW):
     ) -> torch.Tensor:
         window = self._window(p, state, group, low)
         natural = window.update_solve(low.reshape(-1)).view_as(low)
-        state["fisher"] = window.state_dict()
+        state["fisher"] = _padded(window.state_dict())
         return natural
 
     def _rotate(
@@ -167,8 +167,31 @@ class NaturalGaLore(GaLoreAdamW):
         window = self._window(p, state, group, state["exp_avg"])
         rank = R.shape[0]
         window.transform_(lambda rows: (rows.view(rows.shape[0], -1, rank) @ R).flatten(1))
-        state["fisher"] = window.state_dict()
+        state["fisher"] = _padded(window.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._windows.clear()  # rebuilt from the loaded state on the next step
+
+
+def _padded(fisher: dict[str, Any]) -> dict[str, Any]:
+    """A window's state with its ``n × n`` factor and ``n`` pivots zero-padded to
+    ``num_grads``, so that its keys and shapes stay the same for the life of the window.
+
+    ``torch.distributed.checkpoint`` loads into the tensors of a fresh optimiser's state
+    (made by one zero-gradient step, ``n = 1``) and refuses a saved tensor of another shape."""
+    m, n = fisher["num_grads"], fisher["num_stored"]
+    factor = fisher["factor"].new_zeros(m, m)
+    factor[:n, :n] = fisher["factor"]
+    pivots = fisher["pivots"].new_zeros(m)
+    pivots[:n] = fisher["pivots"]
+    return {**fisher, "factor": factor, "pivots": pivots, "padded": True}
+
+
+def _unpadded(fisher: dict[str, Any]) -> dict[str, Any]:
+    """The window's own state from :func:`_padded`'s (or from a checkpoint saved before it)."""
+    if not fisher.get("padded"):
+        return fisher
+    n = fisher["num_stored"]
+    trimmed = {key: value for key, value in fisher.items() if key != "padded"}
+    return {**trimmed, "factor": fisher["factor"][:n, :n], "pivots": fisher["pivots"][:n]}
