@@ -105,7 +105,7 @@ LOW_RANK_FAILURES = _issue_items(
         "deepcopy": 14,
     },
     "low-rank",
-) | {"dcp_two_processes:fsdp2": "low-rank: per-rank state saved as if replicated"}
+)
 
 ROWS = [
     Row(

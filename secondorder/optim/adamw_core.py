@@ -38,7 +38,7 @@ from .._checks import check_finite, check_positive_int
 from .._common import statistics_dtype
 from .._distributed import all_reduce_sum, local, row_shard
 from ..errors import NonFiniteError
-from ._state import load_state_dict_exactly
+from ._state import load_state_dict_exactly, tag_rank_local, untag_rank_local
 
 __all__ = ["AdamWCore", "AdamWSettings", "adam_moments", "decoupled_decay", "write_back"]
 
@@ -282,8 +282,30 @@ class AdamWCore(torch.optim.Optimizer):
             target.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
     # ----------------------------------------------------------------- state
+    def _shard_ranks(self, saved_groups: list[dict[str, Any]]) -> dict[Any, int]:
+        """``{id: rank}`` for each FSDP2-sharded parameter, by its id in ``saved_groups``
+        (an index, or the name ``torch.distributed.checkpoint`` gives it)."""
+        ranks = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=False):
+            for key, p in zip(saved["params"], group["params"], strict=False):
+                shard = row_shard(p)
+                if shard is not None:
+                    ranks[key] = torch.distributed.get_rank(shard.group)
+        return ranks
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``; under FSDP2 the state of each sharded
+        parameter (this rank's rows) is keyed by rank, e.g. ``"exp_avg@rank1"``, so that
+        ``torch.distributed.checkpoint`` keeps every rank's (see
+        :func:`~secondorder.optim._state.tag_rank_local`)."""
+        saved = super().state_dict()
+        ranks = self._shard_ranks(saved["param_groups"])
+        return {**saved, "state": tag_rank_local(saved["state"], ranks)} if ranks else saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
+        ranks = self._shard_ranks(state_dict["param_groups"])
+        state_dict = {**state_dict, "state": untag_rank_local(state_dict["state"], ranks)}
         load_state_dict_exactly(self, state_dict)
         self._backward_counts.clear()
         for index in range(len(self.param_groups)):
