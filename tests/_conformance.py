@@ -101,7 +101,6 @@ LOW_RANK_FAILURES = _issue_items(
         "refused_load:another_model": 4,
         "complex": 3,
         "meta": 6,
-        "tensor_lr": 17,
         "deepcopy": 14,
     },
     "low-rank",

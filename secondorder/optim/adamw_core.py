@@ -40,7 +40,14 @@ from .._distributed import all_reduce_sum, local, row_shard
 from ..errors import NonFiniteError
 from ._state import load_state_dict_exactly, tag_rank_local, untag_rank_local
 
-__all__ = ["AdamWCore", "AdamWSettings", "adam_moments", "decoupled_decay", "write_back"]
+__all__ = [
+    "AdamWCore",
+    "AdamWSettings",
+    "adam_moments",
+    "decoupled_decay",
+    "learning_rate",
+    "write_back",
+]
 
 
 @dataclass(frozen=True)
@@ -67,12 +74,23 @@ class AdamWSettings:
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> AdamWSettings:
         return cls(
-            lr=group["lr"],
+            lr=learning_rate(group),
             betas=tuple(group["betas"]),
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             correct_bias=group["correct_bias"],
         )
+
+
+def learning_rate(group: dict[str, Any]) -> float:
+    """The group's ``lr`` as a number: a float, or (as ``torch.optim`` allows) a one-element
+    tensor, which an LR scheduler updates in place."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        return float(lr)
+    return lr
 
 
 def adam_moments(
@@ -86,17 +104,17 @@ def adam_moments(
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if not group["correct_bias"]:
-        return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
+        return learning_rate(group), exp_avg_sq.sqrt().add_(group["eps"])
     step = state["step"]
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return group["lr"] / (1 - beta1**step), denom
+    return learning_rate(group) / (1 - beta1**step), denom
 
 
 def decoupled_decay(target: torch.Tensor, group: dict[str, Any]) -> None:
     """``w ← (1 − lr · weight_decay) w``, AdamW's decoupled weight decay."""
     if group["weight_decay"]:
-        target.mul_(1 - group["lr"] * group["weight_decay"])
+        target.mul_(1 - learning_rate(group) * group["weight_decay"])
 
 
 class write_back:
