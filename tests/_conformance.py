@@ -100,7 +100,6 @@ LOW_RANK_FAILURES = _issue_items(
         "refused_load:bad_group_setting": 4,
         "refused_load:another_model": 4,
         "complex": 3,
-        "meta": 6,
         "deepcopy": 14,
     },
     "low-rank",

@@ -208,6 +208,11 @@ class AdamWCore(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a bad setting of ``group`` (nothing has changed yet)."""
         AdamWSettings.from_group(group)
+        if any(p.device.type == "meta" for p in group["params"]):
+            raise ValueError(
+                "parameters on the meta device hold no values to update: materialise the model "
+                "(e.g. model.to_empty(device=...) and initialise it) before building the optimiser"
+            )
 
     def _group_changed(self, index: int) -> None:
         """``self.param_groups[index]`` was added or loaded; refresh what is derived from it."""
