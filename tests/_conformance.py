@@ -99,7 +99,6 @@ LOW_RANK_FAILURES = _issue_items(
     {
         "refused_load:bad_group_setting": 4,
         "refused_load:another_model": 4,
-        "complex": 3,
         "deepcopy": 14,
     },
     "low-rank",

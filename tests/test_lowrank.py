@@ -109,6 +109,26 @@ def test_groups_without_rank_are_torch_adamw_exactly(cls):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, NaturalGaLore, DCTAdamW])
+def test_complex_parameters_without_rank_are_torch_adamw_exactly(cls):
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(shape, generator=gen, dtype=torch.complex64) for shape in [(5,), (3, 4)]]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    kwargs = {"lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
+    optimizers = [cls(ours, **kwargs), torch.optim.AdamW(theirs, foreach=False, **kwargs)]
+    for _ in range(4):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"complex weight of shape \(3, 4\) is in a group"):
+        cls([{"params": [ours[1]], "rank": 2}])
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 def test_full_rank_identity_projection_equals_adamw(proj_type):
     """rank = the full compressed dimension and P = I: the projected step is AdamW's."""

@@ -348,8 +348,9 @@ def _complex_params():
 
 
 def _step_complex_and_real_views(row, complex_params):
+    """In one group without ``rank`` (so a real view of a vector is not taken for a matrix)."""
     real_params = [nn.Parameter(torch.view_as_real(p.detach()).clone()) for p in complex_params]
-    optimizers = [row.build(complex_params), row.build(real_params)]
+    optimizers = [row.make([{"params": complex_params}]), row.make([{"params": real_params}])]
     gen = torch.Generator().manual_seed(4)
     for _ in range(3):
         for p, q in zip(complex_params, real_params, strict=True):

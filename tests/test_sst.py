@@ -289,6 +289,18 @@ def test_bad_settings_are_refused():
         SST(to_spectral(mlp(), rank=2), rank=2)
 
 
+def test_complex_weights_are_refused_spectrally_and_stepped_by_adamw_otherwise():
+    weight = nn.Parameter(torch.randn(5, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="cannot be trained spectrally"):
+        SST([{"params": [weight], "rank": 2}])
+    bias = nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    optimizer = SST([{"params": [bias, weight]}], lr=0.1)
+    bias.grad, weight.grad = (1 + 1j) * torch.ones_like(bias), (1 - 1j) * torch.ones_like(weight)
+    before = weight.detach().clone()
+    optimizer.step()  # AdamW's first step moves every real and imaginary part by -lr
+    torch.testing.assert_close(weight.detach(), before - 0.1 * (1 - 1j), rtol=0, atol=1e-6)
+
+
 def test_weight_decay_shrinks_the_whole_weight():
     """With a zero gradient the step is decay only: s ← (1 - lr·wd) s, so W ← (1 - lr·wd) W."""
     model = mlp()

@@ -14,7 +14,9 @@ the same operations, in the same order, as ``torch.optim.AdamW`` (decoupled deca
 the update, ``ε`` added after the bias correction of ``√v``); ``correct_bias=False`` drops
 both bias corrections (GaLore's flag). The moments are float32 for any weight dtype
 (float64 for float64 weights), and a low-precision weight is updated in float32 and
-rounded once (:class:`write_back`).
+rounded once (:class:`write_back`). A complex weight is stepped as its ``view_as_real``
+(real and imaginary parts are two coordinates), as ``torch.optim.AdamW`` does; its
+moments are real, with a trailing dimension of 2.
 
 :class:`AdamWCore` is a ``torch.optim.Optimizer`` that steps every parameter with a
 gradient this way, except those a subclass *claims* (:meth:`AdamWCore._claims`), which it
@@ -115,6 +117,12 @@ def decoupled_decay(target: torch.Tensor, group: dict[str, Any]) -> None:
     """``w ← (1 − lr · weight_decay) w``, AdamW's decoupled weight decay."""
     if group["weight_decay"]:
         target.mul_(1 - learning_rate(group) * group["weight_decay"])
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a complex ``t`` its ``view_as_real`` (a view: writes reach ``t``). AdamW
+    steps the real and imaginary parts as two coordinates, as ``torch.optim.AdamW`` does."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class write_back:
@@ -293,14 +301,15 @@ class AdamWCore(torch.optim.Optimizer):
 
     def _adamw_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        dtype = statistics_dtype(p.dtype)
-        grad = local(p.grad).to(dtype)
+        weight = real_view(local(p))
+        dtype = statistics_dtype(weight.dtype)
+        grad = real_view(local(p.grad)).to(dtype)
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         step_size, denom = adam_moments(state, grad, group)
-        with write_back(local(p), dtype) as target:
+        with write_back(weight, dtype) as target:
             decoupled_decay(target, group)
             target.addcdiv_(state["exp_avg"], denom, value=-step_size)
 

@@ -192,6 +192,12 @@ class ProjectedAdam(AdamWCore):
         for p in group["params"]:
             if p.dim() < 2:
                 continue
+            if p.is_complex():
+                raise ValueError(
+                    f"a complex weight of shape {tuple(p.shape)} is in a group with 'rank': the "
+                    "low-rank projection is defined for real matrices only; put complex "
+                    "parameters in a group without 'rank' (AdamW on their real view)"
+                )
             rows, cols = p.shape[0], math.prod(p.shape[1:])
             side = config.side(rows, cols)
             size = cols if side == "right" else rows

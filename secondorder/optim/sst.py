@@ -194,6 +194,14 @@ class SST(AdamWCore):
         if not 0 <= group["uniform_mix"] <= 1:
             raise ValueError(f"uniform_mix must be in [0, 1], got {group['uniform_mix']!r}")
         config = SpectralConfig.from_group(group)
+        spectral = config is not None or group.get("spectral_layer") is not None
+        for p in group["params"] if spectral else ():
+            if p.is_complex() and (p.dim() >= 2 or config is None):
+                raise ValueError(
+                    f"a complex weight of shape {tuple(p.shape)} cannot be trained spectrally: "
+                    "SST's factors are real; put complex parameters in a group without 'rank' "
+                    "(AdamW on their real view)"
+                )
         for p in group["params"] if config is not None else ():
             if p.dim() >= 2 and config.rank > min(p.shape[0], math.prod(p.shape[1:])):
                 raise ValueError(
