@@ -97,8 +97,6 @@ MFAC_FAILURES = {
 #: What the low-rank family fails today.
 LOW_RANK_FAILURES = _issue_items(
     {
-        "refused_load:bad_group_setting": 4,
-        "refused_load:another_model": 4,
         "deepcopy": 14,
     },
     "low-rank",

@@ -535,6 +535,37 @@ def test_natural_galore_loads_a_window_saved_before_padding():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank": 99}, "rank 99 is larger than the dimension it compresses"),
+        ({"proj_type": "full"}, "proj_type must be one of"),
+        ({"history": 0}, "history must be a positive integer"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must be 1-element"),
+    ],
+)
+def test_a_load_with_a_bad_group_setting_is_refused_whole(change, message):
+    """The settings were loaded before _group_changed refused them: a half-loaded optimiser."""
+    model = tiny_model()
+    optimizer = make(NaturalGaLore, model, history=3)
+    train(model, optimizer, batches(2))
+    before = io.BytesIO()
+    torch.save(optimizer.state_dict(), before)
+    saved = optimizer.state_dict()
+    saved["param_groups"] = [dict(g) for g in saved["param_groups"]]
+    saved["param_groups"][1].update({"lr": 0.5, **change})
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(saved)
+    after = io.BytesIO()
+    torch.save(optimizer.state_dict(), after)
+    assert before.getvalue() == after.getvalue()
+    del saved["param_groups"][1]["scale"]
+    saved["param_groups"][1].update(rank=3, proj_type="std", history=3, lr=0.5)
+    with pytest.raises(ValueError, match="parameter group 1 of the state dict lacks 'scale'"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[1]["lr"] == 1e-2
+
+
 # ------------------------------------------------------------------ layer-wise
 
 

@@ -46,6 +46,7 @@ __all__ = [
     "AdamWCore",
     "AdamWSettings",
     "adam_moments",
+    "check_shapes",
     "decoupled_decay",
     "learning_rate",
     "write_back",
@@ -178,7 +179,9 @@ class AdamWCore(torch.optim.Optimizer):
       by :meth:`_step_claimed` instead of AdamW (default: none is);
     - :meth:`_step_claimed` ``(p, group, index)``: that step;
     - :meth:`_validate_group` to check their own group keys (calling ``super()``), and
-      :meth:`_group_changed` to cache what they derive from a group.
+      :meth:`_group_changed` to cache what they derive from a group;
+    - :meth:`_claimed_by` ``(p, group)``: :meth:`_claims` for a group not added yet, and
+      :meth:`_check_claimed_state` to refuse a saved state their step cannot take.
 
     Args:
         params: parameters or groups.
@@ -224,6 +227,15 @@ class AdamWCore(torch.optim.Optimizer):
 
     def _group_changed(self, index: int) -> None:
         """``self.param_groups[index]`` was added or loaded; refresh what is derived from it."""
+
+    def _claimed_by(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` would be claimed in ``group`` (a checked group, maybe not added yet)."""
+        return False
+
+    def _check_claimed_state(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> None:
+        """Raise ``ValueError`` unless ``saved`` is a state :meth:`_step_claimed` can take."""
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -335,10 +347,64 @@ class AdamWCore(torch.optim.Optimizer):
         return {**saved, "state": tag_rank_local(saved["state"], ranks)} if ranks else saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
+        """As ``torch.optim.Optimizer.load_state_dict``, but checked first: a state dict
+        that does not fit (another number of groups or parameters, a group setting the
+        optimiser refuses, state of another shape) raises ``ValueError`` and changes
+        nothing. Every state tensor keeps its saved dtype."""
         ranks = self._shard_ranks(state_dict["param_groups"])
         state_dict = {**state_dict, "state": untag_rank_local(state_dict["state"], ranks)}
+        self._check_loadable(state_dict)
         load_state_dict_exactly(self, state_dict)
         self._backward_counts.clear()
         for index in range(len(self.param_groups)):
             self._group_changed(index)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict`` whole."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, the optimiser "
+                f"{len(self.param_groups)}"
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {index} of the state dict has {len(saved['params'])} "
+                    f"parameters, the optimiser's {len(group['params'])}"
+                )
+            candidate = {**saved, "params": group["params"]}
+            try:
+                self._validate_group(candidate)
+            except KeyError as error:
+                raise ValueError(
+                    f"parameter group {index} of the state dict lacks {error}"
+                ) from None
+            for key, p in zip(saved["params"], group["params"], strict=True):
+                if key in state_dict["state"]:
+                    self._check_state(p, candidate, state_dict["state"][key])
+
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], saved: Any) -> None:
+        if not isinstance(saved, dict):
+            raise ValueError(f"the saved state of a parameter is a {type(saved).__name__}")
+        if self._claimed_by(p, group):
+            self._check_claimed_state(p, group, saved)
+        else:
+            check_shapes(
+                saved, dict.fromkeys(("exp_avg", "exp_avg_sq"), real_view(local(p)).shape), p
+            )
+
+
+def check_shapes(saved: dict[str, Any], shapes: dict[str, Any], p: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless each of ``shapes`` present in ``saved`` is a tensor of
+    that shape; ``p`` names the parameter in the message."""
+    for key, shape in shapes.items():
+        if key not in saved:
+            continue
+        value = saved[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"the saved {key} of a parameter of shape {tuple(p.shape)} is {found}, "
+                f"expected {tuple(shape)}: is this the state of another model or optimiser?"
+            )
