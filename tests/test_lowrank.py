@@ -593,6 +593,25 @@ def test_layerwise_updates_equal_ordinary_steps(cls, accumulation_steps):
     assert all(p.grad is not None for p in layerwise.parameters())
 
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, NaturalGaLore])
+def test_a_deep_copy_of_a_layerwise_optimiser_steps_its_own_parameters(cls):
+    import copy
+
+    model = tiny_model()
+    optimizer = make(cls, model, layerwise=True)
+    data = batches(4)
+    for inputs, targets in data[:2]:
+        (model(inputs) - targets).square().mean().backward()
+    copied_model, copied_optimizer = copy.deepcopy((model, optimizer))
+    assert copied_optimizer.layerwise and len(copied_optimizer._hooks) == len(optimizer._hooks)
+    for net in (model, copied_model):
+        for inputs, targets in data[2:]:
+            (net(inputs) - targets).square().mean().backward()
+    assert all(p.grad is None for p in copied_model.parameters())  # stepped by the copy's hooks
+    for a, b in zip(model.parameters(), copied_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------ bad input
 
 

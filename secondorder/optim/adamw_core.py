@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -193,6 +193,9 @@ class AdamWCore(torch.optim.Optimizer):
         accumulation_steps: with ``layerwise``, update on every this many backward passes.
     """
 
+    #: attributes rebuilt rather than copied by ``copy.deepcopy`` and ``pickle``: name → factory
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {"_hooks": list}
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -236,6 +239,28 @@ class AdamWCore(torch.optim.Optimizer):
         self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
     ) -> None:
         """Raise ``ValueError`` unless ``saved`` is a state :meth:`_step_claimed` can take."""
+
+    # ----------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute the optimiser steps with (torch's keeps only ``defaults``,
+        ``state`` and ``param_groups``, and a copy could not step), except hooks: torch's are
+        not copied, and the ``layerwise`` ones are registered again on the copy's parameters."""
+        if getattr(self, "process_group", None) is not None:
+            raise TypeError(
+                "an optimiser with a process_group cannot be copied or pickled (a process group "
+                "cannot); save its state_dict() instead"
+            )
+        torch_hooks = {name for name in self.__dict__ if name.startswith("_optimizer_")}
+        skipped = torch_hooks | set(self._transient)
+        return {name: value for name, value in self.__dict__.items() if name not in skipped}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for name, factory in self._transient.items():
+            setattr(self, name, factory())
+        if self.layerwise:
+            for index in range(len(self.param_groups)):
+                self._register_hooks(index)
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -2,8 +2,8 @@ r"""GaLore (Zhao et al., 2024) and Natural GaLore: Adam in an SVD-chosen low-ran
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 
@@ -105,6 +105,12 @@ class NaturalGaLore(GaLoreAdamW):
         damp: ``damp > 0`` of the mean-convention Fisher above.
         Other arguments as for :class:`GaLoreAdamW`.
     """
+
+    #: a copy rebuilds the windows from the state, as a loaded optimiser does
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {
+        **GaLoreAdamW._transient,
+        "_windows": dict,
+    }
 
     def __init__(
         self,
