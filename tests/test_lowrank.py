@@ -593,6 +593,37 @@ def test_layerwise_updates_equal_ordinary_steps(cls, accumulation_steps):
     assert all(p.grad is not None for p in layerwise.parameters())
 
 
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_layerwise_non_finite_gradient_abandons_the_backward_pass(accumulation_steps):
+    """Hooks run from the last layer back: the last layer (and here the middle layer's bias)
+    is updated before the NaN in the middle weight is seen. The error names them; the rest
+    keep their weights; every gradient is cleared, so the next backward passes train
+    normally."""
+    model = tiny_model()
+    optimizer = make(GaLoreAdamW, model, layerwise=True, accumulation_steps=accumulation_steps)
+    assert optimizer.layerwise
+    data = batches(2 + 2 * accumulation_steps)
+    for inputs, targets in data[:accumulation_steps]:
+        (model(inputs) - targets).square().mean().backward()  # a clean first update
+    before = [p.detach().clone() for p in model.parameters()]
+    handle = model[2].weight.register_hook(lambda g: g * float("nan"))
+    for inputs, targets in data[accumulation_steps : 2 * accumulation_steps - 1]:
+        (model(inputs) - targets).square().mean().backward()  # accumulates, updates nothing
+    inputs, targets = data[2 * accumulation_steps - 1]
+    updated = r"3 parameter\(s\) were already updated by it: .*group 1 #2 \(24, 10\)"
+    with pytest.raises(NonFiniteError, match=updated):
+        (model(inputs) - targets).square().mean().backward()
+    handle.remove()
+    moved = {id(model[4].weight), id(model[4].bias), id(model[2].bias)}
+    for p, old in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, old) != (id(p) in moved)
+        assert p.grad is None
+    for inputs, targets in data[2 * accumulation_steps :]:
+        (model(inputs) - targets).square().mean().backward()  # no error: a fresh start
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(model[0].weight, before[0])
+
+
 @pytest.mark.parametrize("cls", [GaLoreAdamW, NaturalGaLore])
 def test_a_deep_copy_of_a_layerwise_optimiser_steps_its_own_parameters(cls):
     import copy

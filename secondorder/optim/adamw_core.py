@@ -142,6 +142,12 @@ class write_back:
             self.p.copy_(self.target)
 
 
+def _graph_task_id() -> int | None:
+    """Which backward pass is running (autograd's graph task), ``None`` if unknown."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current()
+
+
 def check_gradients(params: list[torch.Tensor]) -> None:
     """Raise before anything changes if a gradient is sparse or holds NaN or Inf.
 
@@ -194,7 +200,11 @@ class AdamWCore(torch.optim.Optimizer):
     """
 
     #: attributes rebuilt rather than copied by ``copy.deepcopy`` and ``pickle``: name → factory
-    _transient: ClassVar[dict[str, Callable[[], Any]]] = {"_hooks": list}
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {
+        "_hooks": list,
+        "_stepped": list,
+        "_graph_task": lambda: None,
+    }
 
     def __init__(
         self,
@@ -209,6 +219,8 @@ class AdamWCore(torch.optim.Optimizer):
         self._backward_counts: dict[torch.Tensor, int] = {}
         self._group_of: dict[torch.Tensor, int] = {}
         self._hooks: list[Any] = []
+        self._graph_task: int | None = None  # the backward pass _stepped belongs to
+        self._stepped: list[torch.Tensor] = []  # updated by hooks during that backward pass
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- what subclasses fill in
@@ -301,6 +313,14 @@ class AdamWCore(torch.optim.Optimizer):
         its ``.grad`` is set to ``None``); ``step()`` then only runs the closure. Call it
         anyway once per iteration so LR schedulers see a step. Between updates, gradients
         accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between.
+
+        A NaN or Inf gradient in ``layerwise`` mode cannot leave every weight as it was:
+        the parameters whose hooks ran earlier in the same backward pass are already
+        updated. So that backward pass is abandoned: ``backward()`` raises
+        :class:`~secondorder.errors.NonFiniteError` naming the parameters it had already
+        updated; the parameter with the bad gradient and every one not reached yet are not
+        updated; every ``.grad`` of the optimiser's parameters is cleared and the
+        accumulation count starts again, so the next backward pass starts afresh.
         """
         loss = None
         if closure is not None:
@@ -320,15 +340,45 @@ class AdamWCore(torch.optim.Optimizer):
         return loss
 
     def _on_grad(self, p: torch.Tensor) -> None:
+        task = _graph_task_id()
+        if task != self._graph_task:
+            self._graph_task, self._stepped = task, []
         count = self._backward_counts.get(p, 0) + 1
         self._backward_counts[p] = count % self.accumulation_steps
         if count < self.accumulation_steps:
             return
         index = self._group_of[p]
         with torch.no_grad():
-            check_gradients([p])
+            try:
+                check_gradients([p])
+            except NonFiniteError as error:
+                self._abandon_backward(error)
             self._update(p, self.param_groups[index], index)
         p.grad = None
+        self._stepped.append(p)
+
+    def _abandon_backward(self, error: NonFiniteError) -> None:
+        """Clear every gradient and accumulation count, and raise naming what was updated."""
+        stepped = [self._describe(p) for p in self._stepped]
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._backward_counts.clear()
+        self._graph_task, self._stepped = None, []
+        done = (
+            f"{len(stepped)} parameter(s) were already updated by it: {', '.join(stepped)}"
+            if stepped
+            else "no parameter was updated by it"
+        )
+        raise NonFiniteError(
+            f"{error}; this backward pass is abandoned: {done}; the others were not, and every "
+            "gradient was cleared, so the next backward pass starts afresh"
+        ) from None
+
+    def _describe(self, p: torch.Tensor) -> str:
+        index = self._group_of[p]
+        position = next(i for i, q in enumerate(self.param_groups[index]["params"]) if q is p)
+        return f"group {index} #{position} {tuple(p.shape)}"
 
     def _update(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         if self._claims(p, index):
