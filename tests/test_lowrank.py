@@ -202,6 +202,45 @@ def test_svd_basis_spans_the_top_singular_vectors():
     torch.testing.assert_close(low @ basis.T, G, rtol=1e-10, atol=1e-10)  # rank 3 captured exactly
 
 
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_projected_steps_by_hand_with_and_without_bias_correction(correct_bias):
+    """Three steps within one basis: Adam on X P, the update brought back by Pᵀ, times scale."""
+    lr, scale, (beta1, beta2), eps = 0.05, 0.5, (0.8, 0.9), 1e-6
+    gen = torch.Generator().manual_seed(11)
+    start = torch.randn(8, 6, generator=gen, dtype=f64)  # rows ≥ cols: projected on the right
+    grads = [torch.randn(8, 6, generator=gen, dtype=f64) for _ in range(3)]
+    p = torch.nn.Parameter(start.clone())
+    group = {"params": [p], "rank": 2, "update_proj_gap": 10, "scale": scale}
+    optimizer = GaLoreAdamW(
+        [group], lr=lr, betas=(beta1, beta2), eps=eps, correct_bias=correct_bias
+    )
+    expected, m, v = start.clone(), 0.0, 0.0
+    for t, grad in enumerate(grads, start=1):
+        p.grad = grad
+        optimizer.step()
+        P = optimizer.state[p]["basis"]
+        low = grad @ P
+        m, v = beta1 * m + (1 - beta1) * low, beta2 * v + (1 - beta2) * low.square()
+        if correct_bias:
+            direction = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        else:
+            direction = m / (v.sqrt() + eps)
+        expected -= lr * scale * direction @ P.T
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, DCTAdamW])
+def test_scale_multiplies_the_learning_rate_of_projected_weights(cls):
+    """Without weight decay, scale = 0.25 at lr is scale = 1 at lr / 4, through refreshes."""
+    models, data = [tiny_model(f64), tiny_model(f64)], batches(6, f64)
+    for model, (lr, scale) in zip(models, [(0.04, 0.25), (0.01, 1.0)], strict=True):
+        groups = [{"params": matrices(model), "rank": 3, "update_proj_gap": 2, "scale": scale}]
+        train(model, cls(groups, lr=lr), data)
+    for a, b in zip(matrices(models[0]), matrices(models[1]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(matrices(models[0])[0], matrices(tiny_model(f64))[0])
+
+
 # ------------------------------------------------------------------ the DCT basis
 
 
