@@ -204,23 +204,24 @@ class NaturalGaLore(GaLoreAdamW):
 
 
 def _padded(fisher: dict[str, Any]) -> dict[str, Any]:
-    """A window's state with its ``n × n`` factor and ``n`` pivots zero-padded to
-    ``num_grads``, so that its keys and shapes stay the same for the life of the window.
+    """A window's state with its factor and pivots zero-padded to ``num_grads`` (they are
+    ``n × n`` and ``n`` for ``n`` gradients held), so that its keys and shapes stay the
+    same for the life of the window; ``"padded_from"`` keeps their own size.
 
     ``torch.distributed.checkpoint`` loads into the tensors of a fresh optimiser's state
     (made by one zero-gradient step, ``n = 1``) and refuses a saved tensor of another shape."""
-    m, n = fisher["num_grads"], fisher["num_stored"]
+    m, size = fisher["num_grads"], fisher["pivots"].shape[0]
     factor = fisher["factor"].new_zeros(m, m)
-    factor[:n, :n] = fisher["factor"]
+    factor[:size, :size] = fisher["factor"]
     pivots = fisher["pivots"].new_zeros(m)
-    pivots[:n] = fisher["pivots"]
-    return {**fisher, "factor": factor, "pivots": pivots, "padded": True}
+    pivots[:size] = fisher["pivots"]
+    return {**fisher, "factor": factor, "pivots": pivots, "padded_from": size}
 
 
 def _unpadded(fisher: dict[str, Any]) -> dict[str, Any]:
     """The window's own state from :func:`_padded`'s (or from a checkpoint saved before it)."""
-    if not fisher.get("padded"):
+    if "padded_from" not in fisher:
         return fisher
-    n = fisher["num_stored"]
-    trimmed = {key: value for key, value in fisher.items() if key != "padded"}
-    return {**trimmed, "factor": fisher["factor"][:n, :n], "pivots": fisher["pivots"][:n]}
+    size = fisher["padded_from"]
+    trimmed = {key: value for key, value in fisher.items() if key != "padded_from"}
+    return {**trimmed, "factor": fisher["factor"][:size, :size], "pivots": fisher["pivots"][:size]}
