@@ -632,6 +632,23 @@ def test_layerwise_updates_equal_ordinary_steps(cls, accumulation_steps):
     assert all(p.grad is not None for p in layerwise.parameters())
 
 
+def test_layerwise_takes_a_parameter_unfrozen_after_construction():
+    """It had no hook: its gradient stayed in .grad and it was never updated, silently."""
+    model = tiny_model()
+    model[0].weight.requires_grad_(False)
+    optimizer = make(GaLoreAdamW, model, layerwise=True)
+    frozen = model[0].weight.detach().clone()
+    data = batches(3)
+    model[0].weight.requires_grad_(True)
+    (model(data[0][0]) - data[0][1]).square().mean().backward()
+    assert model[0].weight.grad is not None and torch.equal(model[0].weight, frozen)
+    optimizer.step()  # applies what it accumulated, and hooks it
+    assert model[0].weight.grad is None and not torch.equal(model[0].weight, frozen)
+    moved = model[0].weight.detach().clone()
+    (model(data[1][0]) - data[1][1]).square().mean().backward()  # its hook steps it now
+    assert model[0].weight.grad is None and not torch.equal(model[0].weight, moved)
+
+
 @pytest.mark.parametrize("accumulation_steps", [1, 2])
 def test_layerwise_non_finite_gradient_abandons_the_backward_pass(accumulation_steps):
     """Hooks run from the last layer back: the last layer (and here the middle layer's bias)

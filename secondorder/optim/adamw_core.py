@@ -312,7 +312,10 @@ class AdamWCore(torch.optim.Optimizer):
         (each on every ``accumulation_steps``-th backward pass that reached it, after which
         its ``.grad`` is set to ``None``); ``step()`` then only runs the closure. Call it
         anyway once per iteration so LR schedulers see a step. Between updates, gradients
-        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between.
+        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between. A
+        parameter that was frozen when the optimiser was built and is unfrozen since has no
+        hook yet: the next ``step()`` applies the gradient it has and hooks it, so that
+        from then on it is updated as the others are.
 
         A NaN or Inf gradient in ``layerwise`` mode cannot leave every weight as it was:
         the parameters whose hooks ran earlier in the same backward pass are already
@@ -327,6 +330,7 @@ class AdamWCore(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
+            self._adopt_unfrozen()
             return loss
         work = [
             (p, group, index)
@@ -338,6 +342,20 @@ class AdamWCore(torch.optim.Optimizer):
         for p, group, index in work:
             self._update(p, group, index)
         return loss
+
+    def _adopt_unfrozen(self) -> None:
+        """``layerwise``: step the parameters unfrozen since their group's hooks were
+        registered (they have none), then hook them."""
+        for index, group in enumerate(self.param_groups):
+            late = [p for p in group["params"] if p.requires_grad and p not in self._group_of]
+            stepped = [p for p in late if p.grad is not None]
+            check_gradients(stepped)
+            for p in stepped:
+                self._update(p, group, index)
+                p.grad = None
+            for p in late:
+                self._group_of[p] = index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     def _on_grad(self, p: torch.Tensor) -> None:
         task = _graph_task_id()
