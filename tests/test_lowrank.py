@@ -697,6 +697,9 @@ def test_a_deep_copy_of_a_layerwise_optimiser_steps_its_own_parameters(cls):
     assert all(p.grad is None for p in copied_model.parameters())  # stepped by the copy's hooks
     for a, b in zip(model.parameters(), copied_model.parameters(), strict=True):
         assert torch.equal(a, b)
+    optimizer.process_group = object()  # stands for a torch.distributed group
+    with pytest.raises(TypeError, match="with a process_group cannot be copied"):
+        copy.deepcopy(optimizer)
 
 
 # ------------------------------------------------------------------ bad input
