@@ -23,16 +23,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(worker: Callable, *args) -> None:
-    """Run ``worker(rank, *args)`` on WORLD gloo processes; a failure in any re-raises here."""
+def launch(worker: Callable, *args, timeout_s: float | None = None) -> None:
+    """Run ``worker(rank, *args)`` on WORLD gloo processes; a failure in any re-raises here.
+    ``timeout_s`` bounds each collective (torch's default is 30 minutes)."""
     port = free_port()
-    torch.multiprocessing.spawn(_init_and_run, args=(port, worker, args), nprocs=WORLD, join=True)
+    torch.multiprocessing.spawn(
+        _init_and_run, args=(port, worker, args, timeout_s), nprocs=WORLD, join=True
+    )
 
 
-def _init_and_run(rank: int, port: int, worker: Callable, args: tuple) -> None:
+def _init_and_run(
+    rank: int, port: int, worker: Callable, args: tuple, timeout_s: float | None = None
+) -> None:
+    from datetime import timedelta
+
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
     try:
         worker(rank, *args)
         # Both ranks finish before either closes its connections: a rank that tears down

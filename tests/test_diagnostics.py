@@ -83,6 +83,32 @@ def test_monitor_follows_the_parameters_as_they_train():
     assert after == pytest.approx(float(expected)) and after != pytest.approx(before)
 
 
+def test_monitor_measures_what_requires_grad_at_each_measurement():
+    """Frozen after the monitor was built, a layer leaves the measurement; unfrozen, it
+    comes back; given params are measured whatever they require."""
+    model = _dropout_model().eval()
+    batch = make_data((4,), "cross_entropy", sizes=(9,))[0]
+    loss_fn = nn.functional.cross_entropy
+    monitor = CurvatureMonitor(model, loss_fn, batch, every=1, metrics=("grad_norm",))
+    pinned = CurvatureMonitor(
+        model, loss_fn, batch, every=1, metrics=("grad_norm",), params=model.parameters()
+    )
+
+    def gradient_norm(params):
+        loss = loss_fn(model(batch[0]), batch[1])
+        return float(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]).norm())
+
+    everything = gradient_norm(list(model.parameters()))
+    assert monitor.step(0)["grad_norm"] == pytest.approx(everything)
+    model[0].requires_grad_(False)
+    last = gradient_norm(list(model[3].parameters()))
+    assert monitor.step(1)["grad_norm"] == pytest.approx(last)
+    assert last != pytest.approx(everything)
+    assert pinned.step(1)["grad_norm"] == pytest.approx(everything)
+    model[0].requires_grad_(True)
+    assert monitor.step(2)["grad_norm"] == pytest.approx(everything)
+
+
 def test_tensorboard_writer_gets_scalars_and_csv(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -123,8 +149,31 @@ def test_plots_are_written(tmp_path):
     spectrum = plot_spectral_density(density, tmp_path / "sub" / "density.png", eigenvalues=[1.0])
     for path in (single, both, spectrum):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    with pytest.raises(ValueError, match="no column 'nope'"):
+    with pytest.raises(ValueError, match="no run has a column 'nope'"):
         plot_metrics(paths, tmp_path / "x.png", metrics=["nope"])
+
+
+def test_plot_metrics_draws_what_each_run_logged(tmp_path):
+    """Two runs with different metrics: one panel per metric any run has, each with the runs
+    that have it (it raised "has no column 'hessian_trace'")."""
+    model = _dropout_model().eval()
+    batch = make_data((4,), "cross_entropy", sizes=(9,))[0]
+    paths = {}
+    for name, metrics in [("full", ("hessian_trace", "grad_norm")), ("lean", ("grad_norm",))]:
+        paths[name] = tmp_path / f"{name}.csv"
+        monitor = CurvatureMonitor(
+            model, nn.functional.cross_entropy, batch, every=1, writer=paths[name],
+            metrics=metrics, num_matvecs=6,
+        )  # fmt: skip
+        for step in range(2):
+            monitor.step(step)
+    figure = plot_metrics(paths, tmp_path / "both.png")
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from secondorder.diagnostics.plots import panels
+
+    tables = {name: read_metrics(path) for name, path in paths.items()}
+    assert panels(tables, None) == {"hessian_trace": ["full"], "grad_norm": ["full", "lean"]}
+    assert panels(tables, ["hessian_trace"]) == {"hessian_trace": ["full"]}
 
 
 def test_monitor_bad_input():

@@ -109,6 +109,26 @@ def test_groups_without_rank_are_torch_adamw_exactly(cls):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cls", [GaLoreAdamW, NaturalGaLore, DCTAdamW])
+def test_complex_parameters_without_rank_are_torch_adamw_exactly(cls):
+    gen = torch.Generator().manual_seed(2)
+    start = [torch.randn(shape, generator=gen, dtype=torch.complex64) for shape in [(5,), (3, 4)]]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    theirs = [torch.nn.Parameter(t.clone()) for t in start]
+    kwargs = {"lr": 3e-2, "betas": (0.8, 0.99), "eps": 1e-7, "weight_decay": 0.1}
+    optimizers = [cls(ours, **kwargs), torch.optim.AdamW(theirs, foreach=False, **kwargs)]
+    for _ in range(4):
+        for a, b in zip(ours, theirs, strict=True):
+            a.grad = torch.randn(a.shape, generator=gen, dtype=a.dtype)
+            b.grad = a.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match=r"complex weight of shape \(3, 4\) is in a group"):
+        cls([{"params": [ours[1]], "rank": 2}])
+
+
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right"])
 def test_full_rank_identity_projection_equals_adamw(proj_type):
     """rank = the full compressed dimension and P = I: the projected step is AdamW's."""
@@ -180,6 +200,45 @@ def test_svd_basis_spans_the_top_singular_vectors():
     G = torch.randn(30, 3, generator=gen, dtype=f64) @ torch.randn(3, 12, generator=gen, dtype=f64)
     basis, low = SVDProjector().refresh(G, 3)
     torch.testing.assert_close(low @ basis.T, G, rtol=1e-10, atol=1e-10)  # rank 3 captured exactly
+
+
+@pytest.mark.parametrize("correct_bias", [True, False])
+def test_projected_steps_by_hand_with_and_without_bias_correction(correct_bias):
+    """Three steps within one basis: Adam on X P, the update brought back by Pᵀ, times scale."""
+    lr, scale, (beta1, beta2), eps = 0.05, 0.5, (0.8, 0.9), 1e-6
+    gen = torch.Generator().manual_seed(11)
+    start = torch.randn(8, 6, generator=gen, dtype=f64)  # rows ≥ cols: projected on the right
+    grads = [torch.randn(8, 6, generator=gen, dtype=f64) for _ in range(3)]
+    p = torch.nn.Parameter(start.clone())
+    group = {"params": [p], "rank": 2, "update_proj_gap": 10, "scale": scale}
+    optimizer = GaLoreAdamW(
+        [group], lr=lr, betas=(beta1, beta2), eps=eps, correct_bias=correct_bias
+    )
+    expected, m, v = start.clone(), 0.0, 0.0
+    for t, grad in enumerate(grads, start=1):
+        p.grad = grad
+        optimizer.step()
+        P = optimizer.state[p]["basis"]
+        low = grad @ P
+        m, v = beta1 * m + (1 - beta1) * low, beta2 * v + (1 - beta2) * low.square()
+        if correct_bias:
+            direction = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt() + eps)
+        else:
+            direction = m / (v.sqrt() + eps)
+        expected -= lr * scale * direction @ P.T
+        torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, DCTAdamW])
+def test_scale_multiplies_the_learning_rate_of_projected_weights(cls):
+    """Without weight decay, scale = 0.25 at lr is scale = 1 at lr / 4, through refreshes."""
+    models, data = [tiny_model(f64), tiny_model(f64)], batches(6, f64)
+    for model, (lr, scale) in zip(models, [(0.04, 0.25), (0.01, 1.0)], strict=True):
+        groups = [{"params": matrices(model), "rank": 3, "update_proj_gap": 2, "scale": scale}]
+        train(model, cls(groups, lr=lr), data)
+    for a, b in zip(matrices(models[0]), matrices(models[1]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert not torch.equal(matrices(models[0])[0], matrices(tiny_model(f64))[0])
 
 
 # ------------------------------------------------------------------ the DCT basis
@@ -491,6 +550,61 @@ def test_state_dict_round_trip_resumes_bit_identically(cls, dtype):
         assert torch.equal(a, b)
 
 
+def test_natural_galore_loads_a_window_saved_before_padding():
+    """Windows are now saved at full size (for DCP); a checkpoint holding the window's own
+    n × n state, as written before, still resumes bit-identically."""
+    data = batches(6)
+    reference, interrupted = tiny_model(), tiny_model()
+    reference_optimizer = make(NaturalGaLore, reference, history=4)
+    optimizer = make(NaturalGaLore, interrupted, history=4)
+    train(reference, reference_optimizer, data)
+    train(interrupted, optimizer, data[:2])  # two of four slots filled
+    saved = optimizer.state_dict()
+    for state in saved["state"].values():
+        if "fisher" in state:
+            fisher = dict(state["fisher"])
+            n = fisher["num_stored"]
+            assert n == 2 and fisher["factor"].shape == (4, 4)
+            fisher["factor"], fisher["pivots"] = fisher["factor"][:n, :n], fisher["pivots"][:n]
+            state["fisher"] = fisher
+    resumed_optimizer = make(NaturalGaLore, interrupted, history=4)
+    resumed_optimizer.load_state_dict(saved)
+    train(interrupted, resumed_optimizer, data[2:])
+    for a, b in zip(reference.parameters(), interrupted.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank": 99}, "rank 99 is larger than the dimension it compresses"),
+        ({"proj_type": "full"}, "proj_type must be one of"),
+        ({"history": 0}, "history must be a positive integer"),
+        ({"lr": torch.tensor([0.1, 0.2])}, "Tensor lr must be 1-element"),
+    ],
+)
+def test_a_load_with_a_bad_group_setting_is_refused_whole(change, message):
+    """The settings were loaded before _group_changed refused them: a half-loaded optimiser."""
+    model = tiny_model()
+    optimizer = make(NaturalGaLore, model, history=3)
+    train(model, optimizer, batches(2))
+    before = io.BytesIO()
+    torch.save(optimizer.state_dict(), before)
+    saved = optimizer.state_dict()
+    saved["param_groups"] = [dict(g) for g in saved["param_groups"]]
+    saved["param_groups"][1].update({"lr": 0.5, **change})
+    with pytest.raises(ValueError, match=message):
+        optimizer.load_state_dict(saved)
+    after = io.BytesIO()
+    torch.save(optimizer.state_dict(), after)
+    assert before.getvalue() == after.getvalue()
+    del saved["param_groups"][1]["scale"]
+    saved["param_groups"][1].update(rank=3, proj_type="std", history=3, lr=0.5)
+    with pytest.raises(ValueError, match="parameter group 1 of the state dict lacks 'scale'"):
+        optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[1]["lr"] == 1e-2
+
+
 # ------------------------------------------------------------------ layer-wise
 
 
@@ -516,6 +630,76 @@ def test_layerwise_updates_equal_ordinary_steps(cls, accumulation_steps):
     layerwise_optimizer.remove_hooks()
     (layerwise(data[0][0]) - data[0][1]).square().mean().backward()
     assert all(p.grad is not None for p in layerwise.parameters())
+
+
+def test_layerwise_takes_a_parameter_unfrozen_after_construction():
+    """It had no hook: its gradient stayed in .grad and it was never updated, silently."""
+    model = tiny_model()
+    model[0].weight.requires_grad_(False)
+    optimizer = make(GaLoreAdamW, model, layerwise=True)
+    frozen = model[0].weight.detach().clone()
+    data = batches(3)
+    model[0].weight.requires_grad_(True)
+    (model(data[0][0]) - data[0][1]).square().mean().backward()
+    assert model[0].weight.grad is not None and torch.equal(model[0].weight, frozen)
+    optimizer.step()  # applies what it accumulated, and hooks it
+    assert model[0].weight.grad is None and not torch.equal(model[0].weight, frozen)
+    moved = model[0].weight.detach().clone()
+    (model(data[1][0]) - data[1][1]).square().mean().backward()  # its hook steps it now
+    assert model[0].weight.grad is None and not torch.equal(model[0].weight, moved)
+
+
+@pytest.mark.parametrize("accumulation_steps", [1, 2])
+def test_layerwise_non_finite_gradient_abandons_the_backward_pass(accumulation_steps):
+    """Hooks run from the last layer back: the last layer (and here the middle layer's bias)
+    is updated before the NaN in the middle weight is seen. The error names them; the rest
+    keep their weights; every gradient is cleared, so the next backward passes train
+    normally."""
+    model = tiny_model()
+    optimizer = make(GaLoreAdamW, model, layerwise=True, accumulation_steps=accumulation_steps)
+    assert optimizer.layerwise
+    data = batches(2 + 2 * accumulation_steps)
+    for inputs, targets in data[:accumulation_steps]:
+        (model(inputs) - targets).square().mean().backward()  # a clean first update
+    before = [p.detach().clone() for p in model.parameters()]
+    handle = model[2].weight.register_hook(lambda g: g * float("nan"))
+    for inputs, targets in data[accumulation_steps : 2 * accumulation_steps - 1]:
+        (model(inputs) - targets).square().mean().backward()  # accumulates, updates nothing
+    inputs, targets = data[2 * accumulation_steps - 1]
+    updated = r"3 parameter\(s\) were already updated by it: .*group 1 #2 \(24, 10\)"
+    with pytest.raises(NonFiniteError, match=updated):
+        (model(inputs) - targets).square().mean().backward()
+    handle.remove()
+    moved = {id(model[4].weight), id(model[4].bias), id(model[2].bias)}
+    for p, old in zip(model.parameters(), before, strict=True):
+        assert torch.equal(p, old) != (id(p) in moved)
+        assert p.grad is None
+    for inputs, targets in data[2 * accumulation_steps :]:
+        (model(inputs) - targets).square().mean().backward()  # no error: a fresh start
+    assert all(p.grad is None for p in model.parameters())
+    assert not torch.equal(model[0].weight, before[0])
+
+
+@pytest.mark.parametrize("cls", [GaLoreAdamW, NaturalGaLore])
+def test_a_deep_copy_of_a_layerwise_optimiser_steps_its_own_parameters(cls):
+    import copy
+
+    model = tiny_model()
+    optimizer = make(cls, model, layerwise=True)
+    data = batches(4)
+    for inputs, targets in data[:2]:
+        (model(inputs) - targets).square().mean().backward()
+    copied_model, copied_optimizer = copy.deepcopy((model, optimizer))
+    assert copied_optimizer.layerwise and len(copied_optimizer._hooks) == len(optimizer._hooks)
+    for net in (model, copied_model):
+        for inputs, targets in data[2:]:
+            (net(inputs) - targets).square().mean().backward()
+    assert all(p.grad is None for p in copied_model.parameters())  # stepped by the copy's hooks
+    for a, b in zip(model.parameters(), copied_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    optimizer.process_group = object()  # stands for a torch.distributed group
+    with pytest.raises(TypeError, match="with a process_group cannot be copied"):
+        copy.deepcopy(optimizer)
 
 
 # ------------------------------------------------------------------ bad input

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from secondorder.optim._state import load_state_dict_exactly
@@ -42,3 +43,17 @@ def test_torch_casts_state_to_the_parameter_dtype_and_we_do_not():
     assert torch.equal(loaded["moment"], saved["state"][0]["moment"])
     assert loaded["nested"]["indices"].tolist() == [4097, 4099]
     assert loaded["nested"]["scale"].dtype == torch.float32
+
+
+def test_rank_tags_round_trip_and_refuse_another_ranks_state():
+    from secondorder.optim._state import tag_rank_local, untag_rank_local
+
+    state = {0: {"step": 3, "exp_avg": torch.ones(2)}, "1.weight": {"step": 3}}
+    tagged = tag_rank_local(state, {0: 1})
+    assert set(tagged[0]) == {"step@rank1", "exp_avg@rank1"} and tagged["1.weight"] == {"step": 3}
+    assert untag_rank_local(tagged, {0: 1}) == state
+    assert untag_rank_local(state, {0: 1}) == state  # saved before tags existed
+    with pytest.raises(ValueError, match="saved by rank 1 of an FSDP2 run and is loaded by rank 0"):
+        untag_rank_local(tagged, {0: 0})
+    with pytest.raises(ValueError, match="loaded by an unsharded parameter"):
+        untag_rank_local(tagged, {})

@@ -1,5 +1,7 @@
 """The pruning scripts run end to end on the real digits (smoke tests; quality is in the benchmark)."""
 
+from _bars import record_bars
+
 from secondorder.cli import main
 from secondorder.demo import pruning
 from secondorder.demo.report import Report
@@ -17,13 +19,20 @@ def test_demo_section_quick(tmp_path):
     assert (tmp_path / "pruning.png").exists()
 
 
-def test_cli_prune(tmp_path, capsys):
+def test_cli_prune(tmp_path, capsys, monkeypatch):
+    """Prints and writes the table and the plot (--out promises both), with one labelled
+    progress bar per long loop and none nested (there were 16 "M-FAC gradients" bars)."""
+    bars = record_bars(monkeypatch)
     main(
         [
             *("prune", "--models", "mlp", "--sparsities", "0.5", "--gradual-epochs", "0"),
-            *("--train-epochs", "1", "--out", str(tmp_path), "--no-progress"),
+            *("--train-epochs", "1", "--out", str(tmp_path)),
         ]
     )
     out = capsys.readouterr().out
     assert "M-FAC one-shot" in out and "0.50" in out
     assert (tmp_path / "sparsity_accuracy.png").exists()
+    table = (tmp_path / "table.md").read_text()
+    assert "| sparsity | M-FAC one-shot | magnitude one-shot |" in table and "| 0.50 |" in table
+    assert [bar.desc for bar in bars.bars] == ["mlp", "digits mlp: pruning"]
+    assert not any(bar.nested for bar in bars.bars)

@@ -30,14 +30,17 @@ def feed(window: SlidingWindowMFAC, grads: torch.Tensor) -> None:
     steps=st.integers(1, 40),
     log_damp=st.floats(-4, 1),
     seed=st.integers(0, 2**16),
+    factor_update=st.sampled_from(["rank2", "refactor"]),
 )
 def test_solve_matches_explicit_and_woodbury_through_warmup_and_wraparound(
-    dim, num_grads, steps, log_damp, seed
+    dim, num_grads, steps, log_damp, seed, factor_update
 ):
+    """Both ways of keeping the factor current; "auto" would pick refactoring for every
+    num_grads ≤ 9 and never run the rank-2 update."""
     damp = 10.0**log_damp
     gen = torch.Generator().manual_seed(seed)
     grads = torch.randn(steps, dim, generator=gen, dtype=f64)
-    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64)
+    window = SlidingWindowMFAC(dim, num_grads, damp, dtype=f64, factor_update=factor_update)
     for step in range(steps):
         x = torch.randn(dim, generator=gen, dtype=f64)
         returned = window.update_solve(grads[step])
@@ -46,6 +49,10 @@ def test_solve_matches_explicit_and_woodbury_through_warmup_and_wraparound(
         assert relative_error(returned, explicit_solve(held, damp, grads[step])) < 1e-9
         assert relative_error(window.solve(x), explicit_solve(held, damp, x)) < 1e-9
         assert relative_error(window.solve(x), woodbury_solve(held, damp, x)) < 1e-9
+    # from the first replacement on, every update but each num_grads-th is a rank-2 one
+    rank2_updates = max(0, steps - num_grads) - max(0, steps - num_grads) // num_grads
+    if factor_update == "rank2":
+        assert window.num_refactors == steps - rank2_updates + window.num_failed_checks
 
 
 def test_empty_window_is_scaled_identity():
@@ -123,6 +130,8 @@ def test_safeguards_keep_an_ill_conditioned_window_accurate():
             held = grads[max(0, step + 1 - num_grads) : step + 1]
             worst = max(worst, relative_error(window.solve(x), explicit_solve(held, damp, x)))
     assert worst < 1e-6
+    assert window.num_failed_checks == 0  # accurate by the rank-2 updates, not by refactoring
+    assert window.num_refactors == num_grads + 9  # the fill, then one every num_grads updates
 
 
 def test_a_failed_check_triggers_a_refactorisation():

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import itertools
 
 import pytest
 import torch
@@ -198,6 +199,50 @@ def test_refactor_of_a_drifted_spectral_layer_keeps_its_function():
     assert torch.equal(layer.u, layer.U[:, layer.indices])
 
 
+def test_first_drop_in_step_is_adam_on_singular_values_and_sampled_vectors_by_hand():
+    """Adam's first step moves each coordinate by lr · g / (|g| + ε) (its bias corrections
+    cancel): s by ∂L/∂s = diag(Uᵀ G V), the sampled u, v by the enhanced G v and Gᵀ u, which
+    are then normalised; the weight becomes U diag(s) Vᵀ."""
+    lr, eps = 0.01, 1e-8
+    gen = torch.Generator().manual_seed(5)
+    start, G = (
+        torch.randn(7, 5, generator=gen, dtype=f64),
+        torch.randn(7, 5, generator=gen, dtype=f64),
+    )
+    p = nn.Parameter(start.clone())
+    optimizer = SST([{"params": [p], "rank": 2, "update_proj_gap": 10}], lr=lr, eps=eps)
+    p.grad = G
+    optimizer.step()
+
+    def adam_first_step(x, g):
+        return x - lr * g / (g.abs() + eps)
+
+    U, s, V = spectral_factors(start)
+    pairs = optimizer.state[p]["indices"]
+    s = adam_first_step(s, torch.diag(U.T @ G @ V)).clamp_min(0)
+    u = adam_first_step(U[:, pairs], G @ V[:, pairs])
+    v = adam_first_step(V[:, pairs], G.T @ U[:, pairs])
+    U[:, pairs], V[:, pairs] = u / u.norm(dim=0), v / v.norm(dim=0)
+    torch.testing.assert_close(p.detach(), product(U, s, V), rtol=1e-9, atol=1e-12)
+
+
+def test_drop_in_steps_go_downhill():
+    """Least squares ½‖W − T‖²: SST's steps lower the loss, over rounds of resampled pairs."""
+    gen = torch.Generator().manual_seed(6)
+    target = torch.randn(8, 6, generator=gen, dtype=f64)
+    p = nn.Parameter(torch.randn(8, 6, generator=gen, dtype=f64))
+    optimizer = SST([{"params": [p], "rank": 2, "update_proj_gap": 5}], lr=0.05)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = 0.5 * (p - target).square().sum()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert sum(b < a for a, b in itertools.pairwise(losses)) > 30
+
+
 def test_pairs_stay_fixed_within_a_round_and_are_resampled_between_rounds():
     model = to_spectral(mlp(), rank=2)
     optimizer = SST(model, lr=1e-2, update_proj_gap=3, uniform_mix=1.0, seed=5)
@@ -287,6 +332,18 @@ def test_bad_settings_are_refused():
         SST(mlp())
     with pytest.raises(ValueError, match="give it to to_spectral"):
         SST(to_spectral(mlp(), rank=2), rank=2)
+
+
+def test_complex_weights_are_refused_spectrally_and_stepped_by_adamw_otherwise():
+    weight = nn.Parameter(torch.randn(5, 4, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="cannot be trained spectrally"):
+        SST([{"params": [weight], "rank": 2}])
+    bias = nn.Parameter(torch.randn(5, dtype=torch.complex64))
+    optimizer = SST([{"params": [bias, weight]}], lr=0.1)
+    bias.grad, weight.grad = (1 + 1j) * torch.ones_like(bias), (1 - 1j) * torch.ones_like(weight)
+    before = weight.detach().clone()
+    optimizer.step()  # AdamW's first step moves every real and imaginary part by -lr
+    torch.testing.assert_close(weight.detach(), before - 0.1 * (1 - 1j), rtol=0, atol=1e-6)
 
 
 def test_weight_decay_shrinks_the_whole_weight():

@@ -75,7 +75,8 @@ def run_diagnose(
 
     model.eval()
     held = Split(train.inputs[:samples], train.targets[:samples])
-    op = HessianOperator(model, loss_fn, None, list(held.batches(128)), progress=show_progress)
+    # one bar per long loop: Lanczos and quadrature have theirs, so none per product
+    op = HessianOperator(model, loss_fn, None, list(held.batches(128)))
     generator = torch.Generator().manual_seed(0)
     timings = {}
 

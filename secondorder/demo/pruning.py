@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._progress import progress
 from ..prune import MagnitudePruner, MFACPruner, Pruner, cubic_sparsity_schedule, keep_masks_applied
 from .data import Split, load_digits
 from .models import digits_cnn, digits_mlp
@@ -172,25 +173,20 @@ def compare(
     model, dense = train_dense(
         kind, train, test, epochs=train_epochs, seed=seed, show_progress=show_progress
     )
-    accuracy: dict[tuple[str, str], list[float]] = {}
     options = {method: dict(mfac_options or {}) if method == "M-FAC" else {} for method in METHODS}
-    for method in METHODS:
-        accuracy[method, "one-shot"] = [
-            one_shot(
-                model, method, s, train, test, show_progress=show_progress, **options[method]
-            ).accuracy
-            for s in sparsities
-        ]
-    if gradual_epochs > 0:
-        for method in METHODS:
-            options[method].pop("recompute_steps", None)
-            accuracy[method, "gradual"] = [
-                gradual(
-                    model, method, s, train, test, epochs=gradual_epochs, seed=seed,
-                    **options[method],
-                )
-                for s in sparsities
-            ]  # fmt: skip
+    modes = ["one-shot", "gradual"] if gradual_epochs > 0 else ["one-shot"]
+    runs = [(method, mode, s) for mode in modes for method in METHODS for s in sparsities]
+    accuracy: dict[tuple[str, str], list[float]] = {}
+    # one bar over every pruned copy; the pruners themselves stay silent
+    for method, mode, s in progress(runs, desc=f"digits {kind}: pruning", enabled=show_progress):
+        if mode == "one-shot":
+            result = one_shot(model, method, s, train, test, **options[method]).accuracy
+        else:
+            settings = {k: v for k, v in options[method].items() if k != "recompute_steps"}
+            result = gradual(
+                model, method, s, train, test, epochs=gradual_epochs, seed=seed, **settings
+            )
+        accuracy.setdefault((method, mode), []).append(result)
     return Comparison(kind, dense, list(sparsities), accuracy)
 
 
@@ -248,8 +244,16 @@ def prune_digits(
         print(f"\ndigits {kind}: dense test accuracy {c.dense_accuracy:.3f}")
         print(text_table(c.header(), c.rows()))
         comparisons.append(c)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = [
+        f"## digits {c.model}\n\ndense test accuracy {c.dense_accuracy:.3f}\n\n"
+        + markdown_table(c.header(), c.rows())
+        for c in comparisons
+    ]
+    (out / "table.md").write_text("\n\n".join(tables) + "\n")
+    print(f"\ntable written to {out / 'table.md'}")
     figure = plot_sparsity_accuracy(comparisons, out / "sparsity_accuracy.png")
-    print(f"\nplot written to {figure}" if figure else "\n(no plot: install matplotlib)")
+    print(f"plot written to {figure}" if figure else "(no plot: install matplotlib)")
     return comparisons
 
 

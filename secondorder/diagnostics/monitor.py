@@ -59,7 +59,9 @@ class CurvatureMonitor:
             file (rewritten with a header at construction); or a TensorBoard
             ``SummaryWriter`` (scalars under ``curvature/``), in which case the
             CSV goes to ``curvature.csv`` in its ``log_dir``.
-        params: the parameters to measure with respect to (``None``: all that require grad).
+        params: the parameters to measure with respect to (``None``: all that require grad
+            at each measurement, so a layer frozen or unfrozen during training leaves or
+            joins the measurement).
         num_matvecs, lanczos_iters, lanczos_tol: the cost bounds above.
         seed: seeds the probe vectors, so runs are reproducible.
     """
@@ -136,10 +138,18 @@ class CurvatureMonitor:
         self._log(row)
         return row
 
+    def _operator(self) -> HessianOperator:
+        """The Hessian with respect to the parameters measured now, built (and checked for
+        determinism) on first use and again when the parameters that require grad change."""
+        params = self.params
+        if params is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+        if self._hessian is None or list(map(id, self._hessian.params)) != list(map(id, params)):
+            self._hessian = HessianOperator(self.model, self.loss_fn, params, self.data)
+        return self._hessian
+
     def _measure(self) -> dict[str, float]:
-        if self._hessian is None:  # built (and checked for determinism) on first use, in eval mode
-            self._hessian = HessianOperator(self.model, self.loss_fn, self.params, self.data)
-        op = self._hessian
+        op = self._operator()
         values: dict[str, float] = {}
         if "hessian_trace" in self.metrics:
             estimate = hutchinson_trace(op, self.num_matvecs, generator=self.generator)

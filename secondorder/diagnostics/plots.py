@@ -30,28 +30,24 @@ def plot_metrics(
     metrics: Sequence[str] | None = None,
     title: str = "Curvature during training",
 ) -> Path:
-    """One panel per metric against the step, one line per run; returns ``out``.
+    """One panel per metric against the step, one line per run that logged it; returns ``out``.
 
     ``runs`` is a monitor CSV file, or ``{label: CSV file}`` to compare runs.
-    ``metrics`` defaults to every metric column of the first run (not
-    ``seconds``); ``hessian_trace`` gets a band of ± its standard error.
+    ``metrics`` defaults to every metric column any run has (not ``seconds``), in the
+    order they first appear; runs that logged different metrics each appear in the
+    panels of theirs. ``hessian_trace`` gets a band of ± its standard error.
     """
     if not isinstance(runs, Mapping):
         runs = {"": runs}
     tables = {label: read_metrics(path) for label, path in runs.items()}
-    if metrics is None:
-        first = next(iter(tables.values()))
-        metrics = [
-            c for c in first if c not in ("step", "seconds") and not c.endswith("_std_error")
-        ]
-    columns = min(len(metrics), 2)
-    rows = math.ceil(len(metrics) / columns)
+    chosen = panels(tables, metrics)
+    columns = min(len(chosen), 2)
+    rows = math.ceil(len(chosen) / columns)
     figure = _figure(figsize=(5.2 * columns, 3.4 * rows))
     axes = figure.subplots(rows, columns, squeeze=False)
-    for ax, metric in zip(axes.flat, metrics, strict=False):
-        for label, table in tables.items():
-            if metric not in table:
-                raise ValueError(f"{runs[label]} has no column {metric!r}")
+    for ax, (metric, labels) in zip(axes.flat, chosen.items(), strict=False):
+        for label in labels:
+            table = tables[label]
             (line,) = ax.plot(table["step"], table[metric], marker=".", label=label or None)
             error = table.get(f"{metric}_std_error")
             if error is not None:
@@ -62,10 +58,33 @@ def plot_metrics(
         ax.grid(alpha=0.3)
         if len(tables) > 1:
             ax.legend(fontsize="small")
-    for ax in list(axes.flat)[len(metrics) :]:
+    for ax in list(axes.flat)[len(chosen) :]:
         ax.set_visible(False)
     figure.suptitle(title)
     return _save(figure, out)
+
+
+def panels(
+    tables: Mapping[str, Mapping[str, list[float]]], metrics: Sequence[str] | None
+) -> dict[str, list[str]]:
+    """``{metric: labels of the runs that logged it}`` for each panel of :func:`plot_metrics`.
+
+    ``metrics=None`` takes every metric column of any run; a metric no run has is an error."""
+    if metrics is None:
+        metrics = list(
+            dict.fromkeys(
+                column
+                for table in tables.values()
+                for column in table
+                if column not in ("step", "seconds") and not column.endswith("_std_error")
+            )
+        )
+    chosen = {metric: [label for label, t in tables.items() if metric in t] for metric in metrics}
+    missing = [metric for metric, labels in chosen.items() if not labels]
+    if missing:
+        have = sorted({c for t in tables.values() for c in t})
+        raise ValueError(f"no run has a column {missing[0]!r}; the runs have {have}")
+    return chosen
 
 
 def plot_spectral_density(

@@ -24,9 +24,13 @@ __all__ = ["SpectralLinear", "refactor", "spectral_factors", "to_spectral"]
 
 
 def spectral_factors(W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``U, s, V`` with ``W = U diag(s) Vᵀ`` (thin SVD, in float32 or float64 for float64 ``W``)."""
+    """``U, s, V`` with ``W = U diag(s) Vᵀ`` (thin SVD, in float32 or float64 for float64 ``W``).
+
+    All three are row-major, as :func:`refactor`'s are: a product's rounding depends on its
+    operands' layout, and a checkpoint loaded into existing tensors (``torch.distributed.
+    checkpoint``) keeps their layout, so factors from either function must share one."""
     U, s, Vh = torch.linalg.svd(W.to(statistics_dtype(W.dtype)), full_matrices=False)
-    return U, s, Vh.mT.contiguous()
+    return U.contiguous(), s, Vh.mT.contiguous()
 
 
 def refactor(

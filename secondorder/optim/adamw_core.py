@@ -14,7 +14,9 @@ the same operations, in the same order, as ``torch.optim.AdamW`` (decoupled deca
 the update, ``ε`` added after the bias correction of ``√v``); ``correct_bias=False`` drops
 both bias corrections (GaLore's flag). The moments are float32 for any weight dtype
 (float64 for float64 weights), and a low-precision weight is updated in float32 and
-rounded once (:class:`write_back`).
+rounded once (:class:`write_back`). A complex weight is stepped as its ``view_as_real``
+(real and imaginary parts are two coordinates), as ``torch.optim.AdamW`` does; its
+moments are real, with a trailing dimension of 2.
 
 :class:`AdamWCore` is a ``torch.optim.Optimizer`` that steps every parameter with a
 gradient this way, except those a subclass *claims* (:meth:`AdamWCore._claims`), which it
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -38,9 +40,17 @@ from .._checks import check_finite, check_positive_int
 from .._common import statistics_dtype
 from .._distributed import all_reduce_sum, local, row_shard
 from ..errors import NonFiniteError
-from ._state import load_state_dict_exactly
+from ._state import load_state_dict_exactly, tag_rank_local, untag_rank_local
 
-__all__ = ["AdamWCore", "AdamWSettings", "adam_moments", "decoupled_decay", "write_back"]
+__all__ = [
+    "AdamWCore",
+    "AdamWSettings",
+    "adam_moments",
+    "check_shapes",
+    "decoupled_decay",
+    "learning_rate",
+    "write_back",
+]
 
 
 @dataclass(frozen=True)
@@ -67,12 +77,23 @@ class AdamWSettings:
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> AdamWSettings:
         return cls(
-            lr=group["lr"],
+            lr=learning_rate(group),
             betas=tuple(group["betas"]),
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             correct_bias=group["correct_bias"],
         )
+
+
+def learning_rate(group: dict[str, Any]) -> float:
+    """The group's ``lr`` as a number: a float, or (as ``torch.optim`` allows) a one-element
+    tensor, which an LR scheduler updates in place."""
+    lr = group["lr"]
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}")
+        return float(lr)
+    return lr
 
 
 def adam_moments(
@@ -86,17 +107,23 @@ def adam_moments(
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
     if not group["correct_bias"]:
-        return group["lr"], exp_avg_sq.sqrt().add_(group["eps"])
+        return learning_rate(group), exp_avg_sq.sqrt().add_(group["eps"])
     step = state["step"]
     bias_correction2_sqrt = (1 - beta2**step) ** 0.5
     denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return group["lr"] / (1 - beta1**step), denom
+    return learning_rate(group) / (1 - beta1**step), denom
 
 
 def decoupled_decay(target: torch.Tensor, group: dict[str, Any]) -> None:
     """``w ← (1 − lr · weight_decay) w``, AdamW's decoupled weight decay."""
     if group["weight_decay"]:
-        target.mul_(1 - group["lr"] * group["weight_decay"])
+        target.mul_(1 - learning_rate(group) * group["weight_decay"])
+
+
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for a complex ``t`` its ``view_as_real`` (a view: writes reach ``t``). AdamW
+    steps the real and imaginary parts as two coordinates, as ``torch.optim.AdamW`` does."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class write_back:
@@ -113,6 +140,12 @@ class write_back:
     def __exit__(self, *exc: object) -> None:
         if self.target is not self.p and exc[0] is None:
             self.p.copy_(self.target)
+
+
+def _graph_task_id() -> int | None:
+    """Which backward pass is running (autograd's graph task), ``None`` if unknown."""
+    current = getattr(torch._C, "_current_graph_task_id", None)
+    return None if current is None else current()
 
 
 def check_gradients(params: list[torch.Tensor]) -> None:
@@ -152,7 +185,9 @@ class AdamWCore(torch.optim.Optimizer):
       by :meth:`_step_claimed` instead of AdamW (default: none is);
     - :meth:`_step_claimed` ``(p, group, index)``: that step;
     - :meth:`_validate_group` to check their own group keys (calling ``super()``), and
-      :meth:`_group_changed` to cache what they derive from a group.
+      :meth:`_group_changed` to cache what they derive from a group;
+    - :meth:`_claimed_by` ``(p, group)``: :meth:`_claims` for a group not added yet, and
+      :meth:`_check_claimed_state` to refuse a saved state their step cannot take.
 
     Args:
         params: parameters or groups.
@@ -163,6 +198,13 @@ class AdamWCore(torch.optim.Optimizer):
             :meth:`step` for the contract.
         accumulation_steps: with ``layerwise``, update on every this many backward passes.
     """
+
+    #: attributes rebuilt rather than copied by ``copy.deepcopy`` and ``pickle``: name → factory
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {
+        "_hooks": list,
+        "_stepped": list,
+        "_graph_task": lambda: None,
+    }
 
     def __init__(
         self,
@@ -177,6 +219,8 @@ class AdamWCore(torch.optim.Optimizer):
         self._backward_counts: dict[torch.Tensor, int] = {}
         self._group_of: dict[torch.Tensor, int] = {}
         self._hooks: list[Any] = []
+        self._graph_task: int | None = None  # the backward pass _stepped belongs to
+        self._stepped: list[torch.Tensor] = []  # updated by hooks during that backward pass
         super().__init__(params, defaults)
 
     # ----------------------------------------------------------------- what subclasses fill in
@@ -190,9 +234,45 @@ class AdamWCore(torch.optim.Optimizer):
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a bad setting of ``group`` (nothing has changed yet)."""
         AdamWSettings.from_group(group)
+        if any(p.device.type == "meta" for p in group["params"]):
+            raise ValueError(
+                "parameters on the meta device hold no values to update: materialise the model "
+                "(e.g. model.to_empty(device=...) and initialise it) before building the optimiser"
+            )
 
     def _group_changed(self, index: int) -> None:
         """``self.param_groups[index]`` was added or loaded; refresh what is derived from it."""
+
+    def _claimed_by(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        """Whether ``p`` would be claimed in ``group`` (a checked group, maybe not added yet)."""
+        return False
+
+    def _check_claimed_state(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> None:
+        """Raise ``ValueError`` unless ``saved`` is a state :meth:`_step_claimed` can take."""
+
+    # ----------------------------------------------------------------- copies
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute the optimiser steps with (torch's keeps only ``defaults``,
+        ``state`` and ``param_groups``, and a copy could not step), except hooks: torch's are
+        not copied, and the ``layerwise`` ones are registered again on the copy's parameters."""
+        if getattr(self, "process_group", None) is not None:
+            raise TypeError(
+                "an optimiser with a process_group cannot be copied or pickled (a process group "
+                "cannot); save its state_dict() instead"
+            )
+        torch_hooks = {name for name in self.__dict__ if name.startswith("_optimizer_")}
+        skipped = torch_hooks | set(self._transient)
+        return {name: value for name, value in self.__dict__.items() if name not in skipped}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for name, factory in self._transient.items():
+            setattr(self, name, factory())
+        if self.layerwise:
+            for index in range(len(self.param_groups)):
+                self._register_hooks(index)
 
     # ----------------------------------------------------------------- groups
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -232,13 +312,25 @@ class AdamWCore(torch.optim.Optimizer):
         (each on every ``accumulation_steps``-th backward pass that reached it, after which
         its ``.grad`` is set to ``None``); ``step()`` then only runs the closure. Call it
         anyway once per iteration so LR schedulers see a step. Between updates, gradients
-        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between.
+        accumulate in ``.grad`` as usual: do not call ``zero_grad()`` in between. A
+        parameter that was frozen when the optimiser was built and is unfrozen since has no
+        hook yet: the next ``step()`` applies the gradient it has and hooks it, so that
+        from then on it is updated as the others are.
+
+        A NaN or Inf gradient in ``layerwise`` mode cannot leave every weight as it was:
+        the parameters whose hooks ran earlier in the same backward pass are already
+        updated. So that backward pass is abandoned: ``backward()`` raises
+        :class:`~secondorder.errors.NonFiniteError` naming the parameters it had already
+        updated; the parameter with the bad gradient and every one not reached yet are not
+        updated; every ``.grad`` of the optimiser's parameters is cleared and the
+        accumulation count starts again, so the next backward pass starts afresh.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         if self.layerwise:
+            self._adopt_unfrozen()
             return loss
         work = [
             (p, group, index)
@@ -251,16 +343,60 @@ class AdamWCore(torch.optim.Optimizer):
             self._update(p, group, index)
         return loss
 
+    def _adopt_unfrozen(self) -> None:
+        """``layerwise``: step the parameters unfrozen since their group's hooks were
+        registered (they have none), then hook them."""
+        for index, group in enumerate(self.param_groups):
+            late = [p for p in group["params"] if p.requires_grad and p not in self._group_of]
+            stepped = [p for p in late if p.grad is not None]
+            check_gradients(stepped)
+            for p in stepped:
+                self._update(p, group, index)
+                p.grad = None
+            for p in late:
+                self._group_of[p] = index
+                self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
+
     def _on_grad(self, p: torch.Tensor) -> None:
+        task = _graph_task_id()
+        if task != self._graph_task:
+            self._graph_task, self._stepped = task, []
         count = self._backward_counts.get(p, 0) + 1
         self._backward_counts[p] = count % self.accumulation_steps
         if count < self.accumulation_steps:
             return
         index = self._group_of[p]
         with torch.no_grad():
-            check_gradients([p])
+            try:
+                check_gradients([p])
+            except NonFiniteError as error:
+                self._abandon_backward(error)
             self._update(p, self.param_groups[index], index)
         p.grad = None
+        self._stepped.append(p)
+
+    def _abandon_backward(self, error: NonFiniteError) -> None:
+        """Clear every gradient and accumulation count, and raise naming what was updated."""
+        stepped = [self._describe(p) for p in self._stepped]
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self._backward_counts.clear()
+        self._graph_task, self._stepped = None, []
+        done = (
+            f"{len(stepped)} parameter(s) were already updated by it: {', '.join(stepped)}"
+            if stepped
+            else "no parameter was updated by it"
+        )
+        raise NonFiniteError(
+            f"{error}; this backward pass is abandoned: {done}; the others were not, and every "
+            "gradient was cleared, so the next backward pass starts afresh"
+        ) from None
+
+    def _describe(self, p: torch.Tensor) -> str:
+        index = self._group_of[p]
+        position = next(i for i, q in enumerate(self.param_groups[index]["params"]) if q is p)
+        return f"group {index} #{position} {tuple(p.shape)}"
 
     def _update(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         if self._claims(p, index):
@@ -270,21 +406,98 @@ class AdamWCore(torch.optim.Optimizer):
 
     def _adamw_step(self, p: torch.Tensor, group: dict[str, Any]) -> None:
         state = self.state[p]
-        dtype = statistics_dtype(p.dtype)
-        grad = local(p.grad).to(dtype)
+        weight = real_view(local(p))
+        dtype = statistics_dtype(weight.dtype)
+        grad = real_view(local(p.grad)).to(dtype)
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
         step_size, denom = adam_moments(state, grad, group)
-        with write_back(local(p), dtype) as target:
+        with write_back(weight, dtype) as target:
             decoupled_decay(target, group)
             target.addcdiv_(state["exp_avg"], denom, value=-step_size)
 
     # ----------------------------------------------------------------- state
+    def _shard_ranks(self, saved_groups: list[dict[str, Any]]) -> dict[Any, int]:
+        """``{id: rank}`` for each FSDP2-sharded parameter, by its id in ``saved_groups``
+        (an index, or the name ``torch.distributed.checkpoint`` gives it)."""
+        ranks = {}
+        for saved, group in zip(saved_groups, self.param_groups, strict=False):
+            for key, p in zip(saved["params"], group["params"], strict=False):
+                shard = row_shard(p)
+                if shard is not None:
+                    ranks[key] = torch.distributed.get_rank(shard.group)
+        return ranks
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``torch.optim.Optimizer.state_dict``; under FSDP2 the state of each sharded
+        parameter (this rank's rows) is keyed by rank, e.g. ``"exp_avg@rank1"``, so that
+        ``torch.distributed.checkpoint`` keeps every rank's (see
+        :func:`~secondorder.optim._state.tag_rank_local`)."""
+        saved = super().state_dict()
+        ranks = self._shard_ranks(saved["param_groups"])
+        return {**saved, "state": tag_rank_local(saved["state"], ranks)} if ranks else saved
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but every state tensor keeps its dtype."""
+        """As ``torch.optim.Optimizer.load_state_dict``, but checked first: a state dict
+        that does not fit (another number of groups or parameters, a group setting the
+        optimiser refuses, state of another shape) raises ``ValueError`` and changes
+        nothing. Every state tensor keeps its saved dtype."""
+        ranks = self._shard_ranks(state_dict["param_groups"])
+        state_dict = {**state_dict, "state": untag_rank_local(state_dict["state"], ranks)}
+        self._check_loadable(state_dict)
         load_state_dict_exactly(self, state_dict)
         self._backward_counts.clear()
         for index in range(len(self.param_groups)):
             self._group_changed(index)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Raise ``ValueError`` unless :meth:`load_state_dict` can take ``state_dict`` whole."""
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"the state dict has {len(saved_groups)} parameter groups, the optimiser "
+                f"{len(self.param_groups)}"
+            )
+        for index, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"parameter group {index} of the state dict has {len(saved['params'])} "
+                    f"parameters, the optimiser's {len(group['params'])}"
+                )
+            candidate = {**saved, "params": group["params"]}
+            try:
+                self._validate_group(candidate)
+            except KeyError as error:
+                raise ValueError(
+                    f"parameter group {index} of the state dict lacks {error}"
+                ) from None
+            for key, p in zip(saved["params"], group["params"], strict=True):
+                if key in state_dict["state"]:
+                    self._check_state(p, candidate, state_dict["state"][key])
+
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], saved: Any) -> None:
+        if not isinstance(saved, dict):
+            raise ValueError(f"the saved state of a parameter is a {type(saved).__name__}")
+        if self._claimed_by(p, group):
+            self._check_claimed_state(p, group, saved)
+        else:
+            check_shapes(
+                saved, dict.fromkeys(("exp_avg", "exp_avg_sq"), real_view(local(p)).shape), p
+            )
+
+
+def check_shapes(saved: dict[str, Any], shapes: dict[str, Any], p: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless each of ``shapes`` present in ``saved`` is a tensor of
+    that shape; ``p`` names the parameter in the message."""
+    for key, shape in shapes.items():
+        if key not in saved:
+            continue
+        value = saved[key]
+        if not isinstance(value, torch.Tensor) or tuple(value.shape) != tuple(shape):
+            found = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+            raise ValueError(
+                f"the saved {key} of a parameter of shape {tuple(p.shape)} is {found}, "
+                f"expected {tuple(shape)}: is this the state of another model or optimiser?"
+            )

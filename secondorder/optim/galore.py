@@ -2,12 +2,13 @@ r"""GaLore (Zhao et al., 2024) and Natural GaLore: Adam in an SVD-chosen low-ran
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
 
 import torch
 
 from .._checks import check_damping, check_positive_int
+from .._common import statistics_dtype
 from ..curvature import SlidingWindowMFAC
 from .projected_adam import LowRankConfig, ProjectedAdam
 from .projectors import SVDProjector
@@ -109,6 +110,12 @@ class NaturalGaLore(GaLoreAdamW):
         Other arguments as for :class:`GaLoreAdamW`.
     """
 
+    #: a copy rebuilds the windows from the state, as a loaded optimiser does
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {
+        **GaLoreAdamW._transient,
+        "_windows": dict,
+    }
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -142,21 +149,43 @@ class NaturalGaLore(GaLoreAdamW):
         """The window of ``p``, built (and loaded from its saved state) on first use."""
         window = self._windows.get(p)
         if window is None:
-            config = LowRankConfig.from_group(group)
-            window = SlidingWindowMFAC(
-                like.numel(),
-                group["history"],
-                group["damp"],
-                device=like.device,
-                dtype=like.dtype,
-                relative_damp=group["relative_damp"],
-                # under FSDP2 with a right projection, each rank holds its rows of the window
-                process_group=None if config is None else self._split_group(p, config),
-            )
+            window = self._new_window(p, group, like.numel(), like.dtype)
             if "fisher" in state:
                 window.load_state_dict(state["fisher"])
             self._windows[p] = window
         return window
+
+    def _new_window(
+        self, p: torch.Tensor, group: dict[str, Any], dim: int, dtype: torch.dtype
+    ) -> SlidingWindowMFAC:
+        config = LowRankConfig.from_group(group)
+        return SlidingWindowMFAC(
+            dim,
+            group["history"],
+            group["damp"],
+            device=p.device,
+            dtype=dtype,
+            relative_damp=group["relative_damp"],
+            # under FSDP2 with a right projection, each rank holds its rows of the window
+            process_group=None if config is None else self._split_group(p, config),
+        )
+
+    def _check_claimed_state(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> None:
+        """The projected state, and a window that loads the saved one (then dropped: the
+        window is rebuilt from the state on the next step)."""
+        super()._check_claimed_state(p, group, saved)
+        if "fisher" not in saved:
+            return
+        kept, _, rank = self._projected_shape(p, LowRankConfig.from_group(group))
+        window = self._new_window(p, group, kept * rank, statistics_dtype(p.dtype))
+        try:
+            window.load_state_dict(saved["fisher"])
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(
+                f"the saved Fisher window of a weight is incomplete: {error}"
+            ) from None
 
     def _precondition(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], low: torch.Tensor

@@ -22,7 +22,7 @@ from ..curvature import SlidingWindowMFAC, SparseSlidingWindowMFAC
 from ..curvature.sliding_window import SlidingWindow
 from ..curvature.sparse_window import check_density
 from ._state import load_state_dict_exactly
-from .adamw_core import check_gradients
+from .adamw_core import check_gradients, learning_rate
 
 __all__ = ["GRAFTS", "MFAC", "WindowSettings"]
 
@@ -257,11 +257,7 @@ class MFAC(torch.optim.Optimizer):
             raise
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        lr = group["lr"]
-        if isinstance(lr, torch.Tensor):
-            if lr.numel() != 1:
-                raise ValueError(f"a tensor lr must hold one number, got shape {tuple(lr.shape)}")
-            lr = float(lr)
+        lr = learning_rate(group)
         if not lr >= 0:
             raise ValueError(f"lr must be >= 0, got {group['lr']}")
         if not 0 <= group["momentum"] < 1:
@@ -416,7 +412,8 @@ class MFAC(torch.optim.Optimizer):
         self._steps += 1
         for p, active in zip(layout.members, has_grad, strict=True):
             if active:
-                self.state[p]["step"] += 1
+                state = self.state[p]
+                state["step"] = state.get("step", torch.tensor(0.0)) + 1
         if self._settings.graft is not None:
             self._graft(update, g, has_grad, groups)
         if any(group["momentum"] for group in groups):
@@ -429,7 +426,7 @@ class MFAC(torch.optim.Optimizer):
             if active:
                 target = _real(local(p))
                 piece = direction[start : start + size].view_as(target).to(target.dtype)
-                target.add_(piece, alpha=-_as_float(group["lr"]))
+                target.add_(piece, alpha=-learning_rate(group))
             start += size
         return loss
 
@@ -483,7 +480,7 @@ class MFAC(torch.optim.Optimizer):
                 second.copy_(torch.where(active, beta2 * second + (1 - beta2) * g * g, second))
             denominator = second
             if kind == "adam":
-                counts = [float(self.state[p]["step"]) for p in self._layout_.members]
+                counts = [float(self.state[p].get("step", 0)) for p in self._layout_.members]
                 corrections = [
                     1 - group["betas"][1] ** count if count else 1.0
                     for group, count in zip(groups, counts, strict=True)
@@ -660,10 +657,6 @@ class _Layout:
     @property
     def sharded(self) -> bool:
         return self.window is not None and self.window.process_group is not None
-
-
-def _as_float(lr: float | torch.Tensor) -> float:
-    return float(lr) if isinstance(lr, torch.Tensor) else lr
 
 
 def _widened(saved: dict[str, Any], extra: int, window: SlidingWindow) -> dict[str, Any]:

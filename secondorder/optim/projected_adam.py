@@ -60,7 +60,7 @@ import torch
 from .._checks import check_positive_int
 from .._common import statistics_dtype
 from .._distributed import RowShard, all_reduce_sum, broadcast_from_first, local, row_shard
-from .adamw_core import AdamWCore, adam_moments, decoupled_decay, write_back
+from .adamw_core import AdamWCore, adam_moments, check_shapes, decoupled_decay, write_back
 from .projectors import Projector, Side, orient, rotation
 
 __all__ = ["LowRankConfig", "ProjectedAdam"]
@@ -192,6 +192,12 @@ class ProjectedAdam(AdamWCore):
         for p in group["params"]:
             if p.dim() < 2:
                 continue
+            if p.is_complex():
+                raise ValueError(
+                    f"a complex weight of shape {tuple(p.shape)} is in a group with 'rank': the "
+                    "low-rank projection is defined for real matrices only; put complex "
+                    "parameters in a group without 'rank' (AdamW on their real view)"
+                )
             rows, cols = p.shape[0], math.prod(p.shape[1:])
             side = config.side(rows, cols)
             size = cols if side == "right" else rows
@@ -208,6 +214,31 @@ class ProjectedAdam(AdamWCore):
 
     def _claims(self, p: torch.Tensor, index: int) -> bool:
         return self._configs[index] is not None and p.dim() >= 2
+
+    def _claimed_by(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        return group.get("rank") is not None and p.dim() >= 2
+
+    def _projected_shape(self, p: torch.Tensor, config: LowRankConfig) -> tuple[int, int, int]:
+        """``(kept, size, rank)``: ``X P`` (and the moments) is ``kept × rank`` on this rank,
+        the basis ``size × rank``."""
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
+        side = config.side(rows, cols)
+        if side == "left":  # Pᵀ G summed over the ranks: every rank holds all of it
+            return cols, rows, config.rank
+        return local(p).shape[0], cols, config.rank
+
+    def _check_claimed_state(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> None:
+        kept, size, rank = self._projected_shape(p, LowRankConfig.from_group(group))
+        check_shapes(saved, {"exp_avg": (kept, rank), "exp_avg_sq": (kept, rank)}, p)
+        if "basis" not in saved:
+            return
+        try:
+            basis = self.projector.basis(saved["basis"], size, torch.float32)
+        except (IndexError, RuntimeError, TypeError, AttributeError) as error:
+            raise ValueError(f"the saved basis of a weight does not fit it: {error}") from None
+        check_shapes({"basis": basis}, {"basis": (size, rank)}, p)
 
     # ----------------------------------------------------------------- stepping
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:

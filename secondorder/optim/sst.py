@@ -56,7 +56,7 @@ from .._common import statistics_dtype
 from .._distributed import row_shard
 from ..nn import SpectralLinear, refactor, spectral_factors
 from ..nn import to_spectral as _to_spectral
-from .adamw_core import AdamWCore, adam_moments, decoupled_decay, write_back
+from .adamw_core import AdamWCore, adam_moments, check_shapes, decoupled_decay, write_back
 
 __all__ = ["SST", "SpectralConfig", "sample_pairs"]
 
@@ -207,6 +207,14 @@ class SST(AdamWCore):
         if not 0 <= group["uniform_mix"] <= 1:
             raise ValueError(f"uniform_mix must be in [0, 1], got {group['uniform_mix']!r}")
         config = SpectralConfig.from_group(group)
+        spectral = config is not None or group.get("spectral_layer") is not None
+        for p in group["params"] if spectral else ():
+            if p.is_complex() and (p.dim() >= 2 or config is None):
+                raise ValueError(
+                    f"a complex weight of shape {tuple(p.shape)} cannot be trained spectrally: "
+                    "SST's factors are real; put complex parameters in a group without 'rank' "
+                    "(AdamW on their real view)"
+                )
         for p in group["params"] if config is not None else ():
             if p.dim() >= 2 and config.rank > min(p.shape[0], math.prod(p.shape[1:])):
                 raise ValueError(
@@ -223,6 +231,24 @@ class SST(AdamWCore):
         if self.param_groups[index].get("spectral_layer") is not None:
             return True
         return self._configs[index] is not None and p.dim() >= 2
+
+    def _claimed_by(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+        if group.get("spectral_layer") is not None:
+            return True
+        return group.get("rank") is not None and p.dim() >= 2
+
+    def _check_claimed_state(
+        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
+    ) -> None:
+        if group.get("spectral_layer") is not None:  # s, u or v of a SpectralLinear
+            check_shapes(saved, {"exp_avg": p.shape, "exp_avg_sq": p.shape}, p)
+            return
+        m, n, rank = p.shape[0], math.prod(p.shape[1:]), group["rank"]
+        k = min(m, n)
+        check_shapes(saved, {"U": (m, k), "s": (k,), "V": (n, k), "indices": (rank,)}, p)
+        for name, shape in {"s": (k,), "u": (m, rank), "v": (n, rank)}.items():
+            moments = saved.get("moments", {}).get(name, {})
+            check_shapes(moments, {"exp_avg": shape, "exp_avg_sq": shape}, p)
 
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         layer = group.get("spectral_layer")
