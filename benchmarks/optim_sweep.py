@@ -392,11 +392,43 @@ def run_and_record(path: Path, family: str, settings: dict, task: str, seed: int
 
 
 def tune(task: str, only: str | None) -> None:
+    """The grid, then, while a family's best learning rate or damping lies on the edge of
+    what was tried, one step further out along it (at most two steps each way)."""
     path = SWEEP_DIR / f"tune-{task}.jsonl"
     for family, grid in families(task).items():
-        if only is None or family == only:
-            for settings in grid:
+        if only is not None and family != only:
+            continue
+        for settings in grid:
+            run_and_record(path, family, settings, task, seed=0, split="valid")
+        for _ in range(2):
+            beyond = settings_beyond_the_edge(path, family)
+            if not beyond:
+                break
+            for settings in beyond:
                 run_and_record(path, family, settings, task, seed=0, split="valid")
+
+
+#: how far a step beyond the grid goes, per setting
+_STEP_OUT = {"lr": 3.0, "relative_damp": 10.0}
+
+
+def settings_beyond_the_edge(path: Path, family: str) -> list[dict]:
+    """For the family's best record: each swept setting at the largest (smallest) value
+    tried, moved one step up (down), the others kept."""
+    records = [r for r in read_records(path) if r["family"] == family]
+    best = min(records, key=score)["settings"]
+    out = []
+    for key, factor in _STEP_OUT.items():
+        if key not in best:
+            continue
+        tried = sorted({r["settings"][key] for r in records if r["settings"].get(key) is not None})
+        if len(tried) < 2:
+            continue
+        if best[key] == tried[-1]:
+            out.append({**best, key: best[key] * factor})
+        elif best[key] == tried[0]:
+            out.append({**best, key: best[key] / factor})
+    return out
 
 
 def score(record: dict) -> float:
