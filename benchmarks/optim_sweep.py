@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from secondorder._checks import format_bytes
 from secondorder.demo import lowrank
 from secondorder.demo.data import Split, TextCorpus, load_digits, load_stdlib_corpus
 from secondorder.demo.models import digits_cnn
@@ -474,18 +475,20 @@ def report() -> None:
         print(f"\n### {task}: held-out, mean ± std over seeds\n")
         header = "| optimiser | setting | held-out loss | accuracy | s/step | optimiser state |"
         print(header + "\n|---|---|---|---|---|---|")
+        best = best_settings(task)  # a family's final runs at an earlier best are left out
         by_family: dict[str, list[dict]] = {}
         for record in finals:
-            by_family.setdefault(record["family"], []).append(record)
+            if record["settings"] == best.get(record["family"]):
+                by_family.setdefault(record["family"], []).append(record)
         for family, records in by_family.items():
             losses = [r["loss"] for r in records]
             accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
             accuracy = mean_std(accuracies) if len(accuracies) > 1 else "—"
             seconds = statistics.median(r["seconds_per_step"] for r in records)
-            state = records[0]["state_bytes"] / 2**20
+            state = format_bytes(records[0]["state_bytes"])
             print(
                 f"| {family} | {describe(records[0]['settings'])} | {mean_std(losses)} "
-                f"({len(records)} seeds) | {accuracy} | {seconds * 1e3:.1f} ms | {state:.2f} MiB |"
+                f"({len(records)} seeds) | {accuracy} | {seconds * 1e3:.1f} ms | {state} |"
             )
 
 
