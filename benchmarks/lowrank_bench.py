@@ -6,6 +6,7 @@
     python benchmarks/lowrank_bench.py --part quality  # (3) tiny Llama on the standard library
     python benchmarks/lowrank_bench.py --part speed    # (3) its training throughput, interleaved
     python benchmarks/lowrank_bench.py --part sweep    # learning-rate sweep behind (3)
+    python benchmarks/lowrank_bench.py --part step     # one optimiser step, many tensors
 
 Prints markdown tables; the numbers in docs/benchmarks.md come from these commands.
 """
@@ -18,6 +19,7 @@ import time
 from functools import partial
 
 import torch
+from timing import timed_side_by_side
 
 from secondorder.demo.data import load_stdlib_corpus
 from secondorder.demo.lowrank import (
@@ -200,12 +202,54 @@ def sweep_part(steps: int, show_progress: bool) -> None:
     print(markdown_table(["optimiser", *[f"lr {lr:g}" for lr in rates]], rows))
 
 
+def llama_gradients(layers: int = 12, hidden: int = 256, seed: int = 0) -> torch.nn.Module:
+    """A Llama-shaped model of ``9·layers + 3`` parameter tensors (attention and MLP matrices,
+    two norms per layer, embeddings, final norm, output layer), with random gradients."""
+    from secondorder.demo.models import tiny_llama
+
+    torch.manual_seed(seed)
+    model = tiny_llama(256, hidden, layers, 4, int(2.6875 * hidden))
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    return model
+
+
+def step_part() -> None:
+    """One optimiser step on the gradients in place (no forward or backward), side by side:
+    AdamW for every tensor (ours against torch's foreach and for-loop AdamW) and GaLore's
+    projected step between refreshes."""
+    model = llama_gradients()
+    params = list(model.parameters())
+    print(f"\n### One step on a Llama-shaped model: {len(params)} tensors, "
+          f"{sum(p.numel() for p in params) / 1e6:.1f}M parameters\n")  # fmt: skip
+    optimizers = {
+        "torch AdamW, foreach": torch.optim.AdamW(params, lr=1e-3, foreach=True),
+        "torch AdamW, for-loop": torch.optim.AdamW(params, lr=1e-3, foreach=False),
+        "GaLoreAdamW, no rank (AdamW core)": GaLoreAdamW(params, lr=1e-3),
+        "GaLoreAdamW, rank 32 (matrices projected)": GaLoreAdamW(
+            low_rank_groups(model, rank=32, update_proj_gap=10**6), lr=1e-3
+        ),
+        "DCTAdamW, rank 32, between refreshes": DCTAdamW(
+            low_rank_groups(model, rank=32, update_proj_gap=10**6), lr=1e-3
+        ),
+    }
+    best = timed_side_by_side({name: opt.step for name, opt in optimizers.items()}, budget=20)
+    reference = best["torch AdamW, foreach"]
+    rows = [
+        [name, f"{seconds * 1e3:.2f}", f"{seconds / reference:.2f}"]
+        for name, seconds in best.items()
+    ]
+    print(markdown_table(["optimiser", "step (ms, best)", "/ torch AdamW foreach"], rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--part", choices=["all", "refresh", "memory", "quality", "speed", "sweep"], default="all"
+        "--part",
+        choices=["all", "refresh", "memory", "quality", "speed", "sweep", "step"],
+        default="all",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)"
@@ -228,6 +272,8 @@ def main() -> None:
         quality_part(args.steps, show)
     if args.part in ("all", "speed"):
         speed_part(50, 3)
+    if args.part in ("all", "step"):
+        step_part()
 
 
 if __name__ == "__main__":

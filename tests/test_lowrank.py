@@ -803,3 +803,39 @@ def test_natural_galore_relative_damping_is_scale_free():
         trajectories[0.1, 1.0], trajectories[0.1, 1e3], rtol=1e-9, atol=1e-12
     )
     assert not torch.allclose(trajectories[None, 1.0], trajectories[None, 1e3], rtol=1e-3)
+
+
+@pytest.mark.parametrize("correct_bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_both_ways_of_stepping_plain_parameters_agree_bit_for_bit(monkeypatch, correct_bias, dtype):
+    """The core steps the parameters of a group one at a time (CPU) or with foreach kernels
+    (GPU): the same bits either way, with parameters that miss a step (their step counts
+    differ) and bf16 weights updated from float32 moments; and, for float32 with bias
+    correction, the bits of torch.optim.AdamW."""
+    from secondorder.optim import adamw_core
+
+    torch.manual_seed(0)
+    weights = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype), torch.randn(2, 2).to(dtype)]
+    kwargs = {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.1}
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        optimizer = make(params)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(5):
+            for i, p in enumerate(params):
+                missing = step == 2 and i == 1
+                p.grad = None if missing else torch.randn(p.shape, generator=gen).to(dtype)
+            optimizer.step()
+        return params
+
+    results = {}
+    for foreach in (False, True):
+        monkeypatch.setattr(adamw_core, "uses_foreach", lambda device, foreach=foreach: foreach)
+        results[foreach] = run(lambda p: GaLoreAdamW(p, correct_bias=correct_bias, **kwargs))
+    for a, b in zip(results[False], results[True], strict=True):
+        assert torch.equal(a, b)
+    if correct_bias and dtype == torch.float32:
+        reference = run(lambda p: torch.optim.AdamW(p, foreach=False, **kwargs))
+        for a, b in zip(results[True], reference, strict=True):
+            assert torch.equal(a, b)
