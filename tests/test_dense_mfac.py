@@ -5,7 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secondorder.curvature import DenseMFAC
-from secondorder.errors import InsufficientMemoryError, NonFiniteError
+from secondorder.errors import (
+    InsufficientMemoryError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+)
 
 f64 = torch.float64
 
@@ -115,6 +119,16 @@ def test_bad_inputs():
         inverse.solve(torch.full((10,), float("inf")))
 
 
+@pytest.mark.parametrize("block", [None, 2])
+def test_a_system_that_cannot_be_factored_is_refused(block):
+    """Three nearly equal large gradients and damp = 1e-30: G Gᵀ is singular to rounding,
+    for the Woodbury factor and for the explicit 2 x 2 blocks alike."""
+    g = torch.randn(1, 20, generator=torch.Generator().manual_seed(0), dtype=f64) * 1e6
+    G = torch.cat([g, g, g * (1 + 1e-16)])
+    with pytest.raises(NotPositiveDefiniteError, match="raise damp"):
+        DenseMFAC(G, 1e-30, block_size=block)
+
+
 def test_estimated_memory_is_checked_before_building():
     huge = torch.empty(2, 1).expand(2, 10**13)  # no memory behind it
     with pytest.raises(InsufficientMemoryError, match="lower num_grads or block_size"):
@@ -158,15 +172,18 @@ def test_gradients_are_read_in_place_even_when_strided():
 def _peak_allocated_bytes(fn) -> int:
     """High-water mark of torch's CPU allocations during ``fn``, above what it found, from the
     profiler's memory events (the legacy profiler: it starts in milliseconds, kineto in
-    seconds). tracemalloc does not see these allocations."""
+    seconds). tracemalloc does not see these allocations. An op's own net allocation counts
+    from its start when positive, from its end when negative (the temporaries it freed)."""
     with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
         fn()
     changes = []
     for event in prof.function_events:
         if event.name == "[memory]":  # a free (negative) or an allocation outside any op
             changes.append((event.time_range.start, event.cpu_memory_usage))
-        elif event.self_cpu_memory_usage > 0:  # an allocation inside the op itself
+        elif event.self_cpu_memory_usage > 0:
             changes.append((event.time_range.start, event.self_cpu_memory_usage))
+        elif event.self_cpu_memory_usage < 0:
+            changes.append((event.time_range.end, event.self_cpu_memory_usage))
     current = peak = 0
     for _, change in sorted(changes, key=lambda c: c[0]):
         current += change

@@ -493,13 +493,22 @@ class DenseMFAC:
             what=f"the M-FAC inverse of {self.num_grads} gradients of length {self.dim}",
             advice="lower num_grads or block_size",
         )
-        check_finite(grads, "grads")
         G = grads.to(self.dtype)  # the caller's tensor itself for float32 and float64
         size = self.dim if block_size is None else min(block_size, self.dim)
         full_blocks, remainder = divmod(self.dim, size)
         self._groups = [_BlockGroup(G[:, : full_blocks * size], size, self.damp)]
         if remainder:
             self._groups.append(_BlockGroup(G[:, full_blocks * size :], remainder, self.damp))
+        if not all(group.factored for group in self._groups):
+            # NaN or Inf in G reaches the diagonal of its Gram matrix (a sum of squares,
+            # which cannot overflow in float64 from float32 numbers): no separate pass over G
+            check_finite(grads, "grads")
+            raise NotPositiveDefiniteError(
+                "the damped system of the gradients (n·damp·I + G Gᵀ, or damp·I + G_bᵀ G_b / n "
+                f"for explicit blocks) could not be factored in float64: damp={self.damp:g} is "
+                "below the rounding of the products, or the gradients overflow float64; "
+                "raise damp"
+            )
         self._diagonal: torch.Tensor | None = None
         self._itemsize = G.element_size()
 
@@ -610,6 +619,39 @@ def _float64_piece(buffer: torch.Tensor, piece: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _explicit_inverse(G: torch.Tensor, damp: float):
+    """For ``[b, n, size]`` blocks: ``(damp·I + G_bᵀ G_b / n)⁻¹`` in float64, its diagonal
+    floored at ``1 / F_kk``, and whether a block failed to factor or was not finite. A
+    function of its own so that its temporaries are gone when it returns."""
+    n = G.shape[1]
+    G = G.to(_SMALL)
+    F = G.mT @ G / n
+    del G
+    F.diagonal(dim1=-2, dim2=-1).add_(damp)
+    factor, info = torch.linalg.cholesky_ex(F)
+    failed = (info != 0).any() | ~torch.isfinite(F.diagonal(dim1=-2, dim2=-1)).all()
+    if bool(failed):  # the caller raises; there is nothing to invert
+        return torch.zeros_like(F), torch.zeros_like(F[..., 0]), failed
+    inverse = torch.cholesky_inverse(factor)
+    del factor
+    floor = 1.0 / F.diagonal(dim1=-2, dim2=-1)  # [F⁻¹]_kk ≥ 1 / F_kk
+    return inverse, torch.maximum(inverse.diagonal(dim1=-2, dim2=-1), floor), failed
+
+
+def _woodbury_factor(G: torch.Tensor, columns: list[slice], damp: float, buffer: torch.Tensor):
+    """For ``[b, n, size]`` blocks: the Cholesky factor of ``n·damp·I + G_b G_bᵀ`` from the
+    lower Gram matrix accumulated a float64 piece (``columns``) at a time in ``buffer``, and
+    whether a block failed to factor or was not finite."""
+    n = G.shape[1]
+    K = torch.zeros(G.shape[0], n, n, dtype=_SMALL, device=G.device)
+    for c in columns:
+        _add_lower_gram(K, _float64_piece(buffer, G[..., c]))
+    K += K.tril(-1).mT  # the upper triangle was left at zero
+    K.diagonal(dim1=-2, dim2=-1).add_(n * damp)
+    L, info = torch.linalg.cholesky_ex(K)
+    return L, (info != 0).any() | ~torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all()
+
+
 class _BlockGroup:
     """Equal blocks of ``size`` consecutive coordinates, sharing one representation."""
 
@@ -619,43 +661,39 @@ class _BlockGroup:
         self.method = "explicit" if size < n else "woodbury"
         self.blocks = grads.reshape(n, d // size, size).transpose(0, 1)  # [blocks, n, size]
         if self.method == "explicit":
-            self.inverse, self._diagonal = self._explicit(self.blocks, damp)
+            self.inverse, self._diagonal, self.factored = self._explicit(self.blocks, damp)
         else:
-            self.factor = self._factor(self.blocks, damp)
+            self.factor, self.factored = self._factor(self.blocks, damp)
 
     @staticmethod
     def _explicit(blocks: torch.Tensor, damp: float):
-        """``(damp·I + G_bᵀ G_b / n)⁻¹`` of every block, and its diagonal, in float64."""
+        """``(damp·I + G_bᵀ G_b / n)⁻¹`` of every block and its diagonal, in float64, and
+        whether every block could be factored (and was finite)."""
         count, n, size = blocks.shape
         inverse = torch.empty(count, size, size, dtype=blocks.dtype, device=blocks.device)
         diagonal = torch.empty(count, size, dtype=_SMALL, device=blocks.device)
-        step = max(1, _piece_width(n) // size)
+        failed = torch.zeros((), dtype=torch.bool, device=blocks.device)
+        step = _blocks_per_step(count, n, size)
         for b in range(0, count, step):
-            G = blocks[b : b + step].to(_SMALL)
-            F = G.mT @ G / n
-            F.diagonal(dim1=-2, dim2=-1).add_(damp)
-            block_inverse = torch.cholesky_inverse(torch.linalg.cholesky(F))
-            inverse[b : b + step] = block_inverse
-            floor = 1.0 / F.diagonal(dim1=-2, dim2=-1)  # [F⁻¹]_kk ≥ 1 / F_kk
-            diagonal[b : b + step] = torch.maximum(block_inverse.diagonal(dim1=-2, dim2=-1), floor)
-        return inverse, diagonal.reshape(-1)
+            inverse[b : b + step], diagonal[b : b + step], bad = _explicit_inverse(
+                blocks[b : b + step], damp
+            )
+            failed |= bad
+        return inverse, diagonal.reshape(-1), not bool(failed)
 
     @staticmethod
-    def _factor(blocks: torch.Tensor, damp: float) -> torch.Tensor:
+    def _factor(blocks: torch.Tensor, damp: float) -> tuple[torch.Tensor, bool]:
         """``L`` with ``L Lᵀ = n·damp·I + G_b G_bᵀ`` for every block, in float64: the lower
-        Gram matrix accumulated a float64 piece at a time, then one batched Cholesky."""
+        Gram matrix accumulated a float64 piece at a time, then a batched Cholesky; and
+        whether every block could be factored (and was finite)."""
         count, n, _ = blocks.shape
         factor = torch.empty(count, n, n, dtype=_SMALL, device=blocks.device)
         buffer = torch.empty(_piece_elements(*blocks.shape), dtype=_SMALL, device=blocks.device)
+        failed = torch.zeros((), dtype=torch.bool, device=blocks.device)
         for b, columns in _pieces(*blocks.shape):
-            G = blocks[b]
-            K = torch.zeros(G.shape[0], n, n, dtype=_SMALL, device=G.device)
-            for c in columns:
-                _add_lower_gram(K, _float64_piece(buffer, G[..., c]))
-            K += K.tril(-1).mT  # the upper triangle was left at zero
-            K.diagonal(dim1=-2, dim2=-1).add_(n * damp)
-            factor[b] = torch.linalg.cholesky(K)
-        return factor
+            factor[b], bad = _woodbury_factor(blocks[b], columns, damp, buffer)
+            failed |= bad
+        return factor, not bool(failed)
 
     def diagonal(self) -> torch.Tensor:
         """``[F⁻¹]_kk`` of this group's coordinates, float64: ``(1 − ‖W[:, k]‖²) / damp`` with
