@@ -374,10 +374,12 @@ class SlidingWindowMFAC:
         self._updates_since_refactor = int(state["updates_since_refactor"])
 
 
-# Float64 pieces of the gradients are made _PIECE_COLUMNS columns at a time (or whole blocks
-# of that many columns in all), at most _CHUNK_ELEMENTS numbers, into a buffer reused piece
-# after piece: small enough to stay in cache at small n, wide enough for efficient GEMMs and
-# triangular solves at large n (docs/benchmarks.md, "Static precomputation").
+# Float64 pieces of the gradients are made into a buffer reused piece after piece: about
+# _PIECE_ELEMENTS numbers (2 MiB, within the last-level cache) but at least _PIECE_COLUMNS
+# columns (GEMMs and triangular solves stay efficient at large n), and at most
+# _CHUNK_ELEMENTS numbers; whole blocks of that many columns in all when blockwise
+# (docs/benchmarks.md, "Static precomputation").
+_PIECE_ELEMENTS = 1 << 18
 _PIECE_COLUMNS = 1024
 _CHUNK_ELEMENTS = 1 << 24
 # Rows per block of the lower-triangular Gram matrix, and of the squared column norms.
@@ -391,7 +393,7 @@ _SMALL_TEMPORARIES = 1 << 14
 
 def _piece_width(n: int) -> int:
     """Columns of ``n`` rows per float64 piece."""
-    return max(1, min(_PIECE_COLUMNS, _CHUNK_ELEMENTS // n))
+    return max(1, min(max(_PIECE_COLUMNS, _PIECE_ELEMENTS // n), _CHUNK_ELEMENTS // n))
 
 
 def _blocks_per_step(count: int, n: int, size: int) -> int:
@@ -417,7 +419,7 @@ def _build_working_bytes(count: int, n: int, size: int) -> int:
     Fisher, factor and inverse with a product's temporary (explicit)."""
     step = _blocks_per_step(count, n, size)
     if size < n:
-        return 8 * (step * n * size + 5 * step * size * size)
+        return 8 * (step * n * size + 3 * step * size * size)
     return 8 * (_piece_elements(count, n, size) + 2 * step * n * n)
 
 
