@@ -53,6 +53,7 @@ __all__ = [
     "empirical_fisher_product",
     "ggn_product",
     "hessian_product",
+    "retained_hessian_product",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -65,6 +66,9 @@ Params = dict[str, torch.Tensor]
 # 512 to 4,096 sample-columns, and wider calls than 16 were slower on the CNN.
 _SAMPLE_COLUMNS = 2048
 _MAX_WIDTH = 16
+# From this many samples in a batch the Hessian's products go one column at a time through
+# one kept autograd graph (see HessianOperator).
+_LOOP_FROM_SAMPLES = 512
 
 
 # -- the products on one batch -----------------------------------------------------------------
@@ -87,6 +91,45 @@ def hessian_product(
 
     _, gradient_vjp = vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
     return lambda v: gradient_vjp(v)[0]
+
+
+def retained_hessian_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ ∇²L_b v`` by double backward through one kept graph, PyHessian's way: one
+    forward and backward pass with ``create_graph``, then for each vector the
+    ``autograd.grad`` of the gradient against it. One vector per call (not vmappable).
+
+    The same derivative formulas as :func:`hessian_product`, without ``torch.func``'s
+    wrappers: on large batches, where each product's own work dominates and batching
+    vectors only lengthens the tensors past the caches, the cheaper of the two."""
+    names = list(params)
+    leaves = [params[n].detach().requires_grad_() for n in names]
+    with torch.enable_grad():
+        loss = loss_fn(
+            functional_call(model, dict(zip(names, leaves, strict=True)), (inputs,)), targets
+        )
+        gradient = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    # a block of the gradient that does not depend on the parameters has no Hessian rows
+    kept = [i for i, g in enumerate(gradient) if g is not None and g.requires_grad]
+
+    def product(v: Params) -> Params:
+        if not kept:
+            return {n: torch.zeros_like(leaf) for n, leaf in zip(names, leaves, strict=True)}
+        with torch.enable_grad():
+            columns = torch.autograd.grad(
+                [gradient[i] for i in kept],
+                leaves,
+                [v[names[i]] for i in kept],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return {
+            n: torch.zeros_like(leaf) if h is None else h
+            for n, leaf, h in zip(names, leaves, columns, strict=True)
+        }
+
+    return product
 
 
 def ggn_product(
@@ -154,7 +197,9 @@ class CurvatureOperator:
             holds the activations of at most about 2,048 samples. On the digits CNN
             and MLP (CPU, batches of 32 to 512), that is about the fastest width:
             larger calls leave the caches and are slower per column, smaller ones
-            pay the per-call overhead more often (docs/benchmarks.md).
+            pay the per-call overhead more often (docs/benchmarks.md). With ``None``,
+            :class:`HessianOperator` takes batches of 512 samples or more one column
+            at a time through plain autograd instead (see there).
         check_deterministic: at construction, compute the loss and the gradient
             twice over ``data`` (two passes with one backward per batch) and raise
             :class:`NondeterminismError` if they differ (dropout or batch norm in
@@ -271,10 +316,8 @@ class CurvatureOperator:
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, targets in self._batches(type(self).__name__):
                 batch_size = _num_samples(targets)
-                product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
-                products = _products_by_rows(
-                    product, rows, self.names, self._shapes, sizes, self._width(batch_size)
-                )
+                product, width = self._product_on_batch(params, inputs, targets, batch_size)
+                products = _products_by_rows(product, rows, self.names, self._shapes, sizes, width)
                 if total is None:
                     total, first_batch_size = products, batch_size
                 else:
@@ -288,6 +331,13 @@ class CurvatureOperator:
         if num_batches > 1:
             total.div_(num_samples)
         return total.T
+
+    def _product_on_batch(
+        self, params: Params, inputs: Any, targets: Any, batch_size: int
+    ) -> tuple[Product, int]:
+        """The product on one batch and how many vectors go through it per (vmapped) call."""
+        product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
+        return product, self._width(batch_size)
 
     def _width(self, batch_size: int) -> int:
         """Vectors per vmapped call on a batch of ``batch_size`` samples."""
@@ -389,12 +439,23 @@ class CurvatureOperator:
 class HessianOperator(CurvatureOperator):
     r"""The Hessian ``∇²L = Σ_b (B_b/N) ∇²L_b`` of the mean loss over ``data``.
 
-    Per batch: one forward and backward pass (``grad``), then the vjp of that
-    gradient, vmapped over the columns.
-    Arguments as :class:`CurvatureOperator`.
+    Per batch: one forward and backward pass, kept, then one reverse pass through it per
+    vector. Batches of fewer than 512 samples (or any batch when ``chunk_size`` is
+    given) use ``torch.func``: the vjp of the gradient, vmapped over ``chunk_size``
+    columns at a time. Larger batches use plain autograd, one double backward per
+    column (:func:`retained_hessian_product`): there each product's own work dominates,
+    and on the digits CNN and MLP at 512 samples batching columns gained nothing or lost
+    up to 20% (docs/benchmarks.md). Arguments as :class:`CurvatureOperator`.
     """
 
     _batch_product = staticmethod(hessian_product)
+
+    def _product_on_batch(
+        self, params: Params, inputs: Any, targets: Any, batch_size: int
+    ) -> tuple[Product, int]:
+        if self.chunk_size is None and batch_size >= _LOOP_FROM_SAMPLES:
+            return retained_hessian_product(self.model, self.loss_fn, params, inputs, targets), 1
+        return super()._product_on_batch(params, inputs, targets, batch_size)
 
 
 class GGNOperator(CurvatureOperator):
