@@ -167,6 +167,7 @@ def test_gradients_are_read_in_place_even_when_strided():
         assert relative_error(inverse.solve(x), x @ expected) < 1e-10
         assert relative_error(inverse.solve(x[0]), expected @ x[0]) < 1e-10
         assert relative_error(inverse.diag(), expected.diagonal()) < 1e-10
+        assert relative_error(inverse.solve(x), x @ expected) < 1e-10  # after diag() too
 
 
 def _peak_allocated_bytes(fn) -> int:
