@@ -23,13 +23,17 @@ P. Against the peer packages, when installed (each skipped with a message when n
    ``hutchinson_trace(HessianLinearOperator(...), 100)``. Each draws its own probes,
    so the estimates differ by sampling noise; the work (100 products) is the same.
    The contenders run in turn, round after round; the best time of each is reported.
+W. How the Hessian's products are batched: ``HessianOperator @ Z`` (100 columns, one
+   batch) with ``chunk_size`` 1 to 32 (the vmapped ``torch.func`` path) and through one
+   kept autograd graph, one column at a time (the path of batches of 512 samples or
+   more), on the digits CNN and MLP at batches of 32 to 512: where the defaults come from.
 
 Peak memory is the high-water mark of tensor allocations during the call above
 what was allocated before it, from torch's profiler (CPU) or
 ``torch.cuda.max_memory_allocated`` (CUDA).
 
     python benchmarks/curvature_bench.py [--threads N] [--repeats R] [--device cpu|cuda]
-                                         [--parts abcp]
+                                         [--parts abcpw]
 """
 
 from __future__ import annotations
@@ -431,6 +435,56 @@ def _peer_row(name, model, batch, repeats, device, num_matvecs=100) -> list[str]
     ]
 
 
+def part_w(device, repeats: int) -> tuple[list[str], list[list[str]]]:
+    from secondorder.curvature import operators
+
+    train, _ = load_digits()
+    widths = (1, 2, 4, 8, 16, 32)
+    rows = []
+    for model_name, make_model in (("CNN 5,930", digits_small_cnn), ("MLP 64-128-10", digits_mlp)):
+        for batch_size in (32, 64, 128, 256, 512):
+            torch.manual_seed(0)
+            model = make_model().to(device).eval()
+            batch = (train.inputs[:batch_size].to(device), train.targets[:batch_size].to(device))
+            op = HessianOperator(model, LOSS, None, [batch], check_deterministic=False)
+            z = probes(op.dim, 100, "rademacher", dtype=op.dtype, device=op.device)
+
+            def product(width, op=op, z=z):
+                op.chunk_size = width
+                return op @ z
+
+            def loop(op=op, z=z):
+                op.chunk_size, saved = None, operators._LOOP_FROM_SAMPLES
+                operators._LOOP_FROM_SAMPLES = 1
+                try:
+                    return op @ z
+                finally:
+                    operators._LOOP_FROM_SAMPLES = saved
+
+            fns = {f"{w}": (lambda w=w: product(w)) for w in widths} | {"loop": loop}
+            times = best_side_by_side(fns, device, budget=2.0 * repeats, rounds=5 * repeats)
+            op.chunk_size = None
+            default = (
+                "loop" if batch_size >= operators._LOOP_FROM_SAMPLES else str(op._width(batch_size))
+            )
+            fastest = min(times, key=times.get)
+            rows.append(
+                [model_name, str(batch_size)]
+                + [f"{times[k] * 1e3:.0f}" for k in fns]
+                + [fastest, default]
+            )
+            print(text_table(header_w(widths), rows[-1:]).splitlines()[-1], flush=True)
+    return header_w(widths), rows
+
+
+def header_w(widths) -> list[str]:
+    return (
+        ["model", "batch"]
+        + [f"width {w} (ms)" for w in widths]
+        + ["kept-graph loop (ms)", "fastest", "default"]
+    )
+
+
 HEADER_P = [
     "model",
     "batch",
@@ -457,12 +511,13 @@ def main() -> None:
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, device {device}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    parts = {"a": part_a, "b": part_b, "c": lambda d, r: part_c(d), "p": part_p}
+    parts = {"a": part_a, "b": part_b, "c": lambda d, r: part_c(d), "p": part_p, "w": part_w}
     titles = {
         "a": "A. Hutchinson trace from 100 products, same probes",
         "b": "B. One product from scratch",
         "c": "C. Hutchinson against Hutch++ on the digits MLP Hessian (10 seeds)",
         "p": "P. Hutchinson trace from 100 products against PyHessian and curvlinops",
+        "w": "W. 100 Hessian products on one batch: vmapped widths and the kept-graph loop",
     }
     for key in args.parts:
         print(f"\n{titles[key]}", flush=True)
