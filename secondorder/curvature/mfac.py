@@ -15,9 +15,9 @@ estimate is right while a window is still filling.
 - :class:`SlidingWindowMFAC` (the dynamic algorithm, for optimisers) holds the
   last ``num_grads`` gradients in a ring buffer and keeps ``K = L D Lᵀ``
   current in O(n²) per new gradient.
-- :class:`DenseMFAC` (the static algorithm, for pruning) precomputes
-  ``W = L⁻¹ G`` for a fixed ``G`` (``K = L Lᵀ``), after which
-  ``F⁻¹ x = (x − Wᵀ W x) / λ`` and ``[F⁻¹]_kk = (1 − ‖W[:, k]‖²) / λ``;
+- :class:`DenseMFAC` (the static algorithm, for pruning) factors ``K = L Lᵀ`` once
+  for a fixed ``G``, after which ``F⁻¹ x = (x − Gᵀ K⁻¹ G x) / λ``; on request,
+  ``[F⁻¹]_kk = (1 − ‖W[:, k]‖²) / λ`` with ``W = L⁻¹ G``, formed a piece at a time;
   optionally block-diagonally, one block of ``block_size`` coordinates at a time.
 """
 
@@ -410,7 +410,7 @@ def _kept_bytes(count: int, n: int, size: int, itemsize: int) -> int:
     """What a group of ``count`` blocks keeps after construction."""
     if size < n:  # explicit: the inverse (result dtype) and its float64 diagonal
         return count * size * (size * itemsize + 8)
-    # Woodbury: the float64 factor, and K_b⁻¹ that the first solve caches when count > 1
+    # Woodbury: the float64 factor, and K_b⁻¹ that the second solve caches when count > 1
     return count * n * n * 8 * (2 if count > 1 else 1)
 
 
@@ -668,7 +668,7 @@ class _BlockGroup:
             self.inverse, self._diagonal, self.factored = self._explicit(self.blocks, damp)
         else:
             self.factor, self.factored = self._factor(self.blocks, damp)
-            # K_b⁻¹ of each block, formed by the first solve when there are several blocks
+            # K_b⁻¹ of each block, formed by the second solve when there are several blocks
             self._system_inverse: torch.Tensor | None = None
             self._diagonal_done = self._solved = False
 
