@@ -13,12 +13,27 @@ B. One product from scratch (forward and backward included), time and peak
 C. Equal accuracy: on the digits MLP, whose exact Hessian is affordable, at
    initialisation and after 5 epochs of SGD, the RMS error over 10 seeds of
    Hutchinson and Hutch++ at 30 and 100 products.
+P. Against the peer packages, when installed (each skipped with a message when not):
+   the Hutchinson trace from 100 Hessian-vector products, operator construction
+   included, on the digits CNN ``Conv2d(1, 16, 3) → ReLU → Flatten → Linear(576, 10)``
+   and the digits MLP, batches of 32, 128 and 512. PyHessian 0.1:
+   ``hessian(model, criterion, data=(X, y), cuda=False).trace(maxIter=100, tol=-inf)``
+   (its early stop tests ``|Δmean| / (mean + 1e-6) < tol``, which a negative running mean
+   passes for ``tol = 0``: ``-inf`` makes it run all 100 products); curvlinops 3.0.1:
+   ``hutchinson_trace(HessianLinearOperator(...), 100)``. Each draws its own probes,
+   so the estimates differ by sampling noise; the work (100 products) is the same.
+   The contenders run in turn, round after round; the best time of each is reported.
+W. How the Hessian's products are batched: ``HessianOperator @ Z`` (100 columns, one
+   batch) with ``chunk_size`` 1 to 32 (the vmapped ``torch.func`` path) and through one
+   kept autograd graph, one column at a time (the path of batches of 512 samples or
+   more), on the digits CNN and MLP at batches of 32 to 512: where the defaults come from.
 
 Peak memory is the high-water mark of tensor allocations during the call above
 what was allocated before it, from torch's profiler (CPU) or
 ``torch.cuda.max_memory_allocated`` (CUDA).
 
     python benchmarks/curvature_bench.py [--threads N] [--repeats R] [--device cpu|cuda]
+                                         [--parts abcpw]
 """
 
 from __future__ import annotations
@@ -41,6 +56,15 @@ from secondorder.demo.models import digits_cnn, digits_mlp
 from secondorder.demo.optimizers import OPTIMIZERS
 from secondorder.demo.report import text_table
 from secondorder.demo.training import train_classifier
+
+try:  # the peers are optional, benchmark-only dependencies
+    from pyhessian import hessian as PyHessian
+except ImportError:
+    PyHessian = None
+try:
+    import curvlinops
+except ImportError:
+    curvlinops = None
 
 LOSS = nn.functional.cross_entropy
 
@@ -324,12 +348,160 @@ HEADER_C = [
 ]
 
 
+# -- P. Against the peer packages: PyHessian and curvlinops ------------------------------------
+
+
+def digits_small_cnn() -> nn.Module:
+    """The 5,930-parameter digits CNN of the peer comparison."""
+    return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
+
+
+def best_side_by_side(fns: dict[str, Callable[[], object]], device, budget: float, rounds: int):
+    """Best time of each function, called in turn round after round (after one warm-up
+    round), for ``budget`` seconds and at least 3 rounds, at most ``rounds``: on a shared
+    machine other jobs only ever add time, and a slow spell hits every contender alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while min(len(t) for t in times.values()) < 3 or (
+        time.perf_counter() - start < budget and len(times[next(iter(fns))]) < rounds
+    ):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn, device))
+    return {name: min(t) for name, t in times.items()}
+
+
+def part_p(device, repeats: int) -> tuple[list[str], list[list[str]]]:
+    missing = [name for name, module in (("pyhessian==0.1", PyHessian),
+               ("curvlinops-for-pytorch==3.0.1", curvlinops)) if module is None]  # fmt: skip
+    for name in missing:
+        print(f"{name} is not installed: skipped (pip install --no-deps {name})")
+    train, _ = load_digits()
+    rows = []
+    for model_name, make_model in (("CNN 5,930", digits_small_cnn), ("MLP 64-128-10", digits_mlp)):
+        for batch_size in (32, 128, 512):
+            torch.manual_seed(0)
+            model = make_model().to(device).eval()
+            batch = (train.inputs[:batch_size].to(device), train.targets[:batch_size].to(device))
+            rows.append(_peer_row(model_name, model, batch, repeats, device))
+            print(text_table(HEADER_P, rows[-1:]).splitlines()[-1], flush=True)
+    return HEADER_P, rows
+
+
+def _peer_row(name, model, batch, repeats, device, num_matvecs=100) -> list[str]:
+    params = list(model.parameters())
+    targets = batch[1]
+    estimates: dict[str, float] = {}
+
+    def ours():
+        op = HessianOperator(model, LOSS, params, [batch], check_deterministic=False)
+        estimates["ours"] = hutchinson_trace(op, num_matvecs, method="hutchinson").value
+
+    def pyhessian():
+        h = PyHessian(model, nn.CrossEntropyLoss(), data=batch, cuda=device.type == "cuda")
+        estimates["PyHessian"] = sum(h.trace(maxIter=num_matvecs, tol=-math.inf)) / num_matvecs
+        for p in params:  # its loss.backward(create_graph=True) left a graph in .grad
+            p.grad = None
+
+    def curvlinops_trace():
+        op = curvlinops.HessianLinearOperator(
+            model, nn.CrossEntropyLoss(), params, [batch], check_deterministic=False
+        )
+        estimates["curvlinops"] = float(curvlinops.hutchinson_trace(op, num_matvecs))
+
+    fns = {"ours": ours}
+    if PyHessian is not None:
+        fns["PyHessian"] = pyhessian
+    if curvlinops is not None:
+        fns["curvlinops"] = curvlinops_trace
+    times = best_side_by_side(fns, device, budget=4.0 * repeats, rounds=10 * repeats)
+    peers = {k: v for k, v in times.items() if k != "ours"}
+    fastest = min(peers, key=peers.get) if peers else None
+
+    def cell(key):
+        return f"{times[key] * 1e3:.0f}" if key in times else "not installed"
+
+    return [
+        name,
+        str(len(targets)),
+        cell("PyHessian"),
+        cell("curvlinops"),
+        cell("ours"),
+        f"{peers[fastest] / times['ours']:.2f}x ({fastest})" if fastest else "-",
+        " / ".join(
+            f"{estimates[k]:.3f}" for k in ("ours", "PyHessian", "curvlinops") if k in estimates
+        ),
+    ]
+
+
+def part_w(device, repeats: int) -> tuple[list[str], list[list[str]]]:
+    from secondorder.curvature import operators
+
+    train, _ = load_digits()
+    widths = (1, 2, 4, 8, 16, 32)
+    rows = []
+    for model_name, make_model in (("CNN 5,930", digits_small_cnn), ("MLP 64-128-10", digits_mlp)):
+        for batch_size in (32, 64, 128, 256, 512):
+            torch.manual_seed(0)
+            model = make_model().to(device).eval()
+            batch = (train.inputs[:batch_size].to(device), train.targets[:batch_size].to(device))
+            op = HessianOperator(model, LOSS, None, [batch], check_deterministic=False)
+            z = probes(op.dim, 100, "rademacher", dtype=op.dtype, device=op.device)
+
+            def product(width, op=op, z=z):
+                op.chunk_size = width
+                return op @ z
+
+            def loop(op=op, z=z):
+                op.chunk_size, saved = None, operators._LOOP_FROM_SAMPLES
+                operators._LOOP_FROM_SAMPLES = 1
+                try:
+                    return op @ z
+                finally:
+                    operators._LOOP_FROM_SAMPLES = saved
+
+            fns = {f"{w}": (lambda w=w: product(w)) for w in widths} | {"loop": loop}
+            times = best_side_by_side(fns, device, budget=2.0 * repeats, rounds=5 * repeats)
+            op.chunk_size = None
+            default = (
+                "loop" if batch_size >= operators._LOOP_FROM_SAMPLES else str(op._width(batch_size))
+            )
+            fastest = min(times, key=times.get)
+            rows.append(
+                [model_name, str(batch_size)]
+                + [f"{times[k] * 1e3:.0f}" for k in fns]
+                + [fastest, default]
+            )
+            print(text_table(header_w(widths), rows[-1:]).splitlines()[-1], flush=True)
+    return header_w(widths), rows
+
+
+def header_w(widths) -> list[str]:
+    return (
+        ["model", "batch"]
+        + [f"width {w} (ms)" for w in widths]
+        + ["kept-graph loop (ms)", "fastest", "default"]
+    )
+
+
+HEADER_P = [
+    "model",
+    "batch",
+    "PyHessian (ms)",
+    "curvlinops (ms)",
+    "ours (ms)",
+    "ours vs fastest peer",
+    "trace estimates (ours / PyHessian / curvlinops)",
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--parts", default="abc", help="which parts to run, e.g. 'ab'")
+    parser.add_argument("--parts", default="abcp", help="which parts to run, e.g. 'ab'")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -339,11 +511,13 @@ def main() -> None:
         f"{os.cpu_count()} cores, {torch.get_num_threads()} threads, device {device}, "
         f"load average {os.getloadavg()[0]:.1f}"
     )
-    parts = {"a": part_a, "b": part_b, "c": lambda d, r: part_c(d)}
+    parts = {"a": part_a, "b": part_b, "c": lambda d, r: part_c(d), "p": part_p, "w": part_w}
     titles = {
         "a": "A. Hutchinson trace from 100 products, same probes",
         "b": "B. One product from scratch",
         "c": "C. Hutchinson against Hutch++ on the digits MLP Hessian (10 seeds)",
+        "p": "P. Hutchinson trace from 100 products against PyHessian and curvlinops",
+        "w": "W. 100 Hessian products on one batch: vmapped widths and the kept-graph loop",
     }
     for key in args.parts:
         print(f"\n{titles[key]}", flush=True)

@@ -9,7 +9,12 @@ Parts:
             plain passes over G (G @ g and Gᵀ @ c), the naive Woodbury rebuilt every step,
             and both ways of keeping the small factor current (rank-2 up/down-date, refactor).
   factor    the n × n system alone: rank-2 up/down-date (+ its check) against a refactor.
-  dense     DenseMFAC's GEMM-shaped precomputation against the paper's sequential recurrence.
+  dense     DenseMFAC's GEMM-shaped precomputation, its diagonal included (the pruning
+            path), against the paper's sequential recurrence.
+  static    solve-only DenseMFAC (build, then F⁻¹x) against the ISTA-DASLab peer's
+            DenseCoreMFAC (ista-daslab-optimizers 1.1.15, when installed: pip install
+            --no-deps ista-daslab-optimizers==1.1.15) and a bare float32 Gram matrix plus
+            float64 Cholesky of the same G, side by side; n = 64, d = 1e5 by default.
   bandwidth update_solve against the memory-bandwidth floor 2·n·d·b / B, with B the
             measured copy bandwidth (bytes read + written per second) and b the bytes of
             a stored number; on CUDA (--device cuda) the passes are the Triton kernels.
@@ -30,9 +35,14 @@ Parts:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
+import io
 import itertools
 import platform
+import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -276,12 +286,22 @@ def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
     for n, d in sizes:
         grads = torch.randn(n, d)
         x = torch.randn(d)
-        t0 = time.perf_counter()
-        ours = DenseMFAC(grads, damp)
-        t_ours = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        H, c, _ = sequential_recurrence(grads.unsqueeze(0), damp)
-        t_seq = time.perf_counter() - t0
+        results = {}
+
+        def ours(grads=grads, results=results):
+            results["ours"] = DenseMFAC(grads, damp)
+            results["ours"].diag()  # as the recurrence: the factor, and the diagonal from W
+
+        def recurrence(grads=grads, results=results):
+            results["recurrence"] = sequential_recurrence(grads.unsqueeze(0), damp)
+
+        # seconds to a minute each: no warm-up, three rounds in turn, the best of each
+        best = timed_side_by_side(
+            {"ours": ours, "recurrence": recurrence}, budget=0.0, max_rounds=3, warmup=False
+        )
+        t_ours, t_seq = best["ours"], best["recurrence"]
+        ours = results["ours"]
+        H, c, _ = results["recurrence"]
         theirs = sequential_solve(H, c, damp, x.unsqueeze(0))[0]
         agreement = (ours.solve(x) - theirs).norm() / ours.solve(x).norm()
         rows.append(
@@ -298,10 +318,116 @@ def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
     header = [
         "n",
         "d",
-        "DenseMFAC (s)",
+        "DenseMFAC + diag() (s)",
         "sequential recurrence (s)",
         "speed-up",
         "relative difference of F⁻¹x",
+    ]
+    return table(header, rows)
+
+
+def load_dense_core_mfac() -> type | None:
+    """``DenseCoreMFAC`` of ista-daslab-optimizers 1.1.15 made to run on CPU, in this process
+    only; ``None`` (with a message) when the package is not installed.
+
+    Its ``__init__`` imports every optimizer, and those import CUDA extensions: the package
+    and its ``dense_mfac`` subpackage are registered as empty modules pointing at the
+    installed folders, so that ``dense_core_mfac`` alone is imported (it falls back to
+    PyTorch without its extension). Two calls of that fallback do not run on CPU:
+    ``torch.lu(A, pivot=False)``, whose ``A`` is symmetric positive definite there (its
+    unpivoted LU follows from the Cholesky factor ``C``: ``L = C diag(C)⁻¹``,
+    ``U = diag(C) Cᵀ``), and ``nn.parallel.parallel_apply`` (called one after another):
+    both are swapped in ``torch`` for the rest of this process.
+    """
+    spec = importlib.util.find_spec("ista_daslab_optimizers")
+    if spec is None or not spec.submodule_search_locations:
+        print(
+            "ista-daslab-optimizers is not installed: the peer is skipped "
+            "(pip install --no-deps ista-daslab-optimizers==1.1.15)"
+        )
+        return None
+    folder = spec.submodule_search_locations[0]
+    for name, path in (
+        ("ista_daslab_optimizers", folder),
+        ("ista_daslab_optimizers.dense_mfac", f"{folder}/dense_mfac"),
+    ):
+        if name not in sys.modules:
+            package = types.ModuleType(name)
+            package.__path__ = [path]
+            sys.modules[name] = package
+    with contextlib.redirect_stdout(io.StringIO()):  # its warning about the CUDA extension
+        from ista_daslab_optimizers.dense_mfac.dense_core_mfac import DenseCoreMFAC
+
+    def lu_without_pivoting(A, pivot=True, get_infos=False):
+        C = torch.linalg.cholesky(A)
+        root = C.diagonal()
+        return torch.tril(C / root, -1) + root[:, None] * C.T, None
+
+    torch.lu = lu_without_pivoting
+    torch.nn.parallel.parallel_apply = lambda fns, args: [
+        f(a) for f, a in zip(fns, args, strict=True)
+    ]
+    return DenseCoreMFAC
+
+
+def bench_static(sizes: list[tuple[int, int]], damp: float) -> str:
+    """Solve-only static M-FAC: ours (the factor only) against the peer and a bare build."""
+    peer_class = load_dense_core_mfac()
+    rows = []
+    for n, d in sizes:
+        grads = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(d, generator=torch.Generator().manual_seed(1))
+
+        def bare(grads=grads, n=n):
+            K = (grads @ grads.T).double()
+            K.diagonal().add_(n * damp)
+            torch.linalg.cholesky(K)
+
+        builds = {"bare": bare, "ours": lambda grads=grads: DenseMFAC(grads, damp)}
+        if peer_class is not None:
+            builds["peer"] = lambda grads=grads: peer_class(grads, "cpu", ["cpu"], damp=damp)
+        build = timed_side_by_side(builds)
+        ours = DenseMFAC(grads, damp)
+        solves = {"ours": lambda ours=ours, x=x: ours.solve(x)}
+        peer = None
+        if peer_class is not None:
+            peer = peer_class(grads, "cpu", ["cpu"], damp=damp)
+            solves["peer"] = lambda peer=peer, x=x: peer.precondition(x.clone())
+        solve = timed_side_by_side(solves)
+        G = grads.double()
+        K = G @ G.T + n * damp * torch.eye(n, dtype=torch.float64)
+        truth = (x.double() - G.T @ torch.linalg.solve(K, G @ x.double())) / damp
+
+        def error(out: torch.Tensor, truth: torch.Tensor = truth) -> str:
+            return f"{float((out.double() - truth).norm() / truth.norm()):.1e}"
+
+        missing = "not installed"
+        rows.append(
+            [
+                str(n),
+                f"{d:.0e}",
+                f"{build['bare'] * 1e3:.1f}",
+                f"{build['ours'] * 1e3:.1f} ({build['ours'] / build['bare']:.1f}x)",
+                f"{build['peer'] * 1e3:.1f} ({build['peer'] / build['bare']:.1f}x)"
+                if peer
+                else missing,
+                f"{solve['ours'] * 1e3:.2f}",
+                f"{solve['peer'] * 1e3:.2f}" if peer else missing,
+                error(ours.solve(x)),
+                error(peer.precondition(x.clone())) if peer else missing,
+            ]
+        )
+        print(rows[-1], flush=True)
+    header = [
+        "n",
+        "d",
+        "bare float32 Gram + float64 Cholesky (ms)",
+        "ours: build (ms, vs bare)",
+        "peer DenseCoreMFAC: build (ms, vs bare)",
+        "ours: F⁻¹x (ms)",
+        "peer: F⁻¹x (ms)",
+        "ours: error of F⁻¹x",
+        "peer: error of F⁻¹x",
     ]
     return table(header, rows)
 
@@ -511,7 +637,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--part",
-        choices=["window", "factor", "dense", "accuracy", "bandwidth", "sparse", "capacity", "all"],
+        choices=[
+            "window",
+            "factor",
+            "dense",
+            "static",
+            "accuracy",
+            "bandwidth",
+            "sparse",
+            "capacity",
+            "all",
+        ],
         default="all",
     )
     parser.add_argument("--device", default="cpu", help="device of --part bandwidth")
@@ -533,7 +669,7 @@ def main() -> None:
         f"# {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}"
     )
     parts = (
-        ["window", "factor", "dense", "bandwidth", "accuracy", "capacity", "sparse"]
+        ["window", "factor", "dense", "static", "bandwidth", "accuracy", "capacity", "sparse"]
         if args.part == "all"
         else [args.part]
     )
@@ -548,6 +684,11 @@ def main() -> None:
     if "dense" in parts:
         sizes = [(64, 10**4)] if args.quick else [(256, 10**5), (1024, 10**5)]
         print("\n## Static precomputation\n\n" + bench_dense(sizes, damp=1e-4))
+    if "static" in parts:
+        sizes = [(64, 10**4)] if args.quick else [(64, 10**5)]
+        if args.n and args.d:
+            sizes = [(n, int(d)) for n in args.n for d in args.d]
+        print("\n## Solve-only static M-FAC against the peer\n\n" + bench_static(sizes, damp=1e-4))
     if "bandwidth" in parts:
         device = torch.device(args.device)
         default = [(1024, 10**7)] if device.type == "cuda" else [(256, 10**6)]

@@ -1,7 +1,7 @@
 """Where the time of the M-FAC estimators goes: torch.profiler tables, by operator.
 
     python benchmarks/profile_mfac.py --part window   # 50 update_solve steps, n = 64, d = 1e5
-    python benchmarks/profile_mfac.py --part dense    # one DenseMFAC(G) at n = 1024, d = 1e5
+    python benchmarks/profile_mfac.py --part dense    # DenseMFAC(G).diag() at n = 1024, d = 1e5
 
 The figures of docs/benchmarks.md that come from a profile (time per step in the two
 matrix-vector products; the share of copies in the precomputation) are read off these.
@@ -43,7 +43,7 @@ def main() -> None:
         grads = torch.randn(n, d)
 
         def work() -> None:
-            DenseMFAC(grads, 1e-4)
+            DenseMFAC(grads, 1e-4).diag()  # the factor, then W = L⁻¹G a piece at a time
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         work()

@@ -53,6 +53,37 @@ def test_operator_matches_dense_oracle_in_every_format(cases, key):
     assert (op @ matrix[:, :0]).shape == (op.dim, 0)
 
 
+class _WithUnusedLayer(nn.Module):
+    """The tiny MLP with a layer that the forward pass never calls: zero Hessian rows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = tiny_mlp()
+        self.unused = nn.Linear(2, 2).to(f64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@pytest.mark.parametrize("key", [(m, l) for m in MODELS for l in LOSSES] + [("unused", "mse")])
+def test_hessian_by_double_backward_matches_the_oracle(monkeypatch, key):
+    """The loop through one kept autograd graph that large batches take (forced here from
+    one sample) gives the dense Hessian, unused parameters included (zero rows)."""
+    from secondorder.curvature import operators
+
+    monkeypatch.setattr(operators, "_LOOP_FROM_SAMPLES", 1)
+    model_name, loss_name = key
+    make_model, shape = MODELS.get(model_name, (_WithUnusedLayer, (4,)))
+    model = make_model()
+    data = make_data(shape, loss_name)  # batches of 3, 3 and 1
+    params = list(model.parameters())
+    op = HessianOperator(model, LOSSES[loss_name], params, data)
+    dense = DENSE["hessian"](model, LOSSES[loss_name], params, data)
+    matrix = torch.randn(op.dim, 5, generator=torch.Generator().manual_seed(2), dtype=f64)
+    torch.testing.assert_close(op @ matrix, dense @ matrix, rtol=1e-10, atol=1e-12)
+    assert op._product_on_batch(dict(model.named_parameters()), *data[0], 3)[1] == 1
+
+
 @pytest.mark.parametrize("op_name", list(OPERATORS))
 def test_short_last_batch_weighs_by_its_samples(op_name):
     """The same seven samples in batches (3, 3, 1), (7,) and (1, 6) give one matrix."""

@@ -5,7 +5,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from secondorder.curvature import DenseMFAC
-from secondorder.errors import InsufficientMemoryError, NonFiniteError
+from secondorder.errors import (
+    InsufficientMemoryError,
+    NonFiniteError,
+    NotPositiveDefiniteError,
+)
 
 f64 = torch.float64
 
@@ -115,9 +119,102 @@ def test_bad_inputs():
         inverse.solve(torch.full((10,), float("inf")))
 
 
+@pytest.mark.parametrize("block", [None, 2])
+def test_a_system_that_cannot_be_factored_is_refused(block):
+    """Three nearly equal large gradients and damp = 1e-30: G Gᵀ is singular to rounding,
+    for the Woodbury factor and for the explicit 2 x 2 blocks alike."""
+    g = torch.randn(1, 20, generator=torch.Generator().manual_seed(0), dtype=f64) * 1e6
+    G = torch.cat([g, g, g * (1 + 1e-16)])
+    with pytest.raises(NotPositiveDefiniteError, match="raise damp"):
+        DenseMFAC(G, 1e-30, block_size=block)
+
+
 def test_estimated_memory_is_checked_before_building():
-    assert DenseMFAC.estimate_bytes(8, 100, block_size=4) == 100 * 4 * 4 + 100 * 8
-    assert DenseMFAC.estimate_bytes(8, 100) == 100 * 8 * 4 + 100 * 8
     huge = torch.empty(2, 1).expand(2, 10**13)  # no memory behind it
     with pytest.raises(InsufficientMemoryError, match="lower num_grads or block_size"):
         DenseMFAC(huge, 1e-3, block_size=64)
+
+
+def test_diagonal_is_computed_on_first_use_and_refused_before_allocating(monkeypatch):
+    """diag() checks its own working memory; a refused call leaves the inverse as it was."""
+    from secondorder import _checks
+
+    G = torch.randn(6, 50, dtype=f64)
+    inverse = DenseMFAC(G, 1e-2)
+    monkeypatch.setattr(_checks, "free_bytes", lambda device: 1000)
+    with pytest.raises(InsufficientMemoryError, match="the diagonal of the M-FAC inverse"):
+        inverse.diag()
+    monkeypatch.undo()
+    expected = torch.linalg.inv(empirical_fisher(G, 1e-2)).diagonal()
+    assert relative_error(inverse.diag(), expected) < 1e-10
+    inverse.diag()[0] = -1.0  # the caller's copy, not the kept diagonal
+    assert relative_error(inverse.diag(), expected) < 1e-10
+
+
+def test_gradients_are_read_in_place_even_when_strided():
+    """A strided view of gradients is used as it is (no copy), blockwise or not."""
+    gen = torch.Generator().manual_seed(4)
+    wide = torch.randn(5, 61, generator=gen, dtype=f64)
+    G = wide[:, ::2]  # [5, 31], row stride 61, column stride 2
+    x = torch.randn(2, 31, generator=gen, dtype=f64)
+    for block in (None, 7):
+        inverse = DenseMFAC(G, 1e-2, block_size=block)
+        expected = (
+            torch.linalg.inv(empirical_fisher(G, 1e-2))
+            if block is None
+            else block_diagonal_inverse(G, 1e-2, block)
+        )
+        assert relative_error(inverse.solve(x), x @ expected) < 1e-10
+        assert relative_error(inverse.solve(x[0]), expected @ x[0]) < 1e-10
+        assert relative_error(inverse.diag(), expected.diagonal()) < 1e-10
+        assert relative_error(inverse.solve(x), x @ expected) < 1e-10  # after diag() too
+
+
+def _peak_allocated_bytes(fn) -> int:
+    """High-water mark of torch's CPU allocations during ``fn``, above what it found, from the
+    profiler's memory events (the legacy profiler: it starts in milliseconds, kineto in
+    seconds). tracemalloc does not see these allocations. An op's own net allocation counts
+    from its start when positive, from its end when negative (the temporaries it freed)."""
+    with torch.autograd.profiler.profile(profile_memory=True, use_kineto=False) as prof:
+        fn()
+    changes = []
+    for event in prof.function_events:
+        if event.name == "[memory]":  # a free (negative) or an allocation outside any op
+            changes.append((event.time_range.start, event.cpu_memory_usage))
+        elif event.self_cpu_memory_usage > 0:
+            changes.append((event.time_range.start, event.self_cpu_memory_usage))
+        elif event.self_cpu_memory_usage < 0:
+            changes.append((event.time_range.end, event.self_cpu_memory_usage))
+    current = peak = 0
+    for _, change in sorted(changes, key=lambda c: c[0]):
+        current += change
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize(
+    ("block", "dtype", "with_diag"),
+    [
+        (None, torch.float32, False),  # solve-only: the factor and one float64 piece
+        (None, torch.float32, True),
+        (None, torch.float64, True),
+        (None, torch.float16, True),  # kept as a float32 copy
+        (3000, torch.float32, True),  # Woodbury blocks, and a short last block of 1000
+        (16, torch.float32, True),  # explicit 16 x 16 inverses (16 < 32 gradients)
+    ],
+)
+def test_estimated_bytes_bound_the_measured_peak(block, dtype, with_diag):
+    """estimate_bytes is at least the measured peak and at most 1.25 times it, on 32
+    gradients of length 100,000: the float64 working buffers are counted (issue 11, item 13)."""
+    G = torch.randn(32, 100_000, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+    def build():
+        inverse = DenseMFAC(G, 1e-3, block_size=block)
+        if with_diag:
+            inverse.diag()
+
+    measured = _peak_allocated_bytes(build)
+    estimate = DenseMFAC.estimate_bytes(32, 100_000, block, dtype, with_diag=with_diag)
+    assert measured <= estimate <= 1.25 * measured, (measured, estimate)
+    if block is None and not with_diag:  # nothing of size n x d beyond G itself
+        assert measured < G.numel() * G.element_size() / 4

@@ -81,7 +81,9 @@ def probes(
 ) -> torch.Tensor:
     """``[dim, count]`` random vectors with ``E[z zᵀ] = I``, drawn on the CPU for reproducibility."""
     if distribution == "rademacher":
-        z = torch.randint(0, 2, (dim, count), generator=generator).mul_(2).sub_(1)
+        # drawn in floating point (the same stream as integers) to save conversion passes
+        wide = torch.float64 if dtype == torch.float64 else torch.float32
+        z = torch.randint(0, 2, (dim, count), generator=generator, dtype=wide).mul_(2).sub_(1)
     elif distribution == "gaussian":
         z = torch.randn(dim, count, generator=generator, dtype=torch.float64)
     else:
@@ -168,8 +170,10 @@ def _drawer(op: LinearOperator, dim: int, distribution: Distribution, generator)
 
 
 def _quadratic_forms(z: torch.Tensor, az: torch.Tensor) -> torch.Tensor:
-    """``z_jᵀ A z_j`` for every column ``j``, accumulated in float64."""
-    return (z.to(torch.float64) * az.to(torch.float64)).sum(dim=0)
+    """``z_jᵀ A z_j`` for every column ``j``: products in the operator's dtype (exact for
+    Rademacher probes), accumulated in float64."""
+    products = torch.mul(z, az, out=torch.empty_like(z))  # in z's layout, whatever az's is
+    return products.sum(dim=0, dtype=torch.float64)
 
 
 def _mean_and_error(samples: torch.Tensor) -> tuple[float, float]:

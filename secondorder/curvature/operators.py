@@ -53,14 +53,22 @@ __all__ = [
     "empirical_fisher_product",
     "ggn_product",
     "hessian_product",
+    "retained_hessian_product",
 ]
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Params = dict[str, torch.Tensor]
 
 
-# The default chunk of columns holds about this many samples' activations (see chunk_size).
-_SAMPLE_COLUMNS = 1024
+# The default chunk of columns holds about this many samples' activations, and at most
+# _MAX_WIDTH columns (see chunk_size). Measured with one thread over widths 1 to 64 on the
+# digits CNN and MLP, batches of 32 to 512 (docs/benchmarks.md): the fastest width held
+# 512 to 4,096 sample-columns, and wider calls than 16 were slower on the CNN.
+_SAMPLE_COLUMNS = 2048
+_MAX_WIDTH = 16
+# From this many samples in a batch the Hessian's products go one column at a time through
+# one kept autograd graph (see HessianOperator).
+_LOOP_FROM_SAMPLES = 512
 
 
 # -- the products on one batch -----------------------------------------------------------------
@@ -83,6 +91,45 @@ def hessian_product(
 
     _, gradient_vjp = vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
     return lambda v: gradient_vjp(v)[0]
+
+
+def retained_hessian_product(
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
+) -> Product:
+    """``v ↦ ∇²L_b v`` by double backward through one kept graph, PyHessian's way: one
+    forward and backward pass with ``create_graph``, then for each vector the
+    ``autograd.grad`` of the gradient against it. One vector per call (not vmappable).
+
+    The same derivative formulas as :func:`hessian_product`, without ``torch.func``'s
+    wrappers: on large batches, where each product's own work dominates and batching
+    vectors only lengthens the tensors past the caches, the cheaper of the two."""
+    names = list(params)
+    leaves = [params[n].detach().requires_grad_() for n in names]
+    with torch.enable_grad():
+        loss = loss_fn(
+            functional_call(model, dict(zip(names, leaves, strict=True)), (inputs,)), targets
+        )
+        gradient = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    # a block of the gradient that does not depend on the parameters has no Hessian rows
+    kept = [i for i, g in enumerate(gradient) if g is not None and g.requires_grad]
+
+    def product(v: Params) -> Params:
+        if not kept:
+            return {n: torch.zeros_like(leaf) for n, leaf in zip(names, leaves, strict=True)}
+        with torch.enable_grad():
+            columns = torch.autograd.grad(
+                [gradient[i] for i in kept],
+                leaves,
+                [v[names[i]] for i in kept],
+                retain_graph=True,
+                allow_unused=True,
+            )
+        return {
+            n: torch.zeros_like(leaf) if h is None else h
+            for n, leaf, h in zip(names, leaves, columns, strict=True)
+        }
+
+    return product
 
 
 def ggn_product(
@@ -146,10 +193,13 @@ class CurvatureOperator:
             Tensors are moved to the parameters' device.
         chunk_size: at most this many columns go through one vmapped call; memory
             grows with it, about ``chunk_size`` times the activations of one batch.
-            ``None``: ``max(1, 1024 // batch size)`` (at most 64), so that a call
-            holds the activations of about 1,024 samples. On the digits CNN (CPU),
-            that is also about the fastest: larger calls leave the caches and are
-            slower per column (docs/benchmarks.md).
+            ``None``: ``max(1, 2048 // batch size)``, at most 16, so that a call
+            holds the activations of at most about 2,048 samples. On the digits CNN
+            and MLP (CPU, batches of 32 to 512), that is about the fastest width:
+            larger calls leave the caches and are slower per column, smaller ones
+            pay the per-call overhead more often (docs/benchmarks.md). With ``None``,
+            :class:`HessianOperator` takes batches of 512 samples or more one column
+            at a time through plain autograd instead (see there).
         check_deterministic: at construction, compute the loss and the gradient
             twice over ``data`` (two passes with one backward per batch) and raise
             :class:`NondeterminismError` if they differ (dropout or batch norm in
@@ -247,30 +297,53 @@ class CurvatureOperator:
         check_finite(x, what)
 
     def _matmat(self, matrix: torch.Tensor) -> torch.Tensor:
-        """``A @ matrix`` for a ``[D, K]`` matrix: one pass over the data."""
+        """``A @ matrix`` for a ``[D, K]`` matrix: one pass over the data.
+
+        The work is laid out by rows, one row per vector (``[K, D]``), so that each chunk
+        of vectors and each chunk of products is a contiguous block: ``Σ_b B_b (A_b V)ᵀ``
+        is accumulated there and returned transposed (a view). With one batch the sum is
+        its product as computed (``B_b / N = 1``), with no scaling pass.
+        """
         num_columns = matrix.shape[1]
-        result = torch.zeros_like(matrix)
         if num_columns == 0:
-            return result
+            return torch.zeros_like(matrix)
+        rows = matrix.T.contiguous()  # free when the caller's matrix is a transposed [K, D]
+        sizes = [p.numel() for p in self.params]
         params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
-        num_samples = 0
+        total, first_batch_size, num_samples, num_batches = None, 0, 0, 0
         # torch.func ignores an outer no_grad; it stops the graph back to the model's own tensors.
         # The fused attention kernels have no second derivatives; the math one has.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, targets in self._batches(type(self).__name__):
                 batch_size = _num_samples(targets)
-                product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
-                width = self.chunk_size or min(64, max(1, _SAMPLE_COLUMNS // batch_size))
-                for start in range(0, num_columns, width):
-                    blocks = split_columns(matrix[:, start : start + width], self._shapes)
-                    products = _apply(product, dict(zip(self.names, blocks, strict=True)))
-                    result[:, start : start + width].add_(
-                        flatten_columns([products[n] for n in self.names]), alpha=batch_size
-                    )
+                product, width = self._product_on_batch(params, inputs, targets, batch_size)
+                products = _products_by_rows(product, rows, self.names, self._shapes, sizes, width)
+                if total is None:
+                    total, first_batch_size = products, batch_size
+                else:
+                    if num_batches == 1:
+                        total.mul_(first_batch_size)
+                    total.add_(products, alpha=batch_size)
                 num_samples += batch_size
-        if num_samples == 0:
+                num_batches += 1
+        if total is None:
             raise ValueError("data holds no samples")
-        return result.div_(num_samples)
+        if num_batches > 1:
+            total.div_(num_samples)
+        return total.T
+
+    def _product_on_batch(
+        self, params: Params, inputs: Any, targets: Any, batch_size: int
+    ) -> tuple[Product, int]:
+        """The product on one batch and how many vectors go through it per (vmapped) call."""
+        product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
+        return product, self._width(batch_size)
+
+    def _width(self, batch_size: int) -> int:
+        """Vectors per vmapped call on a batch of ``batch_size`` samples."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return min(_MAX_WIDTH, max(1, _SAMPLE_COLUMNS // batch_size))
 
     def _batches(self, desc: str):
         for inputs, targets in progress_bar(self.data, desc=desc, enabled=self.progress):
@@ -366,12 +439,23 @@ class CurvatureOperator:
 class HessianOperator(CurvatureOperator):
     r"""The Hessian ``∇²L = Σ_b (B_b/N) ∇²L_b`` of the mean loss over ``data``.
 
-    Per batch: one forward and backward pass (``grad``), then the vjp of that
-    gradient, vmapped over the columns.
-    Arguments as :class:`CurvatureOperator`.
+    Per batch: one forward and backward pass, kept, then one reverse pass through it per
+    vector. Batches of fewer than 512 samples (or any batch when ``chunk_size`` is
+    given) use ``torch.func``: the vjp of the gradient, vmapped over ``chunk_size``
+    columns at a time. Larger batches use plain autograd, one double backward per
+    column (:func:`retained_hessian_product`): there each product's own work dominates,
+    and on the digits CNN and MLP at 512 samples batching columns gained nothing or lost
+    up to 20% (docs/benchmarks.md). Arguments as :class:`CurvatureOperator`.
     """
 
     _batch_product = staticmethod(hessian_product)
+
+    def _product_on_batch(
+        self, params: Params, inputs: Any, targets: Any, batch_size: int
+    ) -> tuple[Product, int]:
+        if self.chunk_size is None and batch_size >= _LOOP_FROM_SAMPLES:
+            return retained_hessian_product(self.model, self.loss_fn, params, inputs, targets), 1
+        return super()._product_on_batch(params, inputs, targets, batch_size)
 
 
 class GGNOperator(CurvatureOperator):
@@ -419,6 +503,32 @@ def _apply(product: Product, columns: Params) -> Params:
                 "call model.eval() before building the operator"
             ) from error
         raise
+
+
+def _products_by_rows(
+    product: Product,
+    rows: torch.Tensor,
+    names: tuple[str, ...],
+    shapes: tuple[torch.Size, ...],
+    sizes: list[int],
+    width: int,
+) -> torch.Tensor:
+    """``[K, D]``: ``product`` of each row of ``rows`` (one flat vector per row), ``width`` rows
+    per call. Each chunk of rows is cut into per-parameter views (no copy) and its products are
+    written into the matching rows of the result in one ``cat``."""
+    out = torch.empty_like(rows)
+    for start in range(0, rows.shape[0], width):
+        chunk = rows[start : start + width]
+        count = chunk.shape[0]
+        blocks = {
+            n: block.view(count, *shape)
+            for n, block, shape in zip(names, chunk.split(sizes, dim=1), shapes, strict=True)
+        }
+        products = _apply(product, blocks)
+        torch.cat(
+            [products[n].reshape(count, -1) for n in names], dim=1, out=out[start : start + width]
+        )
+    return out
 
 
 def _num_samples(targets: Any) -> int:
