@@ -19,6 +19,7 @@ import time
 from functools import partial
 
 import torch
+from peers import load_dct_adamw
 from timing import timed_side_by_side
 
 from secondorder.demo.data import load_stdlib_corpus
@@ -240,6 +241,32 @@ def step_part() -> None:
         for name, seconds in best.items()
     ]
     print(markdown_table(["optimiser", "step (ms, best)", "/ torch AdamW foreach"], rows))
+    dct_against_the_peer()
+
+
+def dct_against_the_peer() -> None:
+    """DCT-AdamW between refreshes on the MLP 256→512→256 at rank 32, against ISTA's
+    DCTAdamW (``sim_type="makhoul"``, DCT-II as ours) on the same gradients, side by side."""
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+    for p in mlp.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    matrices = [p for p in mlp.parameters() if p.dim() == 2]
+    others = [p for p in mlp.parameters() if p.dim() < 2]
+    groups = [{"params": others}, {"params": matrices, "rank": 32}]
+    contenders = {"ours": DCTAdamW(groups, lr=1e-3, update_proj_gap=10**6)}
+    peer_class = load_dct_adamw()
+    if peer_class is not None:
+        contenders["ISTA DCTAdamW"] = peer_class(
+            list(mlp.parameters()), lr=1e-3, weight_decay=0.0, rank=32, proj="dct",
+            update_proj_gap=10**6, sim_type="makhoul",
+        )  # fmt: skip
+    for optimizer in contenders.values():
+        optimizer.step()  # the first step chooses the columns; the timed ones do not
+    best = timed_side_by_side({name: opt.step for name, opt in contenders.items()}, budget=10)
+    print("\n### DCT-AdamW between refreshes, MLP 256→512→256, rank 32\n")
+    rows = [[name, f"{seconds * 1e3:.3f}"] for name, seconds in best.items()]
+    print(markdown_table(["optimiser", "step (ms, best)"], rows))
 
 
 def main() -> None:

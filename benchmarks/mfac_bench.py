@@ -35,18 +35,14 @@ Parts:
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib.util
-import io
 import itertools
 import platform
-import sys
 import time
-import types
 from collections.abc import Callable, Iterator
 
 import torch
 from baselines import sequential_recurrence, sequential_solve, woodbury_from_scratch
+from peers import load_dense_core_mfac
 
 from secondorder import kernels
 from secondorder.curvature import DenseMFAC, SlidingWindowMFAC, SparseSlidingWindowMFAC
@@ -324,50 +320,6 @@ def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
         "relative difference of F⁻¹x",
     ]
     return table(header, rows)
-
-
-def load_dense_core_mfac() -> type | None:
-    """``DenseCoreMFAC`` of ista-daslab-optimizers 1.1.15 made to run on CPU, in this process
-    only; ``None`` (with a message) when the package is not installed.
-
-    Its ``__init__`` imports every optimizer, and those import CUDA extensions: the package
-    and its ``dense_mfac`` subpackage are registered as empty modules pointing at the
-    installed folders, so that ``dense_core_mfac`` alone is imported (it falls back to
-    PyTorch without its extension). Two calls of that fallback do not run on CPU:
-    ``torch.lu(A, pivot=False)``, whose ``A`` is symmetric positive definite there (its
-    unpivoted LU follows from the Cholesky factor ``C``: ``L = C diag(C)⁻¹``,
-    ``U = diag(C) Cᵀ``), and ``nn.parallel.parallel_apply`` (called one after another):
-    both are swapped in ``torch`` for the rest of this process.
-    """
-    spec = importlib.util.find_spec("ista_daslab_optimizers")
-    if spec is None or not spec.submodule_search_locations:
-        print(
-            "ista-daslab-optimizers is not installed: the peer is skipped "
-            "(pip install --no-deps ista-daslab-optimizers==1.1.15)"
-        )
-        return None
-    folder = spec.submodule_search_locations[0]
-    for name, path in (
-        ("ista_daslab_optimizers", folder),
-        ("ista_daslab_optimizers.dense_mfac", f"{folder}/dense_mfac"),
-    ):
-        if name not in sys.modules:
-            package = types.ModuleType(name)
-            package.__path__ = [path]
-            sys.modules[name] = package
-    with contextlib.redirect_stdout(io.StringIO()):  # its warning about the CUDA extension
-        from ista_daslab_optimizers.dense_mfac.dense_core_mfac import DenseCoreMFAC
-
-    def lu_without_pivoting(A, pivot=True, get_infos=False):
-        C = torch.linalg.cholesky(A)
-        root = C.diagonal()
-        return torch.tril(C / root, -1) + root[:, None] * C.T, None
-
-    torch.lu = lu_without_pivoting
-    torch.nn.parallel.parallel_apply = lambda fns, args: [
-        f(a) for f, a in zip(fns, args, strict=True)
-    ]
-    return DenseCoreMFAC
 
 
 def bench_static(sizes: list[tuple[int, int]], damp: float) -> str:

@@ -6,10 +6,13 @@ calls are no-ops), so single-process code paths stay free of branches.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+_DISTRIBUTED = dist.is_available()
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,9 @@ class RowShard:
     rows: int
 
 
+@functools.cache
 def _dtensor_types():
+    """``(DTensor, Shard)``, imported once (every optimiser step asks, for every parameter)."""
     try:
         from torch.distributed.tensor import DTensor, Shard
     except ImportError:  # torch < 2.5
@@ -88,7 +93,7 @@ def _dtensor_types():
 
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor (an FSDP2 parameter or gradient)."""
-    return dist.is_available() and isinstance(t, _dtensor_types()[0])
+    return _DISTRIBUTED and isinstance(t, _dtensor_types()[0])
 
 
 def local(t: torch.Tensor) -> torch.Tensor:

@@ -154,36 +154,42 @@ def _graph_task_id() -> int | None:
     return None if current is None else current()
 
 
-def check_gradients(params: list[torch.Tensor]) -> None:
+def check_gradients(
+    params: list[torch.Tensor], proxies: dict[torch.Tensor, torch.Tensor] | None = None
+) -> None:
     """Raise before anything changes if a gradient is sparse or holds NaN or Inf.
 
     One reduction over all gradients of a device and one host synchronisation: their
     2-norms, which NaN and Inf propagate through (24x faster on CPU than the largest
     magnitude, the ∞-norm). A finite gradient whose squares overflow also gives an infinite
-    norm; only then are the suspects checked entry by entry. For FSDP2 gradients the
-    verdict is agreed over their group, so that a NaN in one rank's rows stops every rank
-    instead of leaving the others waiting in a collective."""
+    norm; only then are the suspects checked entry by entry. ``proxies`` stand in for the
+    gradients of some parameters: a tensor computed from the gradient (say ``G P``, a
+    projection) that NaN or Inf in it would make non-finite, smaller to reduce; a proxy
+    that overflowed from a finite gradient is refused too. For FSDP2 gradients the verdict
+    is agreed over their group, so that a NaN in one rank's rows stops every rank instead of
+    leaving the others waiting in a collective."""
+    proxies = proxies or {}
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in params:
         if p.grad.is_sparse:
             raise RuntimeError("this optimiser does not support sparse gradients")
         by_device.setdefault(p.grad.device, []).append(p)
     for group in by_device.values():
-        grads = [local(p.grad) for p in group]
-        suspects = ~torch.isfinite(torch.stack(torch._foreach_norm(grads, 2)))
+        checked = [proxies[p] if p in proxies else local(p.grad) for p in group]
+        suspects = ~torch.isfinite(torch.stack(torch._foreach_norm(checked, 2)))
         bad = None
         if bool(suspects.any()):
-            flagged = (group[i] for i in suspects.nonzero()[:, 0].tolist())
-            bad = next((p for p in flagged if not bool(torch.isfinite(local(p.grad)).all())), None)
+            flagged = ((group[i], checked[i]) for i in suspects.nonzero()[:, 0].tolist())
+            bad = next((p for p, t in flagged if not bool(torch.isfinite(t).all())), None)
         shards = {shard.group for shard in map(row_shard, group) if shard is not None}
         for process_group in shards:
             count = torch.tensor([int(bad is not None)], device=suspects.device)
             if all_reduce_sum(count, process_group).item() and bad is None:
                 raise NonFiniteError("a gradient holds NaN or Inf in the rows of another rank")
         if bad is not None:
-            check_finite(
-                local(bad.grad), f"the gradient of a parameter of shape {tuple(bad.shape)}"
-            )
+            what = f"the gradient of a parameter of shape {tuple(bad.shape)}"
+            check_finite(local(bad.grad), what)
+            raise NonFiniteError(f"{what} overflows (to Inf) once projected; nothing was changed")
 
 
 class AdamWCore(torch.optim.Optimizer):
@@ -240,6 +246,21 @@ class AdamWCore(torch.optim.Optimizer):
 
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         raise NotImplementedError
+
+    def _prepare_claimed(
+        self, p: torch.Tensor, group: dict[str, Any], index: int
+    ) -> tuple[torch.Tensor | None, Any]:
+        """The part of a claimed step that changes nothing, run before the gradients are
+        checked: ``(proxy, prepared)``. ``proxy`` (``None``: the gradient itself) is checked
+        for NaN and Inf in place of the gradient (see :func:`check_gradients`), and
+        ``prepared`` is handed to :meth:`_finish_claimed`. The default prepares nothing."""
+        return None, None
+
+    def _finish_claimed(
+        self, p: torch.Tensor, group: dict[str, Any], index: int, prepared: Any
+    ) -> None:
+        """The rest of a claimed step, once every gradient has passed its check."""
+        self._step_claimed(p, group, index)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a bad setting of ``group`` (nothing has changed yet)."""
@@ -348,13 +369,19 @@ class AdamWCore(torch.optim.Optimizer):
             for p in group["params"]
             if p.grad is not None
         ]
-        check_gradients([p for p, _, _ in work])
         plain: dict[int, list[torch.Tensor]] = {}
+        claimed, proxies = [], {}
         for p, group, index in work:
             if self._claims(p, index):
-                self._step_claimed(p, group, index)
+                proxy, prepared = self._prepare_claimed(p, group, index)
+                claimed.append((p, group, index, prepared))
+                if proxy is not None:
+                    proxies[p] = proxy
             else:
                 plain.setdefault(index, []).append(p)
+        check_gradients([p for p, _, _ in work], proxies)
+        for p, group, index, prepared in claimed:
+            self._finish_claimed(p, group, index, prepared)
         for index, params in plain.items():
             self._adamw_steps(params, self.param_groups[index])
         return loss

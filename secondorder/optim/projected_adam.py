@@ -51,9 +51,9 @@ steps its own rows:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -143,6 +143,9 @@ class ProjectedAdam(AdamWCore):
             ``history``), checked by its :meth:`_validate_group`.
     """
 
+    #: the bases kept between steps are rebuilt, not copied, by ``deepcopy`` and ``pickle``
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {**AdamWCore._transient, "_bases": dict}
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
@@ -166,6 +169,7 @@ class ProjectedAdam(AdamWCore):
         self.projector = projector
         self.process_group = process_group
         self._configs: list[LowRankConfig | None] = []
+        self._bases: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
         defaults = {
             "lr": lr,
             "betas": tuple(betas),
@@ -209,6 +213,7 @@ class ProjectedAdam(AdamWCore):
                 )
 
     def _group_changed(self, index: int) -> None:
+        self._bases.clear()  # a load brings other bases
         del self._configs[index:]
         self._configs.append(LowRankConfig.from_group(self.param_groups[index]))
 
@@ -242,31 +247,50 @@ class ProjectedAdam(AdamWCore):
 
     # ----------------------------------------------------------------- stepping
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+        self._finish_claimed(p, group, index, self._prepare_claimed(p, group, index)[1])
+
+    def _prepare_claimed(
+        self, p: torch.Tensor, group: dict[str, Any], index: int
+    ) -> tuple[torch.Tensor | None, _Projection]:
+        """Between refreshes, project the gradient (``X P``): the projection stands in for the
+        gradient in the finiteness check (NaN or Inf in ``G`` makes its rows of ``G P``
+        non-finite), so the gradient is read once, not twice. On a refresh step nothing is
+        computed (a NaN gradient would break the SVD): the gradient itself is checked."""
+        config = self._configs[index]
+        state = self.state[p]
+        grad = local(p.grad).to(statistics_dtype(p.dtype))
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
+        side = config.side(rows, cols)
+        prepared = _Projection(config, grad, side, cols if side == "right" else rows)
+        prepared.refresh = state.get("step", 0) % config.update_proj_gap == 0
+        if prepared.refresh:
+            return None, prepared
+        shard = row_shard(p)
+        basis = self._basis(p, state["basis"], prepared.size, grad.dtype)
+        split = self._split_group(p, config) is not None  # X P's rows are split over ranks
+        # a left projection of row-sharded weights uses this rank's rows of P, summed over ranks
+        prepared.basis = basis if shard is None or split else basis[shard.start : shard.stop]
+        G = as_matrix(grad)
+        # X P, as (Pᵀ G)ᵀ on the left: G is read in its own layout, not transposed
+        low = G @ prepared.basis if side == "right" else (prepared.basis.mT @ G).mT
+        if shard is not None and not split:
+            all_reduce_sum(low, shard.group)
+        prepared.low = low
+        return low, prepared
+
+    def _finish_claimed(
+        self, p: torch.Tensor, group: dict[str, Any], index: int, prepared: _Projection
+    ) -> None:
+        """The projected step for a matrix (or conv) weight ``p`` (this rank's rows of it
+        when FSDP2 shards ``p``): a refresh if due, then Adam in the projected space."""
         state = self.state[p]
         if not state:
             state["step"] = 0
-        grad = local(p.grad).to(statistics_dtype(p.dtype))
-        self._low_rank_update(p, group, self._configs[index], grad, row_shard(p))
-
-    def _low_rank_update(
-        self,
-        p: torch.Tensor,
-        group: dict[str, Any],
-        config: LowRankConfig,
-        grad: torch.Tensor,
-        shard: RowShard | None,
-    ) -> None:
-        """The projected step for a matrix (or conv) weight ``p`` whose gradient is ``grad``
-        (this rank's rows of it when FSDP2 shards ``p``, as ``shard`` says)."""
-        state = self.state[p]
+        config, grad, side, size = prepared.config, prepared.grad, prepared.side, prepared.size
         dtype = grad.dtype
-        rows, cols = p.shape[0], math.prod(p.shape[1:])
-        side = config.side(rows, cols)
-        size = cols if side == "right" else rows
-        X = orient(as_matrix(grad), side)
-        split = self._split_group(p, config) is not None  # X P's rows are split over ranks
-        refresh = state["step"] % config.update_proj_gap == 0
-        if refresh:
+        if prepared.refresh:
+            shard = row_shard(p)
+            X = orient(as_matrix(grad), side)
             choice, low = self._refresh(p, X, side, size, config.rank, shard)
             if "basis" in state and config.on_refresh == "rotate":
                 R = rotation(
@@ -275,22 +299,34 @@ class ProjectedAdam(AdamWCore):
                 )
                 self._rotate(p, state, group, R)
             state["basis"] = choice
-        basis = self.projector.basis(state["basis"], size, dtype)
-        # a left projection of row-sharded weights uses this rank's rows of P, summed over ranks
-        mine = basis if shard is None or split else basis[shard.start : shard.stop]
-        if not refresh:
-            low = X @ mine
-            if shard is not None and not split:
-                all_reduce_sum(low, shard.group)
+            split = self._split_group(p, config) is not None
+            basis = self.projector.basis(choice, size, dtype)
+            mine = basis if shard is None or split else basis[shard.start : shard.stop]
+        else:
+            low, mine = prepared.low, prepared.basis
         low = self._precondition(p, state, group, low)
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros_like(low)
-            state["exp_avg_sq"] = torch.zeros_like(low)
+            state["exp_avg"] = torch.zeros(low.shape, dtype=low.dtype, device=low.device)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         step_size, denom = adam_moments(state, low, group)
-        update = orient((state["exp_avg"] / denom) @ mine.mT, side).reshape(local(p).shape)
+        N = state["exp_avg"] / denom
+        # N Pᵀ oriented back, formed in the weight's own layout (a contiguous update)
+        update = (N @ mine.mT if side == "right" else mine @ N.mT).reshape(local(p).shape)
         with write_back(local(p), dtype) as target:
             decoupled_decay(target, group)
             target.add_(update, alpha=-step_size * config.scale)
+
+    def _basis(
+        self, p: torch.Tensor, choice: torch.Tensor, size: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``P`` for ``choice``, kept from one step to the next while ``choice`` (the state's
+        tensor) stays the same object: a DCT basis is otherwise gathered anew every step."""
+        cached = self._bases.get(p)
+        if cached is not None and cached[0] is choice and cached[1].dtype == dtype:
+            return cached[1]
+        basis = self.projector.basis(choice, size, dtype)
+        self._bases[p] = (choice, basis)
+        return basis
 
     def _refresh(
         self,
@@ -338,3 +374,13 @@ class ProjectedAdam(AdamWCore):
         if "exp_avg" in state:
             state["exp_avg"] = state["exp_avg"] @ R
             state["exp_avg_sq"] = state["exp_avg_sq"] @ R.square()
+
+
+class _Projection:
+    """What :meth:`ProjectedAdam._prepare_claimed` hands to :meth:`ProjectedAdam._finish_claimed`."""
+
+    def __init__(self, config: LowRankConfig, grad: torch.Tensor, side: Side, size: int) -> None:
+        self.config, self.grad, self.side, self.size = config, grad, side, size
+        self.refresh = False
+        self.low: torch.Tensor | None = None  # X P, between refreshes
+        self.basis: torch.Tensor | None = None  # this rank's rows of P, between refreshes
