@@ -14,8 +14,15 @@ __all__ = ["count_to_prune", "prune_lowest", "prune_n_m"]
 
 
 def count_to_prune(sparsity: float, numel: int, pruned: int) -> int:
-    """How many more of ``numel`` weights to remove to reach ``sparsity`` (the nearest count)."""
-    return max(0, math.floor(sparsity * numel + 0.5) - pruned)
+    """How many more of ``numel`` weights to remove to reach ``sparsity`` (the nearest count).
+
+    A sparsity below 1 always leaves at least one weight: the nearest count of
+    ``0.999 * 52`` is 52, which would empty the tensor, so it becomes 51.
+    """
+    target = math.floor(sparsity * numel + 0.5)
+    if sparsity < 1:
+        target = min(target, numel - 1)
+    return max(0, target - pruned)
 
 
 def prune_lowest(scores: torch.Tensor, alive: torch.Tensor, count: int) -> torch.Tensor:
