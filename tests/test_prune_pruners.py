@@ -430,3 +430,28 @@ def test_count_to_prune_never_removes_a_whole_tensor_below_sparsity_one():
     assert count_to_prune(0.999, 52, 0) == 51
     assert count_to_prune(0.99, 10, 9) == 0
     assert count_to_prune(0.0, 1, 0) == 0
+
+
+def test_params_accept_parameters_besides_names_and_pairs():
+    model = small_model()
+    data = small_data(2)
+    specs = [
+        [model[0].weight, model[2].weight],
+        ["0.weight", "2.weight"],
+        [(model[0], "weight"), (model[2], "weight")],
+        [model[0].weight, "2.weight"],
+    ]
+    for params in specs:
+        pruner = MFACPruner(model, ce, data, params=params, num_grads=2, progress=False)
+        assert [t.qualname for t in pruner.targets] == ["0.weight", "2.weight"]
+    MagnitudePruner(model, params=[model[0].weight]).prune(0.5)
+    # once reparametrised by torch's pruning, the parameter is weight_orig: still accepted
+    assert [t.qualname for t in MagnitudePruner(model, params=[model[0].weight_orig]).targets] == [
+        "0.weight"
+    ]
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        MagnitudePruner(model, params=[nn.Parameter(torch.ones(2, 2))])
+    with pytest.raises(ValueError, match=r"not a parameter of the model.*pass name_orig"):
+        MagnitudePruner(
+            model, params=[model[0].weight]
+        )  # now a plain tensor computed from the mask

@@ -50,8 +50,8 @@ class Pruner:
     Args:
         model: the model; pruned in place.
         params: the weights to prune: ``None`` for every weight of two or more
-            dimensions (no biases or norms), or parameter names, or
-            ``(module, name)`` pairs.
+            dimensions (no biases or norms), or the parameters themselves (as an
+            optimiser takes them), their names, or ``(module, name)`` pairs.
         scope: ``"global"`` ranks all weights together; ``"layer"`` brings
             every weight tensor to the same sparsity.
     """
