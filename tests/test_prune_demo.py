@@ -1,7 +1,7 @@
 """The pruning scripts run end to end on the real digits (smoke tests; quality is in the benchmark)."""
 
 from secondorder.cli import main
-from secondorder.demo import pruning
+from secondorder.demo import llm_pruning, pruning
 from secondorder.demo.report import Report
 
 
@@ -15,6 +15,10 @@ def test_demo_section_quick(tmp_path):
         in text
     )
     assert (tmp_path / "pruning.png").exists()
+    assert llm_pruning.TITLE in text
+    assert "| method | 50% | 70% | 2:4 |" in text
+    assert "| SparseGPT | 2:4 |" in text
+    assert (tmp_path / "llama_pruning.png").exists()
 
 
 def test_cli_prune(tmp_path, capsys):
@@ -27,3 +31,14 @@ def test_cli_prune(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "M-FAC one-shot" in out and "0.50" in out
     assert (tmp_path / "sparsity_accuracy.png").exists()
+
+
+def test_cli_prune_llama_quick(tmp_path, capsys):
+    main(["prune", "--models", "llama", "--quick", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    for method in llm_pruning.METHODS:
+        assert method in out
+    table = (tmp_path / "llama_pruning.md").read_text()
+    assert "| M-FAC (layer) | 70% |" in table and "peak memory" in table
+    assert (tmp_path / "llama_pruning.png").exists()
+    assert not (tmp_path / "cache").exists()  # --quick trains in seconds and caches nothing
