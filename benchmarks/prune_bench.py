@@ -154,6 +154,17 @@ def sweep(seeds: int, sparsity: float = 0.9) -> None:
 # --------------------------------------------------------------------------- llama
 
 
+# options of --part llama that its child processes must receive too
+LLAMA_OPTIONS = (
+    "num_grads",
+    "block_size",
+    "calibration_batch",
+    "calibration_sequences",
+    "relative_damp",
+    "recompute_steps",
+)
+
+
 def llama_setup(args: argparse.Namespace) -> llm_pruning.LlamaPruneSetup:
     defaults = llm_pruning.LlamaPruneSetup()
     return dataclasses.replace(
@@ -161,6 +172,8 @@ def llama_setup(args: argparse.Namespace) -> llm_pruning.LlamaPruneSetup:
         num_grads=args.num_grads or defaults.num_grads,
         block_size=args.block_size or defaults.block_size,
         calibration_batch=args.calibration_batch or defaults.calibration_batch,
+        calibration_sequences=args.calibration_sequences or defaults.calibration_sequences,
+        mfac_relative_damp=args.relative_damp or defaults.mfac_relative_damp,
         mfac_recompute_steps=args.recompute_steps,
     )
 
@@ -178,7 +191,7 @@ def llama(args: argparse.Namespace) -> None:
     setup = llama_setup(args)
     passed = [
         f"--{name.replace('_', '-')}={value}"
-        for name in ("num_grads", "block_size", "calibration_batch", "recompute_steps")
+        for name in LLAMA_OPTIONS
         if (value := getattr(args, name)) is not None
     ]
 
@@ -329,6 +342,12 @@ def main() -> None:
         "--calibration-batch", type=int, help="llama: sequences per calibration batch"
     )
     parser.add_argument("--recompute-steps", type=int, help="llama: M-FAC recompute steps")
+    parser.add_argument("--relative-damp", type=float, help="llama: M-FAC relative damping")
+    parser.add_argument(
+        "--calibration-sequences",
+        type=int,
+        help="llama: calibration sequences (128 is the comparison's budget)",
+    )
     parser.add_argument("--inverse-child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--llama-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()

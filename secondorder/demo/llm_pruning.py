@@ -51,6 +51,7 @@ class LlamaPruneSetup:
     calibration_batch: int = 2  # sequences per batch: one M-FAC gradient each
     num_grads: int = 64
     block_size: int = 128
+    mfac_relative_damp: float = 0.01
     mfac_recompute_steps: int | None = None  # None: MFACPruner's default
     seed: int = 0
 
@@ -135,7 +136,8 @@ def _mfac(scope: str) -> MethodBuilder:
     def build(model, data, setup, show_progress):
         return MFACPruner(
             model, lm_loss, data, params=prunable_weights(model), num_grads=setup.num_grads,
-            block_size=setup.block_size, scope=scope, progress=show_progress,
+            block_size=setup.block_size, relative_damp=setup.mfac_relative_damp, scope=scope,
+            progress=show_progress,
         )  # fmt: skip
 
     return build
@@ -312,8 +314,9 @@ def report_text(comparison: LlamaComparison) -> str:
         f"One `prune()` call per method and pattern on {comparison.describe()}. Magnitude "
         "per layer or ranked globally; Wanda and SparseGPT per layer (blocks of "
         f"{comparison.setup.block_size} columns); M-FAC OBS with {comparison.setup.num_grads} "
-        f"gradients of {comparison.setup.calibration_batch} sequences each, blocks of "
-        f"{comparison.setup.block_size}, ranked globally or per layer. Held-out loss in "
+        f"gradients of {comparison.setup.calibration_batch} sequence(s) each, blocks of "
+        f"{comparison.setup.block_size}, relative damping {comparison.setup.mfac_relative_damp:g}, "
+        "ranked globally or per layer. Held-out loss in "
         "nats/byte (best of each column in bold):\n\n"
         + markdown_table(*comparison.loss_table())
         + "\n\nEach pruning call (peak memory: growth of the process's peak resident set, or "
