@@ -13,8 +13,13 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _prune(args: argparse.Namespace) -> None:
+    import torch
+
     from .demo.llm_pruning import prune_llama
     from .demo.pruning import prune_digits
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
 
     digits = [model for model in args.models if model != "llama"]
     if digits:
@@ -116,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/cache",
         help="folder where the trained Llama is kept and reused (llama only)",
     )
+    prune.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     prune.add_argument(
         "--quick", action="store_true", help="tiny models and budgets (seconds), for smoke tests"
     )

@@ -202,8 +202,8 @@ class LlamaComparison:
     train_seconds: float
     runs: list[PruneRun]
 
-    def loss_table(self) -> tuple[list[str], list[list[str]]]:
-        """Held-out loss, one row per method, one column per pattern (best of each column in bold)."""
+    def loss_table(self, bold: bool = True) -> tuple[list[str], list[list[str]]]:
+        """Held-out loss, one row per method, one column per pattern (markdown bold on the best of each)."""
         patterns = list(dict.fromkeys(r.pattern for r in self.runs))
         best = {p: min(r.loss for r in self.runs if r.pattern == p) for p in patterns}
         rows = []
@@ -211,7 +211,8 @@ class LlamaComparison:
             cells = [method]
             for p in patterns:
                 run = next(r for r in self.runs if r.method == method and r.pattern == p)
-                cells.append(f"**{run.loss:.3f}**" if run.loss == best[p] else f"{run.loss:.3f}")
+                text = f"{run.loss:.3f}"
+                cells.append(f"**{text}**" if bold and run.loss == best[p] else text)
             rows.append(cells)
         return ["method", *patterns], rows
 
@@ -293,11 +294,12 @@ def plot_losses(comparison: LlamaComparison, path: Path) -> Path | None:
         axes.bar(positions, losses, width, label=method, color=f"C{i}")
     axes.axhline(comparison.dense_loss, color="grey", lw=1, ls="--", label="dense")
     axes.set_xticks(range(len(patterns)), patterns)
-    axes.set_yscale("log")
+    lowest = min(comparison.dense_loss, *(r.loss for r in comparison.runs))
+    axes.set_ylim(bottom=0.95 * lowest)  # the bars' differences, not their common part
     axes.set(
         title="Tiny Llama pruned one-shot",
         xlabel="sparsity of the attention and MLP matrices",
-        ylabel="held-out loss (nats/byte, log scale)",
+        ylabel="held-out loss (nats/byte)",
     )
     axes.grid(alpha=0.3, axis="y")
     axes.legend(fontsize=8)
@@ -337,7 +339,7 @@ def prune_llama(
     setup = QUICK if quick else LlamaPruneSetup()
     comparison = compare(setup, cache_dir=cache_dir, show_progress=show_progress)
     print(f"\ntiny Llama: {comparison.describe()}")
-    print(text_table(*comparison.loss_table()).replace("**", ""))
+    print(text_table(*comparison.loss_table(bold=False)))
     print()
     print(text_table(*comparison.detail_table()))
     out.mkdir(parents=True, exist_ok=True)
@@ -357,8 +359,13 @@ __all__ = [
     "LlamaComparison",
     "LlamaPruneSetup",
     "PruneRun",
+    "calibration_data",
     "compare",
+    "lm_loss",
+    "plot_losses",
+    "prunable_weights",
     "prune_llama",
     "prune_once",
+    "report_text",
     "trained_llama",
 ]

@@ -297,7 +297,7 @@ def run_llama(report: Report, *, quick: bool, show_progress: bool) -> None:
         setup, cache_dir=None if quick else "runs/cache", show_progress=show_progress
     )
     print(f"\n{llm_pruning.TITLE}: {comparison.describe()}")
-    print(text_table(*comparison.loss_table()).replace("**", ""))
+    print(text_table(*comparison.loss_table(bold=False)))
     figure = llm_pruning.plot_losses(comparison, report.out / "llama_pruning.png")
     report.section(
         llm_pruning.TITLE,
