@@ -5,6 +5,9 @@
     python benchmarks/prune_bench.py --part inverse   # DenseMFAC vs the paper's sequential recurrence
     python benchmarks/prune_bench.py --part inverse --device cuda   # the same on a GPU
     python benchmarks/prune_bench.py --part sweep     # damping x recompute steps x num_grads (slow)
+    python benchmarks/prune_bench.py --part llama     # tiny Llama: M-FAC, SparseGPT, Wanda, magnitude
+    python benchmarks/prune_bench.py --part llama --methods "M-FAC (global)" --num-grads 128 \
+        --calibration-batch 1                         # one M-FAC variant on the same 128 sequences
 
 accuracy: one ``prune()`` call with MFACPruner's defaults, no fine-tuning, at
 50/70/80/90/95% sparsity, against global magnitude pruning, on the digits MLP
@@ -19,12 +22,20 @@ measurement runs in a fresh process, so peak RSS is its own.
 
 sweep: test accuracy at 90% sparsity for recompute steps, absolute and relative
 damping and num_grads, over three seeds: the measurement the defaults come from.
+
+llama: the byte-level tiny Llama of the low-rank benchmark, trained once (cached
+under runs/cache), pruned to 50%, 70% and 2:4 of its attention and MLP matrices by
+magnitude, Wanda, SparseGPT and M-FAC OBS from the same 128 calibration sequences;
+held-out loss (nats/byte), wall time and peak memory of each ``prune()`` call, each
+call in a fresh process so that its peak resident memory is its own
+(``secondorder/demo/llm_pruning.py`` holds the workflow).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import resource
 import statistics
@@ -41,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from baselines import sequential_recurrence
 
 from secondorder.curvature import DenseMFAC
-from secondorder.demo.data import load_digits
+from secondorder.demo import llm_pruning
+from secondorder.demo.data import load_digits, load_stdlib_corpus
 from secondorder.demo.pruning import make_pruner, one_shot, pruning_batches, train_dense
 from secondorder.demo.training import evaluate
 from secondorder.prune import MFACPruner
@@ -137,6 +149,72 @@ def sweep(seeds: int, sparsity: float = 0.9) -> None:
                 f"| {statistics.mean(times):.1f} |",
                 flush=True,
             )
+
+
+# --------------------------------------------------------------------------- llama
+
+
+# options of --part llama that its child processes must receive too
+LLAMA_OPTIONS = (
+    "num_grads",
+    "block_size",
+    "calibration_batch",
+    "calibration_sequences",
+    "relative_damp",
+    "recompute_steps",
+)
+
+
+def llama_setup(args: argparse.Namespace) -> llm_pruning.LlamaPruneSetup:
+    defaults = llm_pruning.LlamaPruneSetup()
+    return dataclasses.replace(
+        defaults,
+        num_grads=args.num_grads or defaults.num_grads,
+        block_size=args.block_size or defaults.block_size,
+        calibration_batch=args.calibration_batch or defaults.calibration_batch,
+        calibration_sequences=args.calibration_sequences or defaults.calibration_sequences,
+        mfac_relative_damp=args.relative_damp or defaults.mfac_relative_damp,
+        mfac_recompute_steps=args.recompute_steps,
+    )
+
+
+def llama_child(args: argparse.Namespace, method: str, pattern: str) -> None:
+    """Run in its own process: one pruning call on the cached model; print the result as JSON."""
+    setup = llama_setup(args)
+    corpus = load_stdlib_corpus(setup.model.corpus_bytes)
+    state, _ = llm_pruning.trained_llama(setup, corpus, show_progress=False)
+    run = llm_pruning.prune_once(state, setup, corpus, method, pattern)
+    print(json.dumps(dataclasses.asdict(run)))
+
+
+def llama(args: argparse.Namespace) -> None:
+    setup = llama_setup(args)
+    passed = [
+        f"--{name.replace('_', '-')}={value}"
+        for name in LLAMA_OPTIONS
+        if (value := getattr(args, name)) is not None
+    ]
+
+    def in_fresh_process(state, setup, corpus, method, pattern):
+        command = [
+            sys.executable, __file__, "--threads", str(args.threads), *passed,
+            "--llama-child", method, pattern,
+        ]  # fmt: skip
+        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+        run = llm_pruning.PruneRun(**json.loads(out.strip().splitlines()[-1]))
+        print(f"  {method}, {pattern}: loss {run.loss:.3f} in {run.seconds:.1f} s", flush=True)
+        return run
+
+    start = time.perf_counter()
+    comparison = llm_pruning.compare(
+        setup, methods=args.methods, patterns=args.patterns, show_progress=False,
+        run=in_fresh_process,
+    )  # fmt: skip
+    print(
+        f"\ntorch {torch.__version__}, {args.threads} thread(s); {comparison.describe()}; "
+        f"{time.perf_counter() - start:.0f} s in all\n"
+    )
+    print(llm_pruning.report_text(comparison))
 
 
 # --------------------------------------------------------------------------- inverse
@@ -244,13 +322,34 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=["all", "accuracy", "inverse", "sweep"], default="all")
+    parser.add_argument(
+        "--part", choices=["all", "accuracy", "inverse", "sweep", "llama"], default="all"
+    )
     parser.add_argument("--seeds", type=int, default=3, help="orders of the pruning batches")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3, help="inverse: fastest of this many")
     parser.add_argument("--large", action="store_true", help="inverse: only d=2^20, n=256")
     parser.add_argument("--device", default="cpu", help="device of --part inverse")
+    parser.add_argument(
+        "--methods", nargs="+", choices=list(llm_pruning.METHODS), help="llama: only these"
+    )
+    parser.add_argument(
+        "--patterns", nargs="+", choices=list(llm_pruning.PATTERNS), help="llama: only these"
+    )
+    parser.add_argument("--num-grads", type=int, help="llama: M-FAC gradients per step")
+    parser.add_argument("--block-size", type=int, help="llama: M-FAC and SparseGPT block size")
+    parser.add_argument(
+        "--calibration-batch", type=int, help="llama: sequences per calibration batch"
+    )
+    parser.add_argument("--recompute-steps", type=int, help="llama: M-FAC recompute steps")
+    parser.add_argument("--relative-damp", type=float, help="llama: M-FAC relative damping")
+    parser.add_argument(
+        "--calibration-sequences",
+        type=int,
+        help="llama: calibration sequences (128 is the comparison's budget)",
+    )
     parser.add_argument("--inverse-child", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--llama-child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.inverse_child:
@@ -264,12 +363,17 @@ def main() -> None:
             device,
         )
         return
+    if args.llama_child:
+        llama_child(args, *args.llama_child)
+        return
     if args.part in ("all", "accuracy"):
         accuracy(args.seeds)
     if args.part in ("all", "inverse"):
         inverse(args.threads, args.repeats, args.large, args.device)
     if args.part == "sweep":
         sweep(args.seeds)
+    if args.part == "llama":
+        llama(args)
 
 
 if __name__ == "__main__":

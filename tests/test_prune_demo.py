@@ -3,7 +3,7 @@
 from _bars import record_bars
 
 from secondorder.cli import main
-from secondorder.demo import pruning
+from secondorder.demo import llm_pruning, pruning
 from secondorder.demo.report import Report
 
 
@@ -17,6 +17,10 @@ def test_demo_section_quick(tmp_path):
         in text
     )
     assert (tmp_path / "pruning.png").exists()
+    assert llm_pruning.TITLE in text
+    assert "| method | 50% | 70% | 2:4 |" in text
+    assert "| SparseGPT | 2:4 |" in text
+    assert (tmp_path / "llama_pruning.png").exists()
 
 
 def test_cli_prune(tmp_path, capsys, monkeypatch):
@@ -36,3 +40,14 @@ def test_cli_prune(tmp_path, capsys, monkeypatch):
     assert "| sparsity | M-FAC one-shot | magnitude one-shot |" in table and "| 0.50 |" in table
     assert [bar.desc for bar in bars.bars] == ["mlp", "digits mlp: pruning"]
     assert not any(bar.nested for bar in bars.bars)
+
+
+def test_cli_prune_llama_quick(tmp_path, capsys):
+    main(["prune", "--models", "llama", "--quick", "--out", str(tmp_path), "--no-progress"])
+    out = capsys.readouterr().out
+    for method in llm_pruning.METHODS:
+        assert method in out
+    table = (tmp_path / "llama_pruning.md").read_text()
+    assert "| M-FAC (layer) | 70% |" in table and "peak memory" in table
+    assert (tmp_path / "llama_pruning.png").exists()
+    assert not (tmp_path / "cache").exists()  # --quick trains in seconds and caches nothing

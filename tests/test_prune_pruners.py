@@ -14,6 +14,7 @@ from secondorder.errors import InsufficientMemoryError, NonFiniteError
 from secondorder.prune import (
     MagnitudePruner,
     MFACPruner,
+    count_to_prune,
     keep_masks_applied,
     load_pruned_state_dict,
 )
@@ -405,3 +406,52 @@ def test_bfloat16_model():
     assert pruner.prune(0.5, recompute_steps=2) == 0.5
     assert model[0].weight_orig.dtype == torch.bfloat16
     assert torch.isfinite(model(data[0][0])).all()
+
+
+@pytest.mark.parametrize("method", ["magnitude", "mfac"])
+@pytest.mark.parametrize("scope", ["global", "layer"])
+@pytest.mark.parametrize("sparsity", [0.97, 0.99, 0.999])
+def test_every_sparsity_below_one_leaves_a_weight_in_every_tensor(method, scope, sparsity):
+    model = small_model(11)
+    pruner = (
+        MagnitudePruner(model, scope=scope)
+        if method == "magnitude"
+        else MFACPruner(model, ce, small_data(2, seed=11), num_grads=2, scope=scope, progress=False)
+    )
+    reached = pruner.prune(sparsity, recompute_steps=2)
+    assert reached < 1
+    for layer in (model[0], model[2]):
+        assert int((layer.weight_mask != 0).sum()) >= 1
+    # 52 weights in two tensors: at most 50 can go while each keeps one.
+    assert reached == pytest.approx(50 / 52)
+
+
+def test_count_to_prune_never_removes_a_whole_tensor_below_sparsity_one():
+    assert count_to_prune(0.999, 52, 0) == 51
+    assert count_to_prune(0.99, 10, 9) == 0
+    assert count_to_prune(0.0, 1, 0) == 0
+
+
+def test_params_accept_parameters_besides_names_and_pairs():
+    model = small_model()
+    data = small_data(2)
+    specs = [
+        [model[0].weight, model[2].weight],
+        ["0.weight", "2.weight"],
+        [(model[0], "weight"), (model[2], "weight")],
+        [model[0].weight, "2.weight"],
+    ]
+    for params in specs:
+        pruner = MFACPruner(model, ce, data, params=params, num_grads=2, progress=False)
+        assert [t.qualname for t in pruner.targets] == ["0.weight", "2.weight"]
+    MagnitudePruner(model, params=[model[0].weight]).prune(0.5)
+    # once reparametrised by torch's pruning, the parameter is weight_orig: still accepted
+    assert [t.qualname for t in MagnitudePruner(model, params=[model[0].weight_orig]).targets] == [
+        "0.weight"
+    ]
+    with pytest.raises(ValueError, match="not a parameter of the model"):
+        MagnitudePruner(model, params=[nn.Parameter(torch.ones(2, 2))])
+    with pytest.raises(ValueError, match=r"not a parameter of the model.*pass name_orig"):
+        MagnitudePruner(
+            model, params=[model[0].weight]
+        )  # now a plain tensor computed from the mask

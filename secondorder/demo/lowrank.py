@@ -145,6 +145,18 @@ def new_model(corpus: TextCorpus, setup: LMSetup) -> nn.Module:
     )
 
 
+def warmup_cosine(setup: LMSetup) -> Callable[[int], float]:
+    """The learning-rate factor of step ``step``: linear warm-up, then cosine down to 10%."""
+
+    def schedule(step: int) -> float:
+        if step < setup.warmup:
+            return (step + 1) / setup.warmup
+        done = (step - setup.warmup) / max(1, setup.steps - setup.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    return schedule
+
+
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -173,14 +185,7 @@ def train_lm(
 ) -> LMResult:
     """Train a fresh tiny Llama with ``build``'s optimiser; warm-up then cosine learning rate."""
     model, optimizer = build(new_model(corpus, setup), setup, lr)
-
-    def schedule(step: int) -> float:
-        if step < setup.warmup:
-            return (step + 1) / setup.warmup
-        done = (step - setup.warmup) / max(1, setup.steps - setup.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(setup))
     generator = torch.Generator().manual_seed(setup.seed + 1)
     result = LMResult(name, lr)
     start = time.perf_counter()
@@ -253,4 +258,14 @@ def run(report: Report, *, quick: bool, show_progress: bool) -> None:
     )
 
 
-__all__ = ["OPTIMIZERS", "QUICK", "TITLE", "LMResult", "LMSetup", "compare", "run", "train_lm"]
+__all__ = [
+    "OPTIMIZERS",
+    "QUICK",
+    "TITLE",
+    "LMResult",
+    "LMSetup",
+    "compare",
+    "run",
+    "train_lm",
+    "warmup_cosine",
+]

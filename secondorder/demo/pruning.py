@@ -2,7 +2,8 @@
 
 The functions here are also what ``secondorder prune``, ``examples/prune_digits.py``
 and ``benchmarks/prune_bench.py`` run: train a small digits model, prune copies of
-it one-shot or gradually, and measure test accuracy.
+it one-shot or gradually, and measure test accuracy. The section ends with the
+tiny Llama pruned by every pruner (:mod:`.llm_pruning`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch import nn
 
 from .._progress import progress
 from ..prune import MagnitudePruner, MFACPruner, Pruner, cubic_sparsity_schedule, keep_masks_applied
+from . import llm_pruning
 from .data import Split, load_digits
 from .models import digits_cnn, digits_mlp
 from .report import Report, markdown_table, text_table
@@ -288,4 +290,22 @@ def run(report: Report, *, quick: bool, show_progress: bool) -> None:
         + "\n\n".join(body)
         + "\n\n"
         + report.figure(figure, "sparsity against accuracy"),
+    )
+    run_llama(report, quick=quick, show_progress=show_progress)
+
+
+def run_llama(report: Report, *, quick: bool, show_progress: bool) -> None:
+    """The second part of the section: the tiny Llama, M-FAC OBS against SparseGPT, Wanda, magnitude."""
+    setup = llm_pruning.QUICK if quick else llm_pruning.LlamaPruneSetup()
+    comparison = llm_pruning.compare(
+        setup, cache_dir=None if quick else "runs/cache", show_progress=show_progress
+    )
+    print(f"\n{llm_pruning.TITLE}: {comparison.describe()}")
+    print(text_table(*comparison.loss_table(bold=False)))
+    figure = llm_pruning.plot_losses(comparison, report.out / "llama_pruning.png")
+    report.section(
+        llm_pruning.TITLE,
+        llm_pruning.report_text(comparison)
+        + "\n\n"
+        + report.figure(figure, "held-out loss of the pruned Llama"),
     )

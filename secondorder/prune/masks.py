@@ -10,12 +10,19 @@ import math
 
 import torch
 
-__all__ = ["count_to_prune", "prune_lowest", "prune_n_m"]
+__all__ = ["count_to_prune", "prune_lowest", "prune_lowest_per_row", "prune_n_m"]
 
 
 def count_to_prune(sparsity: float, numel: int, pruned: int) -> int:
-    """How many more of ``numel`` weights to remove to reach ``sparsity`` (the nearest count)."""
-    return max(0, math.floor(sparsity * numel + 0.5) - pruned)
+    """How many more of ``numel`` weights to remove to reach ``sparsity`` (the nearest count).
+
+    A sparsity below 1 always leaves at least one weight: the nearest count of
+    ``0.999 * 52`` is 52, which would empty the tensor, so it becomes 51.
+    """
+    target = math.floor(sparsity * numel + 0.5)
+    if sparsity < 1:
+        target = min(target, numel - 1)
+    return max(0, target - pruned)
 
 
 def prune_lowest(scores: torch.Tensor, alive: torch.Tensor, count: int) -> torch.Tensor:
@@ -28,6 +35,22 @@ def prune_lowest(scores: torch.Tensor, alive: torch.Tensor, count: int) -> torch
         order = torch.argsort(scores.masked_fill(~alive, math.inf), stable=True)
         chosen[order[:count]] = True
     return chosen
+
+
+def prune_lowest_per_row(
+    scores: torch.Tensor, alive: torch.Tensor, sparsity: float
+) -> torch.Tensor:
+    """Each row of ``[rows, cols]`` to ``sparsity``: its lowest-scoring alive weights go.
+
+    Every row ends with the nearest count of zeros (:func:`count_to_prune`, so at
+    least one weight stays), counting those already pruned; a row already sparser
+    loses nothing. Returns the boolean mask of the alive weights removed.
+    """
+    zeros = count_to_prune(sparsity, scores.shape[1], 0)
+    order = torch.argsort(scores.masked_fill(~alive, -math.inf), dim=1, stable=True)
+    removed = torch.zeros_like(alive)
+    removed.scatter_(1, order[:, :zeros], True)  # pruned weights first, then the lowest
+    return removed & alive
 
 
 def prune_n_m(scores: torch.Tensor, alive: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -50,8 +50,8 @@ class Pruner:
     Args:
         model: the model; pruned in place.
         params: the weights to prune: ``None`` for every weight of two or more
-            dimensions (no biases or norms), or parameter names, or
-            ``(module, name)`` pairs.
+            dimensions (no biases or norms), or the parameters themselves (as an
+            optimiser takes them), their names, or ``(module, name)`` pairs.
         scope: ``"global"`` ranks all weights together; ``"layer"`` brings
             every weight tensor to the same sparsity.
     """
@@ -94,7 +94,11 @@ class Pruner:
         """Prune to ``sparsity`` (a fraction of the prunable weights), or to the pattern ``n_m``.
 
         Args:
-            sparsity: target fraction of zeros, at least the current one.
+            sparsity: target fraction of zeros, at least the current one, below 1.
+                The nearest whole count is removed, but every weight tensor keeps at
+                least one weight (a layer with none disconnects the network), so
+                close to 1 the sparsity reached is lower: at most ``1 − T / N`` for
+                ``T`` tensors of ``N`` weights.
             n_m: ``(n, m)`` for semi-structured sparsity: at most ``n`` weights kept
                 in every group of ``m`` consecutive weights along a row of
                 ``weight.reshape(out_features, -1)`` (``(2, 4)``: the pattern of
@@ -186,8 +190,12 @@ class Pruner:
         """The alive weights to remove for ``goal``, as a boolean over all prunable weights."""
         sizes = [t.parameter.numel() for t in self.targets]
         if goal.sparsity is not None and self.scope == "global":
+            # Every tensor keeps its best alive weight: a global ranking may otherwise
+            # empty a layer (and disconnect the network) at a sparsity below 1.
+            candidates = alive & ~_best_of_each(scores, alive, sizes)
             pruned = int((~alive).sum())
-            return prune_lowest(scores, alive, count_to_prune(goal.sparsity, alive.numel(), pruned))
+            count = count_to_prune(goal.sparsity, alive.numel(), pruned)
+            return prune_lowest(scores, candidates, min(count, int(candidates.sum())))
         parts = []
         for target, s, a in zip(self.targets, scores.split(sizes), alive.split(sizes), strict=True):
             if goal.sparsity is None:
@@ -365,6 +373,19 @@ class MFACPruner(Pruner):
             "data yielded no batches; pass a re-iterable of (inputs, targets) such as a "
             "list or a DataLoader"
         )
+
+
+def _best_of_each(scores: torch.Tensor, alive: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """Boolean over all weights: the alive weight of highest score in each tensor."""
+    best = torch.zeros_like(alive)
+    start = 0
+    for size in sizes:
+        part = alive[start : start + size]
+        if part.any():
+            masked = scores[start : start + size].masked_fill(~part, -math.inf)
+            best[start + int(torch.argmax(masked))] = True
+        start += size
+    return best
 
 
 def _non_negative(value: float, name: str) -> float:

@@ -20,7 +20,7 @@ from torch.utils.hooks import RemovableHandle
 
 __all__ = ["PruneTarget", "apply_masks", "keep_masks_applied", "load_pruned_state_dict"]
 
-ParamSpec = str | tuple[nn.Module, str]
+ParamSpec = nn.Parameter | str | tuple[nn.Module, str]
 
 
 @dataclass(frozen=True)
@@ -98,12 +98,18 @@ def resolve_targets(
 
     ``params`` is ``None`` (every weight of two or more dimensions that requires
     grad: the weights of linear, convolution and embedding layers, no biases or
-    norms), or an iterable of parameter names as in ``model.named_parameters()``
-    or of ``(module, name)`` pairs as ``torch.nn.utils.prune.global_unstructured``
+    norms), or an iterable mixing parameters of ``model`` (as an optimiser takes
+    them, ``model.parameters()``), parameter names as in ``model.named_parameters()``
+    and ``(module, name)`` pairs as ``torch.nn.utils.prune.global_unstructured``
     takes them. Names of weights already pruned by ``torch.nn.utils.prune`` may
-    be given with or without the ``_orig`` suffix.
+    be given with or without the ``_orig`` suffix; their parameter is ``name_orig``.
     """
     module_names = {id(module): name for name, module in model.named_modules()}
+    owners = {
+        id(parameter): (module, name)
+        for module in model.modules()
+        for name, parameter in module.named_parameters(recurse=False)
+    }
     chosen: list[PruneTarget] = []
     if params is None:
         for module_name, module in model.named_modules():
@@ -112,7 +118,15 @@ def resolve_targets(
                     chosen.append(_target(module, name, module_name))
     else:
         for spec in params:
-            if isinstance(spec, str):
+            if isinstance(spec, torch.Tensor):
+                if id(spec) not in owners:
+                    raise ValueError(
+                        f"a tensor of shape {tuple(spec.shape)} in params is not a parameter of "
+                        "the model (a weight pruned by torch.nn.utils.prune is a product of its "
+                        "parameter name_orig and its mask: pass name_orig or the name)"
+                    )
+                module, name = owners[id(spec)]
+            elif isinstance(spec, str):
                 module, name = _owner(model, spec)
             elif isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], nn.Module):
                 module, name = spec
@@ -120,7 +134,8 @@ def resolve_targets(
                     raise ValueError(f"{type(module).__name__} in params is not part of the model")
             else:
                 raise TypeError(
-                    f"params must hold parameter names or (module, name) pairs, got {spec!r}"
+                    "params must hold parameters, parameter names or (module, name) pairs, "
+                    f"got {spec!r}"
                 )
             target = _target(module, name, module_names[id(module)])
             if target.name not in module._parameters and not target.is_reparametrized:

@@ -1,0 +1,371 @@
+"""Pruning a tiny Llama: M-FAC OBS against SparseGPT, Wanda and magnitude, with one API.
+
+The byte-level Llama of the low-rank comparison (:mod:`.lowrank`) is trained once
+on the standard library's text and cached under ``runs/``; copies of it are
+pruned to 50%, 70% and 2:4 sparsity of the attention and MLP matrices
+(embeddings and the output layer stay dense) by every method, from the same 128
+calibration sequences of training text, and scored by the held-out loss in nats
+per byte. Used by ``secondorder prune --models llama``, the demo's pruning section
+and ``benchmarks/prune_bench.py --part llama``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._progress import progress
+from ..prune import MagnitudePruner, MFACPruner, Pruner, SparseGPTPruner, WandaPruner
+from .data import TextCorpus, load_stdlib_corpus
+from .lowrank import LMSetup, matrix_layers, new_model, train_step, validation_loss, warmup_cosine
+from .measure import measured
+from .report import markdown_table, text_table
+
+TITLE = "Pruning a tiny Llama: M-FAC OBS against SparseGPT, Wanda and magnitude"
+
+#: sparsity patterns: keyword arguments of ``Pruner.prune``
+PATTERNS: dict[str, dict[str, Any]] = {
+    "50%": {"sparsity": 0.5},
+    "70%": {"sparsity": 0.7},
+    "2:4": {"n_m": (2, 4)},
+}
+
+
+@dataclass(frozen=True)
+class LlamaPruneSetup:
+    """The model and its training, the calibration and evaluation data, and M-FAC's settings."""
+
+    model: LMSetup = field(
+        default_factory=lambda: LMSetup(steps=2000, warmup=100, batch_size=8, eval_batches=64)
+    )
+    lr: float = 1e-3
+    calibration_sequences: int = 128
+    calibration_batch: int = 2  # sequences per batch: one M-FAC gradient each
+    num_grads: int = 64
+    block_size: int = 128
+    mfac_relative_damp: float = 0.01
+    mfac_recompute_steps: int | None = None  # None: MFACPruner's default
+    seed: int = 0
+
+    @property
+    def calibration_batches(self) -> int:
+        return self.calibration_sequences // self.calibration_batch
+
+
+QUICK = LlamaPruneSetup(
+    model=LMSetup(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, seq_len=16,
+                  batch_size=4, steps=4, warmup=1, eval_batches=2, corpus_bytes=50_000),
+    calibration_sequences=8, num_grads=4, mfac_recompute_steps=2,
+)  # fmt: skip
+
+
+def lm_loss(outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-byte cross-entropy of a Hugging Face causal LM's output."""
+    return nn.functional.cross_entropy(outputs.logits.flatten(0, 1), targets.flatten())
+
+
+def _cache_key(setup: LlamaPruneSetup) -> str:
+    import transformers
+
+    versions = (sys.version_info[:2], torch.__version__, transformers.__version__)
+    text = repr((asdict(setup.model), setup.lr, versions))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def trained_llama(
+    setup: LlamaPruneSetup,
+    corpus: TextCorpus,
+    *,
+    cache_dir: str | Path | None = "runs/cache",
+    show_progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The dense model's ``state_dict`` and its training seconds: trained with AdamW, or loaded.
+
+    Warm-up and cosine learning rate over ``setup.model.steps`` steps. With a
+    ``cache_dir`` the weights are saved there after training (one file per
+    setup, Python, torch and transformers version) and loaded on later calls.
+    """
+    path = None if cache_dir is None else Path(cache_dir) / f"tiny_llama_{_cache_key(setup)}.pt"
+    if path is not None and path.exists():
+        saved = torch.load(path, weights_only=True)
+        return saved["state_dict"], float(saved["train_seconds"])
+    model = new_model(corpus, setup.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=setup.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(setup.model))
+    generator = torch.Generator().manual_seed(setup.seed + 1)
+    start = time.perf_counter()
+    for _ in progress(range(setup.model.steps), desc="training the Llama", enabled=show_progress):
+        train_step(model, optimizer, corpus, setup.model, generator)
+        scheduler.step()
+    seconds = time.perf_counter() - start
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"state_dict": state, "train_seconds": seconds}, path)
+    return state, seconds
+
+
+def calibration_data(
+    setup: LlamaPruneSetup, corpus: TextCorpus
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``calibration_sequences`` random windows of training text, as ``(inputs, targets)`` batches."""
+    generator = torch.Generator().manual_seed(setup.seed + 2)
+    return [
+        corpus.batch("train", setup.calibration_batch, setup.model.seq_len, generator)
+        for _ in range(setup.calibration_batches)
+    ]
+
+
+def prunable_weights(model: nn.Module) -> list[str]:
+    """The attention and MLP matrices: every linear layer's weight but the output layer's."""
+    return [f"{name}.weight" for name in matrix_layers(model)]
+
+
+MethodBuilder = Callable[[nn.Module, list, LlamaPruneSetup, bool], Pruner]
+
+
+def _mfac(scope: str) -> MethodBuilder:
+    def build(model, data, setup, show_progress):
+        return MFACPruner(
+            model, lm_loss, data, params=prunable_weights(model), num_grads=setup.num_grads,
+            block_size=setup.block_size, relative_damp=setup.mfac_relative_damp, scope=scope,
+            progress=show_progress,
+        )  # fmt: skip
+
+    return build
+
+
+#: name -> pruner builder: ``build(model, calibration data, setup, show_progress)``
+METHODS: dict[str, MethodBuilder] = {
+    "magnitude (layer)": lambda m, d, s, p: MagnitudePruner(
+        m, params=prunable_weights(m), scope="layer"
+    ),
+    "magnitude (global)": lambda m, d, s, p: MagnitudePruner(m, params=prunable_weights(m)),
+    "Wanda": lambda m, d, s, p: WandaPruner(m, d, params=prunable_weights(m), progress=p),
+    "SparseGPT": lambda m, d, s, p: SparseGPTPruner(
+        m, d, params=prunable_weights(m), block_size=s.block_size, progress=p
+    ),
+    "M-FAC (global)": _mfac("global"),
+    "M-FAC (layer)": _mfac("layer"),
+}
+
+
+@dataclass(frozen=True)
+class PruneRun:
+    """One ``prune()`` call on a copy of the dense model."""
+
+    method: str
+    pattern: str
+    loss: float  # held-out, nats/byte
+    sparsity: float
+    seconds: float
+    peak_bytes: int | None
+
+
+def prune_once(
+    state: dict[str, torch.Tensor],
+    setup: LlamaPruneSetup,
+    corpus: TextCorpus,
+    method: str,
+    pattern: str,
+    *,
+    show_progress: bool = False,
+) -> PruneRun:
+    """Prune a fresh copy of the dense model with ``method`` to ``pattern``; time it, measure its peak memory."""
+    model = new_model(corpus, setup.model)
+    model.load_state_dict(state)
+    data = calibration_data(setup, corpus)
+    pruner = METHODS[method](model, data, setup, show_progress)
+    options = dict(PATTERNS[pattern])
+    if method.startswith("M-FAC") and setup.mfac_recompute_steps is not None:
+        options["recompute_steps"] = setup.mfac_recompute_steps
+    with measured(next(model.parameters()).device) as measurement:
+        sparsity = pruner.prune(**options)
+    loss = validation_loss(model, corpus, setup.model)
+    return PruneRun(method, pattern, loss, sparsity, measurement.seconds, measurement.peak_bytes)
+
+
+@dataclass
+class LlamaComparison:
+    """Every method at every pattern, and the dense model."""
+
+    setup: LlamaPruneSetup
+    dense_loss: float
+    train_seconds: float
+    runs: list[PruneRun]
+
+    def loss_table(self, bold: bool = True) -> tuple[list[str], list[list[str]]]:
+        """Held-out loss, one row per method, one column per pattern (markdown bold on the best of each)."""
+        patterns = list(dict.fromkeys(r.pattern for r in self.runs))
+        best = {p: min(r.loss for r in self.runs if r.pattern == p) for p in patterns}
+        rows = []
+        for method in dict.fromkeys(r.method for r in self.runs):
+            cells = [method]
+            for p in patterns:
+                run = next(r for r in self.runs if r.method == method and r.pattern == p)
+                text = f"{run.loss:.3f}"
+                cells.append(f"**{text}**" if bold and run.loss == best[p] else text)
+            rows.append(cells)
+        return ["method", *patterns], rows
+
+    def detail_table(self) -> tuple[list[str], list[list[str]]]:
+        """One row per pruning call: loss, sparsity reached, wall time, peak memory."""
+        header = ["method", "pattern", "held-out loss", "sparsity", "prune time (s)", "peak memory"]
+        rows = [
+            [r.method, r.pattern, f"{r.loss:.3f}", f"{r.sparsity:.3f}", f"{r.seconds:.1f}",
+             "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f} MiB"]
+            for r in self.runs
+        ]  # fmt: skip
+        return header, rows
+
+    def describe(self) -> str:
+        m = self.setup.model
+        return (
+            f"a {m.num_layers}-layer Llama (hidden {m.hidden_size}, intermediate "
+            f"{m.intermediate_size}) trained for {m.steps} AdamW steps of {m.batch_size} x "
+            f"{m.seq_len} bytes ({self.train_seconds:.0f} s), dense held-out loss "
+            f"{self.dense_loss:.3f} nats/byte; calibration {self.setup.calibration_sequences} "
+            f"training sequences; evaluation {m.eval_batches} x {m.batch_size} held-out windows"
+        )
+
+
+def compare(
+    setup: LlamaPruneSetup,
+    *,
+    methods: Sequence[str] | None = None,
+    patterns: Sequence[str] | None = None,
+    cache_dir: str | Path | None = "runs/cache",
+    show_progress: bool = True,
+    run: Callable[..., PruneRun] | None = None,
+) -> LlamaComparison:
+    """Train (or load) the dense model and prune a copy with every method at every pattern.
+
+    ``run(state, setup, corpus, method, pattern)`` does one pruning call
+    (:func:`prune_once` in this process by default; the benchmark runs each in a
+    fresh process).
+    """
+    corpus = load_stdlib_corpus(setup.model.corpus_bytes)
+    state, train_seconds = trained_llama(
+        setup, corpus, cache_dir=cache_dir, show_progress=show_progress
+    )
+    dense = new_model(corpus, setup.model)
+    dense.load_state_dict(state)
+    dense_loss = validation_loss(dense, corpus, setup.model)
+    runs = []
+    for method in methods or METHODS:
+        for pattern in patterns or PATTERNS:
+            if run is None:
+                result = prune_once(
+                    state, setup, corpus, method, pattern, show_progress=show_progress
+                )
+            else:
+                result = run(state, setup, corpus, method, pattern)
+            runs.append(result)
+    return LlamaComparison(setup, dense_loss, train_seconds, runs)
+
+
+def plot_losses(comparison: LlamaComparison, path: Path) -> Path | None:
+    """Held-out loss of every method at every pattern, bars grouped by pattern; ``None`` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    patterns = list(dict.fromkeys(r.pattern for r in comparison.runs))
+    methods = list(dict.fromkeys(r.method for r in comparison.runs))
+    width = 0.8 / len(methods)
+    figure, axes = plt.subplots(figsize=(7.5, 4.2))
+    for i, method in enumerate(methods):
+        losses = [
+            next(r.loss for r in comparison.runs if r.method == method and r.pattern == p)
+            for p in patterns
+        ]
+        positions = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(patterns))]
+        axes.bar(positions, losses, width, label=method, color=f"C{i}")
+    axes.axhline(comparison.dense_loss, color="grey", lw=1, ls="--", label="dense")
+    axes.set_xticks(range(len(patterns)), patterns)
+    lowest = min(comparison.dense_loss, *(r.loss for r in comparison.runs))
+    axes.set_ylim(bottom=0.95 * lowest)  # the bars' differences, not their common part
+    axes.set(
+        title="Tiny Llama pruned one-shot",
+        xlabel="sparsity of the attention and MLP matrices",
+        ylabel="held-out loss (nats/byte)",
+    )
+    axes.grid(alpha=0.3, axis="y")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def report_text(comparison: LlamaComparison) -> str:
+    """The markdown written by ``secondorder prune --models llama`` and the demo."""
+    return (
+        f"One `prune()` call per method and pattern on {comparison.describe()}. Magnitude "
+        "per layer or ranked globally; Wanda and SparseGPT per layer (blocks of "
+        f"{comparison.setup.block_size} columns); M-FAC OBS with {comparison.setup.num_grads} "
+        f"gradients of {comparison.setup.calibration_batch} sequence(s) each, blocks of "
+        f"{comparison.setup.block_size}, relative damping {comparison.setup.mfac_relative_damp:g}, "
+        "ranked globally or per layer. Held-out loss in "
+        "nats/byte (best of each column in bold):\n\n"
+        + markdown_table(*comparison.loss_table())
+        + "\n\nEach pruning call (peak memory: growth of the process's peak resident set, or "
+        "of the CUDA allocator's peak, during the call):\n\n"
+        + markdown_table(*comparison.detail_table())
+    )
+
+
+def prune_llama(
+    *,
+    out: str | Path = "runs/prune",
+    quick: bool = False,
+    cache_dir: str | Path | None = "runs/cache",
+    show_progress: bool = True,
+) -> LlamaComparison:
+    """``secondorder prune --models llama``: run the comparison, print it, write the table and the plot."""
+    out = Path(out)
+    setup = QUICK if quick else LlamaPruneSetup()
+    comparison = compare(setup, cache_dir=cache_dir, show_progress=show_progress)
+    print(f"\ntiny Llama: {comparison.describe()}")
+    print(text_table(*comparison.loss_table(bold=False)))
+    print()
+    print(text_table(*comparison.detail_table()))
+    out.mkdir(parents=True, exist_ok=True)
+    table = out / "llama_pruning.md"
+    table.write_text(f"# {TITLE}\n\n{report_text(comparison)}\n")
+    figure = plot_losses(comparison, out / "llama_pruning.png")
+    print(f"\ntable written to {table}")
+    print(f"plot written to {figure}" if figure else "(no plot: install matplotlib)")
+    return comparison
+
+
+__all__ = [
+    "METHODS",
+    "PATTERNS",
+    "QUICK",
+    "TITLE",
+    "LlamaComparison",
+    "LlamaPruneSetup",
+    "PruneRun",
+    "calibration_data",
+    "compare",
+    "lm_loss",
+    "plot_losses",
+    "prunable_weights",
+    "prune_llama",
+    "prune_once",
+    "report_text",
+    "trained_llama",
+]
