@@ -50,7 +50,7 @@ import torch
 from torch import nn
 
 from secondorder.curvature import GGNOperator, HessianOperator, hutchinson_trace
-from secondorder.curvature.hutchinson import probes
+from secondorder.curvature.probes import probes
 from secondorder.demo.data import load_digits
 from secondorder.demo.models import digits_cnn, digits_mlp
 from secondorder.demo.optimizers import OPTIMIZERS

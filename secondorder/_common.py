@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-__all__ = ["LossFn", "Params", "statistics_dtype", "to_device"]
+__all__ = ["LinearOperator", "LossFn", "Params", "square_dim", "statistics_dtype", "to_device"]
+
+
+class LinearOperator(Protocol):
+    """A square matrix known by its products: what the estimators need (``hutchinson_trace``,
+    ``top_eigenvalues``, ``spectral_density``...). A dense tensor qualifies, and so do the
+    curvature operators and the M-FAC inverses (and their ``fisher()``).
+
+    ``op @ v`` takes a vector of length ``shape[1]`` or a ``[shape[1], K]`` matrix of
+    columns and returns the same format."""
+
+    @property
+    def shape(self) -> tuple[int, ...] | torch.Size: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    def __matmul__(self, matrix: torch.Tensor) -> torch.Tensor: ...
+
+
+def square_dim(op: LinearOperator) -> int:
+    """``D`` of a ``D × D`` operator; ``ValueError`` for any other shape."""
+    if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
+        raise ValueError(f"op must be square, got shape {tuple(op.shape)}")
+    return int(op.shape[0])
+
 
 #: ``loss_fn(outputs, targets)``: a scalar mean loss over the batch
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

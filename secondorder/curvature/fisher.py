@@ -13,20 +13,18 @@ per-sample gradients (``vmap`` of ``grad`` over the samples of each batch).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from .._common import LossFn, Params
 from .._progress import progress as progress_bar
 from ._params import resolve_params
 
 __all__ = ["empirical_fisher_diagonal", "fisher_merge", "per_sample_gradients"]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Params = dict[str, torch.Tensor]
 
 
 def sample_gradients(

@@ -25,25 +25,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal
 
 import torch
 
 from .._checks import check_positive_int
+from .._common import LinearOperator, square_dim
+from .probes import Distribution, probes
 
 __all__ = ["DiagonalEstimate", "TraceEstimate", "hutchinson_diagonal", "hutchinson_trace"]
-
-Distribution = Literal["rademacher", "gaussian"]
-
-
-class LinearOperator(Protocol):
-    """What the estimators need of ``op``; a dense tensor qualifies."""
-
-    shape: tuple[int, ...] | torch.Size
-    dtype: torch.dtype
-    device: torch.device
-
-    def __matmul__(self, matrix: torch.Tensor) -> torch.Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -68,27 +58,6 @@ class DiagonalEstimate:
     value: torch.Tensor
     std_error: torch.Tensor
     num_matvecs: int
-
-
-def probes(
-    dim: int,
-    count: int,
-    distribution: Distribution,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """``[dim, count]`` random vectors with ``E[z zᵀ] = I``, drawn on the CPU for reproducibility."""
-    if distribution == "rademacher":
-        # drawn in floating point (the same stream as integers) to save conversion passes
-        wide = torch.float64 if dtype == torch.float64 else torch.float32
-        z = torch.randint(0, 2, (dim, count), generator=generator, dtype=wide).mul_(2).sub_(1)
-    elif distribution == "gaussian":
-        z = torch.randn(dim, count, generator=generator, dtype=torch.float64)
-    else:
-        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
-    return z.to(dtype=dtype, device=device)
 
 
 def hutchinson_trace(
@@ -149,12 +118,6 @@ def hutchinson_diagonal(
     else:
         std_error = torch.full_like(value, math.nan)
     return DiagonalEstimate(value.to(op.dtype), std_error.to(op.dtype), num_matvecs)
-
-
-def square_dim(op: LinearOperator) -> int:
-    if len(op.shape) != 2 or op.shape[0] != op.shape[1]:
-        raise ValueError(f"op must be square, got shape {tuple(op.shape)}")
-    return int(op.shape[0])
 
 
 def _drawer(op: LinearOperator, dim: int, distribution: Distribution, generator):

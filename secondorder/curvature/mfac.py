@@ -35,6 +35,7 @@ from .._checks import (
     ensure_fits,
 )
 from ..errors import NotPositiveDefiniteError
+from .fisher_operators import FisherOperator, InverseFisherOperator
 
 __all__ = ["DenseMFAC"]
 
@@ -110,7 +111,7 @@ def _diag_working_bytes(count: int, n: int, size: int) -> int:
     return 8 * (2 * piece + (piece // n) * (min(_NORM_ROWS, n) + 6))
 
 
-class DenseMFAC:
+class DenseMFAC(InverseFisherOperator):
     r"""Inverse empirical Fisher of a fixed set of gradients (the static M-FAC algorithm).
 
     ``F = damp·I + (1/n) Gᵀ G`` for ``grads = G`` of shape ``[n, d]``.
@@ -133,6 +134,9 @@ class DenseMFAC:
     inverse when ``b < n`` (``b²`` numbers, ``n b² + 4b³/3`` flops, with its diagonal,
     formed at construction) or the Woodbury form above when ``b ≥ n`` (the ``n × n``
     factor, ``2 n² b + n³/3`` flops with the diagonal); the two costs cross at ``b = n``.
+
+    It is the linear operator ``F⁻¹`` (``inverse @ v``, ``shape``: the estimators run on
+    it), and :meth:`fisher` gives the operator ``F`` (:mod:`.fisher_operators`).
 
     Args:
         grads: ``[n, d]`` gradients, one per row.
@@ -235,6 +239,26 @@ class DenseMFAC:
             start += group.dim
         out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         return out.reshape(x.shape)
+
+    def _solve_columns(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self.solve(matrix.T).T  # solve takes vectors as rows
+
+    def fisher(self) -> FisherOperator:
+        """The operator ``F = damp·I + (1/n) Gᵀ G`` (its block-diagonal part when blockwise):
+        ``F x`` is two passes over the gradients, block by block."""
+        return FisherOperator(self.dim, self.dtype, self.device, self._apply_fisher)
+
+    def _apply_fisher(self, x: torch.Tensor) -> torch.Tensor:
+        check_finite(x, "x")
+        x = x.to(self.dtype)
+        parts, start = [], 0
+        for group in self._groups:
+            blocks = group.blocks  # [count, n, size]
+            pieces = x[start : start + group.dim].reshape(blocks.shape[0], blocks.shape[2], 1)
+            back = blocks.mT @ (blocks @ pieces)  # G_bᵀ (G_b x_b) for every block b
+            parts.append((self.damp * pieces + back / self.num_grads).reshape(-1))
+            start += group.dim
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def diag(self) -> torch.Tensor:
         """The diagonal of ``F⁻¹`` (of its block-diagonal part when blockwise); the first call

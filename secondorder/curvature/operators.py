@@ -39,6 +39,7 @@ from torch.func import functional_call, grad, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .._checks import check_finite, check_positive_int, ensure_fits
+from .._common import LossFn, Params, to_device
 from .._progress import progress as progress_bar
 from ..errors import NondeterminismError
 from ._params import flatten_columns, resolve_params, split_columns
@@ -55,9 +56,6 @@ __all__ = [
     "hessian_product",
     "retained_hessian_product",
 ]
-
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Params = dict[str, torch.Tensor]
 
 
 # The default chunk of columns holds about this many samples' activations, and at most
@@ -347,7 +345,7 @@ class CurvatureOperator:
 
     def _batches(self, desc: str):
         for inputs, targets in progress_bar(self.data, desc=desc, enabled=self.progress):
-            yield _to_device(inputs, self.device), _to_device(targets, self.device)
+            yield to_device(inputs, self.device), to_device(targets, self.device)
 
     # -- loss, gradient and the determinism check ------------------------------------------------
 
@@ -535,7 +533,3 @@ def _num_samples(targets: Any) -> int:
     if isinstance(targets, torch.Tensor) and targets.ndim > 0:
         return targets.shape[0]
     return len(targets)
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    return value.to(device) if isinstance(value, torch.Tensor) else value

@@ -29,13 +29,18 @@ from .. import kernels
 from .._checks import check_damping, check_finite, check_positive_int, ensure_fits
 from .._distributed import all_reduce_sum, rank_and_world
 from ..errors import NonFiniteError, NotPositiveDefiniteError
+from .fisher_operators import FisherOperator, InverseFisherOperator
 from .gram_system import GramSystem
 
 __all__ = ["SlidingWindow", "SlidingWindowMFAC"]
 
 
-class SlidingWindow(ABC):
+class SlidingWindow(InverseFisherOperator, ABC):
     """The skeleton of a sliding M-FAC window; subclasses say where the rows live.
+
+    A window is the linear operator ``F⁻¹`` of the gradients it holds (``window @ v``,
+    ``shape``; the estimators run on it) and :meth:`fisher` gives ``F``; a sharded window
+    is the operator of its own shard (``shape`` is its local ``dim``).
 
     A subclass sets its own settings, then calls ``super().__init__`` (which validates
     the common ones, checks memory with :meth:`_required_bytes` and calls
@@ -263,6 +268,18 @@ class SlidingWindow(ABC):
         t = all_reduce_sum(self._row_dots(x, n), self.process_group)
         coefficients = -self._system.solve(t) / self.damp
         return self._combine(coefficients.to(self.dtype), n, x, 1.0 / self.damp)
+
+    def fisher(self) -> FisherOperator:
+        """The operator ``F = λ I + (1/n) Cᵀ C`` of the gradients held: ``F x`` is two passes."""
+        return FisherOperator(self.dim, self.dtype, self.device, self._apply_fisher)
+
+    def _apply_fisher(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._vector(x, "x")
+        n = self.num_stored
+        if n == 0:
+            return self.damp * x
+        t = all_reduce_sum(self._row_dots(x, n), self.process_group)
+        return self._combine((t / n).to(self.dtype), n, x, self.damp)
 
     def reset(self) -> None:
         """Forget every gradient."""

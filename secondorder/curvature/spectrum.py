@@ -36,8 +36,9 @@ from typing import Literal
 import torch
 
 from .._checks import check_positive_int, ensure_fits
+from .._common import LinearOperator, square_dim
 from .._progress import progress as progress_bar
-from .hutchinson import LinearOperator, probes, square_dim
+from .probes import probes
 
 __all__ = ["Eigenpairs", "SpectralDensity", "spectral_density", "top_eigenvalues"]
 

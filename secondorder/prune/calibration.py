@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .._common import to_device
 from .targets import PruneTarget
 
 __all__ = ["Block", "InputStatistic", "calibrate", "group_by_block", "linear_weights", "run_model"]
@@ -84,10 +85,6 @@ def group_by_block(model: nn.Module, targets: Iterable[PruneTarget]) -> list[Blo
     return sorted(groups.values(), key=lambda group: order[id(group[0])])
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
-
-
 def run_model(model: nn.Module, batch: Any, device: torch.device) -> Any:
     """Call ``model`` on one calibration batch.
 
@@ -104,7 +101,7 @@ def run_model(model: nn.Module, batch: Any, device: torch.device) -> Any:
             )
         batch = batch[0]
     if isinstance(batch, Mapping):
-        return model(**{key: _to_device(value, device) for key, value in batch.items()})
+        return model(**{key: to_device(value, device) for key, value in batch.items()})
     if isinstance(batch, torch.Tensor):
         return model(batch.to(device))
     raise TypeError(

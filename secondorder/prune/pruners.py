@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .._checks import check_finite, check_positive_int, ensure_fits
+from .._common import to_device
 from .._progress import progress
 from ..curvature.mfac import DenseMFAC
 from .masks import count_to_prune, prune_lowest, prune_n_m
@@ -368,7 +369,7 @@ class MFACPruner(Pruner):
             except StopIteration:
                 self._batches = None
                 continue
-            return _to_device(inputs, self.device), _to_device(targets, self.device)
+            return to_device(inputs, self.device), to_device(targets, self.device)
         raise ValueError(
             "data yielded no batches; pass a re-iterable of (inputs, targets) such as a "
             "list or a DataLoader"
@@ -394,7 +395,3 @@ def _non_negative(value: float, name: str) -> float:
     if value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def _to_device(x: Any, device: torch.device) -> Any:
-    return x.to(device) if isinstance(x, torch.Tensor) else x
