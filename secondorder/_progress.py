@@ -1,4 +1,10 @@
-"""Progress bars that appear when tqdm is installed (the ``examples`` extra) and stay silent otherwise."""
+"""Progress bars that appear when tqdm is installed (the ``examples`` extra) and stay silent otherwise.
+
+The library's one policy: a function that runs a long loop of its own (an estimator's
+products, a pruner's steps, a pass over the data) takes ``progress: bool = True``; an
+operator's product, which those loops call many times, takes ``progress=False`` by
+default, so bars are never nested and never flicker.
+"""
 
 from __future__ import annotations
 

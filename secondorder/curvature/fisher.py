@@ -68,7 +68,7 @@ def empirical_fisher_diagonal(
     params: Iterable[torch.Tensor] | None,
     data: Iterable[tuple[torch.Tensor, torch.Tensor]],
     *,
-    progress: bool = False,
+    progress: bool = True,
 ) -> list[torch.Tensor]:
     """``diag F = (1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` over all samples of ``data``, exactly; one tensor per param.
 
