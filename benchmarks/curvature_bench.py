@@ -49,13 +49,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from secondorder._workloads.data import load_digits
+from secondorder._workloads.models import digits_cnn, digits_mlp
+from secondorder._workloads.report import text_table
+from secondorder._workloads.training import train_classifier
 from secondorder.curvature import GGNOperator, HessianOperator, hutchinson_trace
 from secondorder.curvature.probes import probes
-from secondorder.demo.data import load_digits
-from secondorder.demo.models import digits_cnn, digits_mlp
 from secondorder.demo.optimizers import OPTIMIZERS
-from secondorder.demo.report import text_table
-from secondorder.demo.training import train_classifier
 
 try:  # the peers are optional, benchmark-only dependencies
     from pyhessian import hessian as PyHessian

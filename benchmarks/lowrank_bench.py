@@ -22,20 +22,22 @@ import torch
 from peers import load_dct_adamw
 from timing import timed_side_by_side
 
-from secondorder.demo.data import load_stdlib_corpus
-from secondorder.demo.lowrank import (
-    OPTIMIZERS,
+from secondorder._workloads.data import load_stdlib_corpus
+from secondorder._workloads.language_model import (
     LMSetup,
-    _galore,
-    compare,
     low_rank_groups,
     matrix_layers,
     new_model,
-    results_table,
     train_step,
 )
-from secondorder.demo.report import markdown_table
-from secondorder.demo.training import optimizer_state_bytes
+from secondorder._workloads.report import markdown_table
+from secondorder._workloads.training import optimizer_state_bytes
+from secondorder.demo.lowrank import (
+    OPTIMIZERS,
+    _galore,
+    compare,
+    results_table,
+)
 from secondorder.nn import to_spectral
 from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
 from secondorder.optim.projectors import DCTProjector, SVDProjector, dct_rows
@@ -206,7 +208,7 @@ def sweep_part(steps: int, show_progress: bool) -> None:
 def llama_gradients(layers: int = 12, hidden: int = 256, seed: int = 0) -> torch.nn.Module:
     """A Llama-shaped model of ``9·layers + 3`` parameter tensors (attention and MLP matrices,
     two norms per layer, embeddings, final norm, output layer), with random gradients."""
-    from secondorder.demo.models import tiny_llama
+    from secondorder._workloads.models import tiny_llama
 
     torch.manual_seed(seed)
     model = tiny_llama(256, hidden, layers, 4, int(2.6875 * hidden))

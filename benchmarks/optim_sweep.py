@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 from secondorder._checks import format_bytes
+from secondorder._workloads import language_model as lm
+from secondorder._workloads.data import Split, TextCorpus, load_digits, load_stdlib_corpus
+from secondorder._workloads.models import digits_cnn
+from secondorder._workloads.training import train_classifier
 from secondorder.demo import lowrank
-from secondorder.demo.data import Split, TextCorpus, load_digits, load_stdlib_corpus
-from secondorder.demo.models import digits_cnn
-from secondorder.demo.training import train_classifier
 from secondorder.optim import MFAC, GaLoreAdamW
 
 
@@ -204,7 +205,7 @@ def sparse_llama(seeds: int = 3, steps: int = 300) -> None:
         "MFAC sparse 1%": (mfac(density=0.01), 0.03),
         "MFAC sparse 1%, no error feedback": (mfac(density=0.01, error_feedback=False), 0.03),
     }
-    base = dataclasses.replace(lowrank.LMSetup(), steps=steps)
+    base = dataclasses.replace(lm.LMSetup(), steps=steps)
     corpus = load_stdlib_corpus(base.corpus_bytes)
     print(
         f"| optimiser ({steps} steps) | lr | valid loss (nats/byte) | tokens/s | "
@@ -213,7 +214,7 @@ def sparse_llama(seeds: int = 3, steps: int = 300) -> None:
     )
     for name, (build, lr) in runs.items():
         results = [
-            lowrank.train_lm(
+            lm.train_lm(
                 name, build, lr, corpus, dataclasses.replace(base, seed=seed), show_progress=False
             )
             for seed in range(seeds)
@@ -314,7 +315,7 @@ class Outcome:
 
 def run_llama(family: str, settings: dict, task: str, seed: int, split: str) -> Outcome:
     steps = {"llama300": 300, "llama1000": 1000}[task]
-    setup = dataclasses.replace(lowrank.LMSetup(), steps=steps, warmup=steps // 10, seed=seed)
+    setup = dataclasses.replace(lm.LMSetup(), steps=steps, warmup=steps // 10, seed=seed)
     full = load_stdlib_corpus(setup.corpus_bytes)
     half = len(full.valid) // 2
     held_out = full.valid[:half] if split == "valid" else full.valid[half:]
@@ -323,7 +324,7 @@ def run_llama(family: str, settings: dict, task: str, seed: int, split: str) -> 
     def build(model, setup, lr):
         return model, make_optimizer(family, {**settings, "lr": lr}, list(model.parameters()), task)
 
-    result = lowrank.train_lm(family, build, settings["lr"], corpus, setup, show_progress=False)
+    result = lm.train_lm(family, build, settings["lr"], corpus, setup, show_progress=False)
     return Outcome(result.valid_loss, None, result.seconds / steps, result.state_bytes)
 
 

@@ -28,7 +28,7 @@ under runs/cache), pruned to 50%, 70% and 2:4 of its attention and MLP matrices 
 magnitude, Wanda, SparseGPT and M-FAC OBS from the same 128 calibration sequences;
 held-out loss (nats/byte), wall time and peak memory of each ``prune()`` call, each
 call in a fresh process so that its peak resident memory is its own
-(``secondorder/demo/llm_pruning.py`` holds the workflow).
+(``secondorder/_workloads/llama_pruning.py`` holds the workflow).
 """
 
 from __future__ import annotations
@@ -51,11 +51,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baselines import sequential_recurrence
 
+from secondorder._workloads import llama_pruning as llm_pruning
+from secondorder._workloads.data import load_digits, load_stdlib_corpus
+from secondorder._workloads.digits_pruning import (
+    make_pruner,
+    one_shot,
+    pruning_batches,
+    train_dense,
+)
+from secondorder._workloads.training import evaluate
 from secondorder.curvature import DenseMFAC
-from secondorder.demo import llm_pruning
-from secondorder.demo.data import load_digits, load_stdlib_corpus
-from secondorder.demo.pruning import make_pruner, one_shot, pruning_batches, train_dense
-from secondorder.demo.training import evaluate
 from secondorder.prune import MFACPruner
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]

@@ -18,9 +18,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from secondorder._checks import format_bytes
-from secondorder.demo.data import load_digits
-from secondorder.demo.models import digits_cnn
-from secondorder.demo.training import evaluate
+from secondorder._workloads.data import load_digits
+from secondorder._workloads.models import digits_cnn
+from secondorder._workloads.training import evaluate
 from secondorder.optim import MFAC
 
 

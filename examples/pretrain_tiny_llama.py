@@ -18,8 +18,8 @@ import time
 import torch
 from torch import nn
 
-from secondorder.demo.data import load_stdlib_corpus
-from secondorder.demo.models import tiny_llama
+from secondorder._workloads.data import load_stdlib_corpus
+from secondorder._workloads.models import tiny_llama
 from secondorder.nn import to_spectral
 from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
 

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from secondorder.demo.data import load_digits
-from secondorder.demo.pruning import Comparison, plot_sparsity_accuracy, train_dense
-from secondorder.demo.training import evaluate
+from secondorder._workloads.data import load_digits
+from secondorder._workloads.digits_pruning import Comparison, plot_sparsity_accuracy, train_dense
+from secondorder._workloads.training import evaluate
 from secondorder.prune import (
     MagnitudePruner,
     MFACPruner,

@@ -25,8 +25,7 @@ def _demo(args: argparse.Namespace) -> None:
 def _prune(args: argparse.Namespace) -> None:
     import torch
 
-    from .demo.llm_pruning import prune_llama
-    from .demo.pruning import prune_digits
+    from .demo.pruning import prune_digits, prune_llama
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -71,8 +70,9 @@ def _diagnose(args: argparse.Namespace) -> None:
 
 
 def _lowrank(args: argparse.Namespace) -> None:
-    from .demo.lowrank import OPTIMIZERS, QUICK, LMSetup, compare, results_table
-    from .demo.report import text_table
+    from ._workloads.language_model import QUICK, LMSetup
+    from ._workloads.report import text_table
+    from .demo.lowrank import OPTIMIZERS, compare, results_table
 
     setup = QUICK if args.quick else LMSetup(steps=args.steps, rank=args.rank)
     chosen = {name: OPTIMIZERS[name] for name in args.optimizers or OPTIMIZERS}

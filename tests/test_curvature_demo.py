@@ -2,10 +2,10 @@
 
 import json
 
+from secondorder._workloads.report import Report
 from secondorder.cli import main
 from secondorder.demo import curvature
 from secondorder.demo.optimizers import OPTIMIZERS
-from secondorder.demo.report import Report
 from secondorder.diagnostics import read_metrics
 
 

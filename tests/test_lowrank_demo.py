@@ -2,10 +2,10 @@
 
 import torch
 
+from secondorder._workloads.data import load_stdlib_corpus
+from secondorder._workloads.report import Report
 from secondorder.cli import main
 from secondorder.demo import SECTIONS, lowrank
-from secondorder.demo.data import load_stdlib_corpus
-from secondorder.demo.report import Report
 
 
 def test_stdlib_corpus_is_fixed_and_split():

@@ -391,8 +391,8 @@ def test_a_parameter_unfrozen_later_joins_the_window(density):
 
 
 def _logistic_regression_loss(make_optimizer, seed, epochs=3):
-    from secondorder.demo.data import load_digits
-    from secondorder.demo.training import train_classifier
+    from secondorder._workloads.data import load_digits
+    from secondorder._workloads.training import train_classifier
 
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))

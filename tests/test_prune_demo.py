@@ -2,9 +2,10 @@
 
 from _bars import record_bars
 
+from secondorder._workloads import llama_pruning as llm_pruning
+from secondorder._workloads.report import Report
 from secondorder.cli import main
-from secondorder.demo import llm_pruning, pruning
-from secondorder.demo.report import Report
+from secondorder.demo import pruning
 
 
 def test_demo_section_quick(tmp_path):

@@ -371,28 +371,19 @@ def test_no_loss_jump_at_round_boundaries_on_the_tiny_llama():
     of the 5 steps after each boundary exceeds the mean of the 5 before by less than 0.1
     nats. Without the re-warm-up (rewarmup_steps=0) the jumps at steps 50 and 100 were
     0.66 and 0.35 nats for this seed (docs/benchmarks.md, "SST's round boundaries")."""
-    import math
+    from secondorder._workloads import language_model as lm
+    from secondorder._workloads.data import load_stdlib_corpus
 
-    from secondorder.demo import lowrank
-    from secondorder.demo.data import load_stdlib_corpus
-
-    setup = lowrank.LMSetup()
+    setup = lm.LMSetup()
     corpus = load_stdlib_corpus(setup.corpus_bytes)
-    model = lowrank.new_model(corpus, setup)
-    model = to_spectral(model, setup.rank, modules=lowrank.matrix_layers(model))
+    model = lm.new_model(corpus, setup)
+    model = to_spectral(model, setup.rank, modules=lm.matrix_layers(model))
     optimizer = SST(model, lr=1e-2, update_proj_gap=setup.update_proj_gap)
-
-    def schedule(step):
-        if step < setup.warmup:
-            return (step + 1) / setup.warmup
-        done = (step - setup.warmup) / (setup.steps - setup.warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lm.warmup_cosine(setup))
     generator = torch.Generator().manual_seed(setup.seed + 1)
     losses = []
     for _ in range(105):
-        losses.append(lowrank.train_step(model, optimizer, corpus, setup, generator))
+        losses.append(lm.train_step(model, optimizer, corpus, setup, generator))
         scheduler.step()
     gap = setup.update_proj_gap
     for boundary in (gap, 2 * gap):

@@ -482,8 +482,8 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def diagonal(self) -> torch.Tensor:
         """The exact diagonal ``(1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i``, flat (one pass of per-sample gradients)."""
-        blocks = empirical_fisher_diagonal(
-            self.model, self.loss_fn, self.params, self._batches("EF diagonal")
+        blocks = empirical_fisher_diagonal(  # the batches carry this operator's own bar
+            self.model, self.loss_fn, self.params, self._batches("EF diagonal"), progress=False
         )
         return torch.cat([b.reshape(-1) for b in blocks])
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from .._workloads.report import Report
 from . import curvature, lowrank, optimizers, pruning
-from .report import Report
 
 SECTIONS = {
     "optimizers": optimizers,

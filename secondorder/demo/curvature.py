@@ -9,12 +9,12 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .._workloads.data import Split, load_digits
+from .._workloads.models import digits_cnn
+from .._workloads.report import Report, markdown_table, text_table
+from .._workloads.training import train_classifier
 from ..diagnostics import CurvatureMonitor, plot_metrics
-from .data import Split, load_digits
-from .models import digits_cnn
 from .optimizers import OPTIMIZERS
-from .report import Report, markdown_table, text_table
-from .training import train_classifier
 
 TITLE = "Curvature during training"
 

@@ -9,13 +9,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._workloads.data import Split, load_digits
+from .._workloads.models import digits_cnn
+from .._workloads.report import text_table
+from .._workloads.training import train_classifier
 from ..curvature import HessianOperator, hutchinson_trace, spectral_density, top_eigenvalues
 from ..diagnostics import CurvatureMonitor, plot_metrics, plot_spectral_density
-from .data import Split, load_digits
-from .models import digits_cnn
 from .optimizers import OPTIMIZERS
-from .report import text_table
-from .training import train_classifier
 
 
 def run_diagnose(

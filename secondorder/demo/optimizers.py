@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 
 from .._checks import format_bytes
+from .._workloads.data import load_digits
+from .._workloads.models import digits_cnn
+from .._workloads.report import Report, markdown_table, plot_curves, text_table
+from .._workloads.training import train_classifier
 from ..optim import MFAC
-from .data import load_digits
-from .models import digits_cnn
-from .report import Report, markdown_table, plot_curves, text_table
-from .training import train_classifier
 
 TITLE = "Optimisers on the digits CNN"
 

@@ -163,7 +163,9 @@ class CurvatureMonitor:
             values["top_eigenvalue"] = float(top.eigenvalues[0])
             values["top_eigenvalue_residual"] = float(top.residual_norms[0])
         if "fisher_trace" in self.metrics:
-            diagonal = empirical_fisher_diagonal(self.model, self.loss_fn, op.params, self.data)
+            diagonal = empirical_fisher_diagonal(  # inside a training loop: no bar of its own
+                self.model, self.loss_fn, op.params, self.data, progress=False
+            )
             values["fisher_trace"] = float(sum(d.sum() for d in diagonal))
         if "grad_norm" in self.metrics or "loss" in self.metrics:
             loss, gradient = op.loss_and_gradient()

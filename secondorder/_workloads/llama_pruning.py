@@ -1,6 +1,6 @@
 """Pruning a tiny Llama: M-FAC OBS against SparseGPT, Wanda and magnitude, with one API.
 
-The byte-level Llama of the low-rank comparison (:mod:`.lowrank`) is trained once
+The byte-level Llama of the low-rank comparison (:mod:`.language_model`) is trained once
 on the standard library's text and cached under ``runs/``; copies of it are
 pruned to 50%, 70% and 2:4 sparsity of the attention and MLP matrices
 (embeddings and the output layer stay dense) by every method, from the same 128
@@ -25,9 +25,16 @@ from torch import nn
 from .._progress import progress
 from ..prune import MagnitudePruner, MFACPruner, Pruner, SparseGPTPruner, WandaPruner
 from .data import TextCorpus, load_stdlib_corpus
-from .lowrank import LMSetup, matrix_layers, new_model, train_step, validation_loss, warmup_cosine
+from .language_model import (
+    LMSetup,
+    matrix_layers,
+    new_model,
+    train_step,
+    validation_loss,
+    warmup_cosine,
+)
 from .measure import measured
-from .report import markdown_table, text_table
+from .report import markdown_table
 
 TITLE = "Pruning a tiny Llama: M-FAC OBS against SparseGPT, Wanda and magnitude"
 
@@ -327,30 +334,6 @@ def report_text(comparison: LlamaComparison) -> str:
     )
 
 
-def prune_llama(
-    *,
-    out: str | Path = "runs/prune",
-    quick: bool = False,
-    cache_dir: str | Path | None = "runs/cache",
-    show_progress: bool = True,
-) -> LlamaComparison:
-    """``secondorder prune --models llama``: run the comparison, print it, write the table and the plot."""
-    out = Path(out)
-    setup = QUICK if quick else LlamaPruneSetup()
-    comparison = compare(setup, cache_dir=cache_dir, show_progress=show_progress)
-    print(f"\ntiny Llama: {comparison.describe()}")
-    print(text_table(*comparison.loss_table(bold=False)))
-    print()
-    print(text_table(*comparison.detail_table()))
-    out.mkdir(parents=True, exist_ok=True)
-    table = out / "llama_pruning.md"
-    table.write_text(f"# {TITLE}\n\n{report_text(comparison)}\n")
-    figure = plot_losses(comparison, out / "llama_pruning.png")
-    print(f"\ntable written to {table}")
-    print(f"plot written to {figure}" if figure else "(no plot: install matplotlib)")
-    return comparison
-
-
 __all__ = [
     "METHODS",
     "PATTERNS",
@@ -364,7 +347,6 @@ __all__ = [
     "lm_loss",
     "plot_losses",
     "prunable_weights",
-    "prune_llama",
     "prune_once",
     "report_text",
     "trained_llama",
