@@ -269,7 +269,16 @@ LEARNING_RATES = {
 
 
 def families(task: str) -> dict[str, list[dict]]:
-    """Each optimiser family's grid of settings for ``task``."""
+    """Each optimiser family's grid of settings for ``task``. For the 1,000-step Llama, the
+    300-step best of each family and one learning rate on either side of it (the best rate
+    moves with the budget), when the 300-step sweep has run; its whole grid otherwise."""
+    if task == "llama1000":
+        shorter = best_settings("llama300")
+        if shorter:
+            return {
+                family: [{**best, "lr": best["lr"] * factor} for factor in (1 / 3, 1.0, 3.0)]
+                for family, best in shorter.items()
+            }
     rates = LEARNING_RATES["llama" if task.startswith("llama") else task]
     window = {"num_grads": 64}
     grafted = {"graft": "adam", "momentum": 0.9, **window}
