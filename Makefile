@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/secondorder demo --out runs/demo
+	$(BIN)/secondorder demo --threads 1 --out runs/demo
 
 test: $(STAMP) lint
 	$(BIN)/python -m pytest -q

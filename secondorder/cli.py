@@ -23,12 +23,7 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    import torch
-
     from .demo.pruning import prune_digits, prune_llama
-
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
 
     digits = [model for model in args.models if model != "llama"]
     if digits:
@@ -50,12 +45,8 @@ def _prune(args: argparse.Namespace) -> None:
 
 
 def _diagnose(args: argparse.Namespace) -> None:
-    import torch
-
     from .demo.diagnose import run_diagnose
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     run_diagnose(
         args.out,
         checkpoint=args.checkpoint,
@@ -80,23 +71,41 @@ def _lowrank(args: argparse.Namespace) -> None:
     print(text_table(*results_table(results)))
 
 
+def _common_options() -> argparse.ArgumentParser:
+    """The options every command takes (a parent parser)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--quick", action="store_true", help="tiny models and budgets (seconds), for smoke tests"
+    )
+    common.add_argument("--no-progress", action="store_true", help="no progress bars")
+    common.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads for the whole run (default: torch's choice; 1 is fastest for these "
+        "small problems on a busy machine, see docs/benchmarks.md)",
+    )
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secondorder", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
+    common = [_common_options()]
 
     demo = commands.add_parser(
-        "demo", help="run every capability on embedded real data and write a report"
+        "demo",
+        parents=common,
+        help="run every capability on embedded real data and write a report",
     )
     demo.add_argument("--out", default="runs/demo", help="folder for report.md and its figures")
-    demo.add_argument("--quick", action="store_true", help="a short run (seconds) for smoke tests")
     demo.add_argument(
         "--sections", nargs="+", choices=SECTIONS, help="only these sections (default: all)"
     )
-    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(handler=_demo)
 
     prune = commands.add_parser(
         "prune",
+        parents=common,
         help="train a model, prune copies of it with every pruner, report the quality",
     )
     prune.add_argument(
@@ -134,15 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
         default="runs/cache",
         help="folder where the trained Llama is kept and reused (llama only)",
     )
-    prune.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    prune.add_argument(
-        "--quick", action="store_true", help="tiny models and budgets (seconds), for smoke tests"
-    )
-    prune.add_argument("--no-progress", action="store_true", help="no progress bars")
     prune.set_defaults(handler=_prune)
 
     diagnose = commands.add_parser(
         "diagnose",
+        parents=common,
         help="Hessian trace, top eigenvalues and spectral density of a digits CNN, with plots",
     )
     diagnose.add_argument(
@@ -164,12 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--samples", type=int, default=512, help="training images measured on")
     diagnose.add_argument("--matvecs", type=int, default=60, help="products for the trace")
     diagnose.add_argument("--top-k", type=int, default=5, help="how many top eigenvalues")
-    diagnose.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    diagnose.add_argument("--quick", action="store_true", help="a short run (seconds)")
-    diagnose.add_argument("--no-progress", action="store_true", help="no progress bars")
     diagnose.set_defaults(handler=_diagnose)
+
     lowrank = commands.add_parser(
         "lowrank",
+        parents=common,
         help="pretrain a tiny Llama on the standard library with AdamW and the low-rank optimisers",
     )
     lowrank.add_argument("--steps", type=int, default=300, help="training steps per optimiser")
@@ -179,16 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
     lowrank.add_argument(
         "--optimizers", nargs="+", choices=LOWRANK_OPTIMIZERS, help="only these (default: all)"
     )
-    lowrank.add_argument(
-        "--quick", action="store_true", help="a tiny run (seconds) for smoke tests"
-    )
-    lowrank.add_argument("--no-progress", action="store_true", help="no progress bars")
     lowrank.set_defaults(handler=_lowrank)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.threads is not None:  # the one place the command line changes a global setting
+        import torch
+
+        torch.set_num_threads(args.threads)
     args.handler(args)
 
 

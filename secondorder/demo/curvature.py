@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -19,26 +17,7 @@ from .optimizers import OPTIMIZERS
 TITLE = "Curvature during training"
 
 
-@contextmanager
-def _one_thread() -> Iterator[None]:
-    """Products on a held batch of small images are too small for a thread pool to pay,
-    and on a busy machine its spinning barriers stall them: on the shared 2-core
-    development machine this section took 64 s on one thread and 415 s on two
-    (docs/benchmarks.md)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def run(report: Report, *, quick: bool, show_progress: bool) -> None:
-    with _one_thread():
-        _run(report, quick=quick, show_progress=show_progress)
-
-
-def _run(report: Report, *, quick: bool, show_progress: bool) -> None:
     train, test = load_digits()
     if quick:
         train = Split(train.inputs[:256], train.targets[:256])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,9 +14,29 @@ from .._workloads.data import Split, load_digits
 from .._workloads.models import digits_cnn
 from .._workloads.report import text_table
 from .._workloads.training import train_classifier
-from ..curvature import HessianOperator, hutchinson_trace, spectral_density, top_eigenvalues
+from ..curvature import (
+    Eigenpairs,
+    HessianOperator,
+    SpectralDensity,
+    TraceEstimate,
+    hutchinson_trace,
+    spectral_density,
+    top_eigenvalues,
+)
 from ..diagnostics import CurvatureMonitor, plot_metrics, plot_spectral_density
 from .optimizers import OPTIMIZERS
+
+
+@dataclass
+class Curvature:
+    """What :func:`measure_curvature` found, and how long each estimate took."""
+
+    parameters: int
+    samples: int
+    trace: TraceEstimate
+    top: Eigenpairs
+    density: SpectralDensity
+    seconds: dict[str, float]
 
 
 def run_diagnose(
@@ -43,59 +64,89 @@ def run_diagnose(
     if quick:
         train = Split(train.inputs[:256], train.targets[:256])
         epochs, samples, num_matvecs, top_k = 1, 128, 9, 2
-    runs, iters = (3, 10) if quick else (8, 40)
-    loss_fn = nn.functional.cross_entropy
     model = digits_cnn()
     summary: dict = {"samples": samples}
-
     if checkpoint is not None:
         model.load_state_dict(torch.load(checkpoint, weights_only=True))
         summary["checkpoint"] = str(checkpoint)
     else:
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {optimizer!r}; choose from {sorted(OPTIMIZERS)}")
-        torch.manual_seed(0)
-        monitor = CurvatureMonitor(
-            model, loss_fn, (train.inputs[:128], train.targets[:128]), every=5 if quick else 10,
-            writer=out / "metrics.csv", num_matvecs=6 if quick else 30,
-            lanczos_iters=5 if quick else 20,
-        )  # fmt: skip
-        monitor.compute(0)
-        result = train_classifier(
-            optimizer, model, OPTIMIZERS[optimizer], train, test, epochs=epochs, batch_size=64,
-            show_progress=show_progress, on_step=monitor.step,
-        )  # fmt: skip
-        torch.save(model.state_dict(), out / "model.pt")
-        _plot(plot_metrics, out / "metrics.csv", out / "metrics.png")
-        summary["trained"] = {
-            "optimizer": optimizer,
-            "epochs": epochs,
-            "test_accuracy": result.test_accuracy,
-        }
-
-    model.eval()
+        summary["trained"] = train_model(
+            model, optimizer, train, test, epochs, out, quick=quick, show_progress=show_progress
+        )
     held = Split(train.inputs[:samples], train.targets[:samples])
-    # one bar per long loop: Lanczos and quadrature have theirs, so none per product
-    op = HessianOperator(model, loss_fn, None, list(held.batches(128)))
-    generator = torch.Generator().manual_seed(0)
-    timings = {}
+    runs, iters = (3, 10) if quick else (8, 40)
+    curvature = measure_curvature(
+        model, held, num_matvecs, top_k, runs, iters, show_progress=show_progress
+    )
+    summary |= summarise(curvature)
+    write_report(out, curvature, summary)
+    return summary
 
+
+def train_model(
+    model: nn.Module,
+    optimizer: str,
+    train: Split,
+    test: Split,
+    epochs: int,
+    out: Path,
+    *,
+    quick: bool,
+    show_progress: bool,
+) -> dict:
+    """Train ``model`` with one of the demo's optimisers while a :class:`CurvatureMonitor`
+    logs sharpness and traces to ``out/metrics.csv``; save ``model.pt`` and ``metrics.png``."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose from {sorted(OPTIMIZERS)}")
+    torch.manual_seed(0)
+    monitor = CurvatureMonitor(
+        model, nn.functional.cross_entropy, (train.inputs[:128], train.targets[:128]),
+        every=5 if quick else 10, writer=out / "metrics.csv", num_matvecs=6 if quick else 30,
+        lanczos_iters=5 if quick else 20,
+    )  # fmt: skip
+    monitor.compute(0)
+    result = train_classifier(
+        optimizer, model, OPTIMIZERS[optimizer], train, test, epochs=epochs, batch_size=64,
+        show_progress=show_progress, on_step=monitor.step,
+    )  # fmt: skip
+    torch.save(model.state_dict(), out / "model.pt")
+    _plot(plot_metrics, out / "metrics.csv", out / "metrics.png")
+    return {"optimizer": optimizer, "epochs": epochs, "test_accuracy": result.test_accuracy}
+
+
+def measure_curvature(
+    model: nn.Module,
+    held: Split,
+    num_matvecs: int,
+    top_k: int,
+    runs: int,
+    iters: int,
+    *,
+    show_progress: bool,
+) -> Curvature:
+    """Hutch++ trace, Lanczos top eigenvalues and the SLQ density of the Hessian on ``held``."""
+    model.eval()
+    # one bar per long loop: Lanczos and quadrature have theirs, so none per product
+    op = HessianOperator(model, nn.functional.cross_entropy, None, list(held.batches(128)))
+    generator = torch.Generator().manual_seed(0)
+    seconds = {}
     start = time.perf_counter()
     trace = hutchinson_trace(op, num_matvecs, generator=generator)
-    timings["hessian_trace"] = time.perf_counter() - start
+    seconds["hessian_trace"] = time.perf_counter() - start
     start = time.perf_counter()
     top = top_eigenvalues(op, top_k, generator=generator, progress=show_progress)
-    timings["top_eigenvalues"] = time.perf_counter() - start
+    seconds["top_eigenvalues"] = time.perf_counter() - start
     start = time.perf_counter()
     density = spectral_density(op, runs, iters, generator=generator, progress=show_progress)
-    timings["spectral_density"] = time.perf_counter() - start
-    _plot(
-        plot_spectral_density, density, out / "density.png", eigenvalues=top.eigenvalues,
-        title=f"Hessian spectral density, digits CNN, {len(held)} images",
-    )  # fmt: skip
+    seconds["spectral_density"] = time.perf_counter() - start
+    return Curvature(op.dim, len(held), trace, top, density, seconds)
 
-    summary |= {
-        "parameters": op.dim,
+
+def summarise(curvature: Curvature) -> dict:
+    """The measurements as plain values, for ``summary.json``."""
+    trace, top, density = curvature.trace, curvature.top, curvature.density
+    return {
+        "parameters": curvature.parameters,
         "hessian_trace": {
             "value": trace.value, "std_error": trace.std_error, "num_matvecs": trace.num_matvecs,
         },
@@ -104,14 +155,22 @@ def run_diagnose(
             "converged": top.converged, "num_matvecs": top.num_matvecs,
         },
         "spectral_density": {
-            "num_runs": runs, "num_iters": iters, "sigma": density.sigma,
-            "trace_estimate": density.spectral_sum(lambda x: x),
+            "num_runs": density.nodes.shape[0], "num_iters": density.nodes.shape[1],
+            "sigma": density.sigma, "trace_estimate": density.spectral_sum(lambda x: x),
             "num_matvecs": density.num_matvecs,
         },
-        "seconds": timings,
+        "seconds": curvature.seconds,
     }  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
 
+
+def write_report(out: Path, curvature: Curvature, summary: dict) -> None:
+    """``summary.json``, ``density.png`` and the table printed."""
+    trace, top, density = curvature.trace, curvature.top, curvature.density
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    _plot(
+        plot_spectral_density, density, out / "density.png", eigenvalues=top.eigenvalues,
+        title=f"Hessian spectral density, digits CNN, {curvature.samples} images",
+    )  # fmt: skip
     rows = [
         [
             "Hessian trace (Hutch++)",
@@ -119,7 +178,7 @@ def run_diagnose(
             trace.num_matvecs,
         ],
         [
-            f"top {top_k} eigenvalues (Lanczos)",
+            f"top {len(top.eigenvalues)} eigenvalues (Lanczos)",
             ", ".join(f"{v:.3f}" for v in top.eigenvalues.tolist())
             + ("" if top.converged else " (not converged)"),
             top.num_matvecs,
@@ -130,10 +189,12 @@ def run_diagnose(
             density.num_matvecs,
         ],
     ]
-    print(f"\nHessian of the digits CNN ({op.dim} parameters) on {len(held)} training images")
+    print(
+        f"\nHessian of the digits CNN ({curvature.parameters} parameters) on "
+        f"{curvature.samples} training images"
+    )
     print(text_table(["quantity", "value", "products"], rows))
     print(f"written to {out}/")
-    return summary
 
 
 def _plot(plot, *args, **kwargs) -> None:
