@@ -7,6 +7,8 @@
     python benchmarks/lowrank_bench.py --part speed    # (3) its training throughput, interleaved
     python benchmarks/lowrank_bench.py --part sweep    # learning-rate sweep behind (3)
     python benchmarks/lowrank_bench.py --part step     # one optimiser step, many tensors
+    python benchmarks/lowrank_bench.py --part natural-damping  # NaturalGaLore's damping, 3 seeds
+    python benchmarks/lowrank_bench.py --part sst      # SST: re-warm-up and the paper's sampling
 
 Prints markdown tables; the numbers in docs/benchmarks.md come from these commands.
 """
@@ -205,6 +207,72 @@ def sweep_part(steps: int, show_progress: bool) -> None:
     print(markdown_table(["optimiser", *[f"lr {lr:g}" for lr in rates]], rows))
 
 
+def seeds_table(variants: dict, steps: int, seeds: int, show_progress: bool) -> None:
+    """Each variant's validation loss over ``seeds`` seeds (model, batches), mean ± std."""
+    import dataclasses
+
+    rows = []
+    for name, (build, lr) in variants.items():
+        losses = []
+        for seed in range(seeds):
+            setup = dataclasses.replace(LMSetup(steps=steps), seed=seed)
+            (result,) = compare(setup, optimizers={name: (build, lr)}, show_progress=show_progress)
+            losses.append(result.valid_loss)
+        spread = statistics.stdev(losses) if len(losses) > 1 else float("nan")
+        each = " / ".join(f"{loss:.3f}" for loss in losses)
+        rows.append([name, f"{lr:g}", f"{statistics.mean(losses):.3f} ± {spread:.3f}", each])
+        print(rows[-1], flush=True)
+    print(
+        markdown_table(
+            ["optimiser", "lr", f"valid loss, mean ± std ({seeds} seeds)", "each seed"], rows
+        )
+    )
+
+
+def natural_damping_part(steps: int, seeds: int, show_progress: bool) -> None:
+    """NaturalGaLore's damping: the reference's absolute λ (5e-5, the current default) and
+    100x it, against damping relative to the projected gradients' mean square, GaLore as the
+    baseline; the default comes from this table."""
+    lr = OPTIMIZERS["NaturalGaLore"][1]
+    variants = {"GaLoreAdamW": (_galore, OPTIMIZERS["GaLoreAdamW"][1])}
+    for damp in (5e-5, 5e-3):
+        variants[f"NaturalGaLore, damp={damp:g}"] = (
+            lambda m, s, lr, damp=damp: _galore(m, s, lr, NaturalGaLore, damp=damp),
+            lr,
+        )
+    for rho in (10.0, 100.0, 1000.0, 10000.0):
+        variants[f"NaturalGaLore, relative_damp={rho:g}"] = (
+            lambda m, s, lr, rho=rho: _galore(m, s, lr, NaturalGaLore, relative_damp=rho),
+            lr,
+        )
+    print(f"\n### NaturalGaLore's damping: tiny Llama, {steps} steps\n")
+    seeds_table(variants, steps, seeds, show_progress)
+
+
+def sst_part(steps: int, seeds: int, show_progress: bool) -> None:
+    """SST with and without the re-warm-up after each resampling, and with the paper's
+    half-uniform sampling mix."""
+    lr = OPTIMIZERS["SST"][1]
+
+    def sst(rewarmup_steps: int, uniform_mix: float):
+        def build(model, setup, lr):
+            model = to_spectral(model, setup.rank, modules=matrix_layers(model))
+            return model, SST(
+                model, lr=lr, update_proj_gap=setup.update_proj_gap,
+                rewarmup_steps=rewarmup_steps, uniform_mix=uniform_mix,
+            )  # fmt: skip
+
+        return build
+
+    variants = {
+        "SST, no re-warm-up": (sst(0, 0.0), lr),
+        "SST, re-warm-up 10 (default)": (sst(10, 0.0), lr),
+        "SST, re-warm-up 10, uniform_mix 0.5": (sst(10, 0.5), lr),
+    }
+    print(f"\n### SST's round boundaries: tiny Llama, {steps} steps\n")
+    seeds_table(variants, steps, seeds, show_progress)
+
+
 def llama_gradients(layers: int = 12, hidden: int = 256, seed: int = 0) -> torch.nn.Module:
     """A Llama-shaped model of ``9·layers + 3`` parameter tensors (attention and MLP matrices,
     two norms per layer, embeddings, final norm, output layer), with random gradients."""
@@ -277,7 +345,17 @@ def main() -> None:
     )
     parser.add_argument(
         "--part",
-        choices=["all", "refresh", "memory", "quality", "speed", "sweep", "step"],
+        choices=[
+            "all",
+            "refresh",
+            "memory",
+            "quality",
+            "speed",
+            "sweep",
+            "step",
+            "natural-damping",
+            "sst",
+        ],
         default="all",
     )
     parser.add_argument(
@@ -286,6 +364,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", help="device of --part refresh")
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3, help="natural-damping, sst: seeds each")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -303,6 +382,10 @@ def main() -> None:
         speed_part(50, 3)
     if args.part in ("all", "step"):
         step_part()
+    if args.part == "natural-damping":
+        natural_damping_part(args.steps, args.seeds, show)
+    if args.part == "sst":
+        sst_part(args.steps, args.seeds, show)
 
 
 if __name__ == "__main__":
