@@ -18,6 +18,7 @@ __all__ = [
     "NonFiniteError",
     "NondeterminismError",
     "NotPositiveDefiniteError",
+    "SkippedStepWarning",
 ]
 
 
@@ -36,3 +37,8 @@ class InsufficientMemoryError(MemoryError):
 
 class NondeterminismError(RuntimeError):
     """Two passes over the data gave different losses or gradients."""
+
+
+class SkippedStepWarning(UserWarning):
+    """An optimiser built with ``nonfinite="skip"`` skipped steps whose gradients held NaN or
+    Inf (issued at the 1st, 10th, 100th... skip: counted, never silent)."""

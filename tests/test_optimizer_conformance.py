@@ -25,7 +25,7 @@ from _conformance import (
 )
 from torch import nn
 
-from secondorder.errors import NonFiniteError
+from secondorder.errors import NonFiniteError, SkippedStepWarning
 
 
 def twins(row, **overrides):
@@ -344,6 +344,39 @@ def test_a_non_finite_gradient_raises_and_changes_nothing(row, bad):
     with pytest.raises(NonFiniteError):
         optimizer.step()
     assert_twins_agree((model, optimizer), twin)
+
+
+@pytest.mark.parametrize("row", cases("non_finite_skip"))
+def test_skip_mode_skips_counts_and_warns(row):
+    """nonfinite="skip" (GradScaler's convention): a step with an Inf gradient changes nothing
+    but the count of skipped steps, which the state carries through a save, and a
+    SkippedStepWarning at the 1st and 10th skip; clean steps go on as without skipping."""
+    (model, optimizer), (twin_model, twin) = twins(row, nonfinite="skip")
+    for m, o in ((model, optimizer), (twin_model, twin)):
+        train(m, o, 3)
+    weights = [p.detach().clone() for p in model.parameters()]
+    with pytest.warns(SkippedStepWarning, match="skipped 1 step"):
+        for skip in range(10):
+            optimizer.zero_grad()
+            backward(model, 3)
+            model[2].bias.grad[0] = float("inf")
+            if skip == 9:
+                with pytest.warns(SkippedStepWarning, match="skipped 10 step"):
+                    optimizer.step()
+            else:
+                optimizer.step()
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+    first = optimizer.param_groups[0]["params"][0]
+    assert optimizer.state[first]["skipped_steps"] == 10
+    saved = round_trip(optimizer.state_dict())
+    resumed = row.build(mlp().parameters(), nonfinite="skip")
+    resumed.load_state_dict(saved)
+    assert resumed.state[resumed.param_groups[0]["params"][0]]["skipped_steps"] == 10
+    train(model, optimizer, 2, first=3)
+    train(twin_model, twin, 2, first=3)
+    assert_same_weights(model, twin_model)
+    with pytest.raises(ValueError, match="nonfinite must be 'raise' or 'skip'"):
+        row.build(mlp().parameters(), nonfinite="ignore")
 
 
 def _complex_params():

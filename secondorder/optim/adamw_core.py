@@ -40,6 +40,7 @@ from .._checks import check_finite, check_positive_int
 from .._common import statistics_dtype
 from .._distributed import all_reduce_sum, local, row_shard
 from ..errors import NonFiniteError
+from ._nonfinite import check_nonfinite_policy, skip_step
 from ._state import load_state_dict_exactly, tag_rank_local, untag_rank_local
 
 __all__ = [
@@ -213,6 +214,9 @@ class AdamWCore(torch.optim.Optimizer):
             accumulated, and free that gradient, so full gradients never coexist. See
             :meth:`step` for the contract.
         accumulation_steps: with ``layerwise``, update on every this many backward passes.
+        nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed) or
+            ``"skip"`` (the step is skipped, counted and warned about, as GradScaler does;
+            see :mod:`secondorder.optim._nonfinite`).
     """
 
     #: attributes rebuilt rather than copied by ``copy.deepcopy`` and ``pickle``: name → factory
@@ -229,7 +233,15 @@ class AdamWCore(torch.optim.Optimizer):
         *,
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        nonfinite: str = "raise",
     ) -> None:
+        self.nonfinite = check_nonfinite_policy(nonfinite)
+        if layerwise and nonfinite == "skip":
+            raise ValueError(
+                "nonfinite='skip' cannot be combined with layerwise=True: the parameters whose "
+                "hooks ran before the bad gradient are already updated, so the step cannot be "
+                "skipped whole"
+            )
         self.layerwise = layerwise
         self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
         self._backward_counts: dict[torch.Tensor, int] = {}
@@ -379,7 +391,13 @@ class AdamWCore(torch.optim.Optimizer):
                     proxies[p] = proxy
             else:
                 plain.setdefault(index, []).append(p)
-        check_gradients([p for p, _, _ in work], proxies)
+        try:
+            check_gradients([p for p, _, _ in work], proxies)
+        except NonFiniteError as error:
+            if self.nonfinite == "raise":
+                raise
+            skip_step(self, error)
+            return loss
         for p, group, index, prepared in claimed:
             self._finish_claimed(p, group, index, prepared)
         for index, params in plain.items():

@@ -21,6 +21,8 @@ from .._distributed import (
 from ..curvature import SlidingWindowMFAC, SparseSlidingWindowMFAC
 from ..curvature.sliding_window import SlidingWindow
 from ..curvature.sparse_window import check_density
+from ..errors import NonFiniteError
+from ._nonfinite import check_nonfinite_policy, skip_step
 from ._state import load_state_dict_exactly
 from .adamw_core import check_gradients, learning_rate
 
@@ -182,6 +184,9 @@ class MFAC(torch.optim.Optimizer):
             ``"sgd"``, ``"adam"``, ``"rmsprop"`` or ``"adagrad"``.
         betas: the grafting optimiser's ``(β₁, β₂)`` (only ``β₂`` is used, see above).
         eps: the grafting optimiser's ``ε``.
+        nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed) or
+            ``"skip"`` (the step is skipped, counted in ``state[first parameter]
+            ["skipped_steps"]`` and warned about, as ``torch.amp.GradScaler`` does).
 
     Under FSDP2 (parameters sharded by ``fully_shard``) no ``process_group`` is needed: each
     rank's window covers the rows of every weight that FSDP2 gave it, the dot products are
@@ -206,7 +211,9 @@ class MFAC(torch.optim.Optimizer):
         graft: str | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
+        nonfinite: str = "raise",
     ) -> None:
+        self.nonfinite = check_nonfinite_policy(nonfinite)
         if damp is None and relative_damp is None:
             damp = 1e-6  # the paper's
         settings = WindowSettings(
@@ -391,9 +398,18 @@ class MFAC(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        try:
+            self._step()
+        except NonFiniteError as error:
+            if self.nonfinite == "raise":
+                raise
+            skip_step(self, error)
+        return loss
+
+    def _step(self) -> None:
         with_grad = [p for p in self._all_params() if p.grad is not None]
         if not with_grad:
-            return loss
+            return
         for p in with_grad:
             if p.grad.is_sparse:
                 raise RuntimeError("MFAC does not support sparse gradients")
@@ -428,7 +444,6 @@ class MFAC(torch.optim.Optimizer):
                 piece = direction[start : start + size].view_as(target).to(target.dtype)
                 target.add_(piece, alpha=-learning_rate(group))
             start += size
-        return loss
 
     def _member_groups(self) -> list[dict[str, Any]]:
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
@@ -627,7 +642,7 @@ class MFAC(torch.optim.Optimizer):
                 "save its state_dict() on every rank instead"
             )
         self._publish_state()
-        return super().__getstate__()
+        return {**super().__getstate__(), "nonfinite": self.nonfinite}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

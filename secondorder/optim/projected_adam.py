@@ -136,7 +136,8 @@ class ProjectedAdam(AdamWCore):
         lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
         correct_bias: Adam's bias correction (GaLore's flag).
         rank, update_proj_gap, scale, proj_type, on_refresh: defaults for the groups.
-        layerwise, accumulation_steps: see :class:`~secondorder.optim.adamw_core.AdamWCore`.
+        layerwise, accumulation_steps, nonfinite: see
+            :class:`~secondorder.optim.adamw_core.AdamWCore`.
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
         **extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's
@@ -163,6 +164,7 @@ class ProjectedAdam(AdamWCore):
         on_refresh: OnRefresh = "rotate",
         layerwise: bool = False,
         accumulation_steps: int = 1,
+        nonfinite: str = "raise",
         process_group: torch.distributed.ProcessGroup | None = None,
         **extra_defaults: Any,
     ) -> None:
@@ -184,7 +186,11 @@ class ProjectedAdam(AdamWCore):
             **extra_defaults,
         }
         super().__init__(
-            params, defaults, layerwise=layerwise, accumulation_steps=accumulation_steps
+            params,
+            defaults,
+            layerwise=layerwise,
+            accumulation_steps=accumulation_steps,
+            nonfinite=nonfinite,
         )
 
     # ----------------------------------------------------------------- settings

@@ -138,6 +138,8 @@ class SST(AdamWCore):
             round (0 turns it off). The first bias-corrected Adam steps of freshly sampled
             unit vectors move every entry by about ``±lr``, and without this the loss jumps
             at every round boundary (docs/benchmarks.md, "SST's round boundaries").
+        nonfinite: ``"raise"`` or ``"skip"`` a step with a NaN or Inf gradient (see
+            :class:`~secondorder.optim.adamw_core.AdamWCore`).
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class SST(AdamWCore):
         uniform_mix: float = 0.0,
         seed: int = 0,
         rewarmup_steps: int = 10,
+        nonfinite: str = "raise",
     ) -> None:
         if not 0 <= uniform_mix <= 1:
             raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
@@ -181,7 +184,7 @@ class SST(AdamWCore):
             "update_proj_gap": update_proj_gap,
             "uniform_mix": uniform_mix,
         }
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, nonfinite=nonfinite)
         for index, layer in enumerate(self._layers):
             group = next(g for g in self.param_groups if g.get("spectral_layer") == index)
             self._start_round(layer, group, index)
