@@ -27,9 +27,8 @@ def promises(block: str) -> dict[int, str]:
     return found
 
 
-def run_and_capture(index: int) -> dict[int, str]:
-    """Run block ``index``; ``{line number: what the print on that line printed}``."""
-    name = f"README.md block {index}"
+def run_and_capture(block: str, name: str) -> dict[int, str]:
+    """Run ``block`` (called ``name``); ``{line number: what the print on that line printed}``."""
     printed: dict[int, str] = {}
 
     def recording_print(*values, sep=" ", end="\n", **kwargs):
@@ -38,8 +37,17 @@ def run_and_capture(index: int) -> dict[int, str]:
             printed[caller.f_lineno] = sep.join(map(str, values))
         print(*values, sep=sep, end=end, **kwargs)
 
-    exec(compile(BLOCKS[index], name, "exec"), {"print": recording_print})
+    exec(compile(block, name, "exec"), {"print": recording_print})
     return printed
+
+
+def assert_prints_what_it_promises(block: str, name: str) -> None:
+    printed = run_and_capture(block, name)
+    for line, promised in promises(block).items():
+        assert line in printed, f"{name} line {line} promises {promised!r} but never printed"
+        assert matches(promised, printed[line]), (
+            f"{name} line {line} promises {promised!r} and printed {printed[line]!r}"
+        )
 
 
 def matches(promised: str, printed: str) -> bool:
@@ -61,9 +69,4 @@ def test_promises_are_read_as_written():
 
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_example_runs_and_prints_what_it_promises(index):
-    printed = run_and_capture(index)
-    for line, promised in promises(BLOCKS[index]).items():
-        assert line in printed, f"block {index} line {line} promises {promised!r} but never printed"
-        assert matches(promised, printed[line]), (
-            f"block {index} line {line} promises {promised!r} and printed {printed[line]!r}"
-        )
+    assert_prints_what_it_promises(BLOCKS[index], f"README.md block {index}")
