@@ -24,18 +24,38 @@ def loss(net, step):
     return torch.nn.functional.cross_entropy(net(x), y)
 
 
-def grafted_step(kind, g, state, beta2, eps):
-    """The grafting optimiser's step for one tensor, written out (Shampoo's Adam: the
-    bias-corrected second moment only)."""
+def grafted_step(kind, g, state, beta2, eps, beta1=0.9):
+    """The grafting optimiser's step for one tensor, written out: torch.optim.Adam's (both
+    moments, bias-corrected), RMSprop's, Adagrad's."""
     if kind == "sgd":
         return g
     if kind == "adagrad":
         state["sum"] = state.get("sum", 0) + g * g
         return g / (state["sum"].sqrt() + eps)
     state["v"] = beta2 * state.get("v", torch.zeros_like(g)) + (1 - beta2) * g * g
+    if kind == "rmsprop":
+        return g / (state["v"].sqrt() + eps)
+    state["m"] = beta1 * state.get("m", torch.zeros_like(g)) + (1 - beta1) * g
     state["t"] = state.get("t", 0) + 1
-    v = state["v"] / (1 - beta2 ** state["t"]) if kind == "adam" else state["v"]
-    return g / (v.sqrt() + eps)
+    m_hat = state["m"] / (1 - beta1 ** state["t"])
+    v_hat = state["v"] / (1 - beta2 ** state["t"])
+    return m_hat / (v_hat.sqrt() + eps)
+
+
+def test_adam_grafting_is_torch_adams_step_norm():
+    """The oracle above is torch.optim.Adam: its step from zero moments, divided by lr."""
+    g_seq = [
+        torch.randn(7, dtype=f64, generator=torch.Generator().manual_seed(i)) for i in range(4)
+    ]
+    p = torch.nn.Parameter(torch.zeros(7, dtype=f64))
+    adam = torch.optim.Adam([p], lr=1.0, betas=(0.9, 0.99), eps=1e-6)
+    state = {}
+    for g in g_seq:
+        before = p.detach().clone()
+        p.grad = g.clone()
+        adam.step()
+        expected = grafted_step("adam", g, state, 0.99, 1e-6, beta1=0.9)
+        torch.testing.assert_close(before - p.detach(), expected, rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("kind", ["sgd", "adam", "rmsprop", "adagrad"])
