@@ -230,9 +230,9 @@ def seeds_table(variants: dict, steps: int, seeds: int, show_progress: bool) -> 
 
 
 def natural_damping_part(steps: int, seeds: int, show_progress: bool) -> None:
-    """NaturalGaLore's damping: the reference's absolute λ (5e-5, the current default) and
-    100x it, against damping relative to the projected gradients' mean square, GaLore as the
-    baseline; the default comes from this table."""
+    """NaturalGaLore's damping: the reference's absolute λ (5e-5) and 100x it (5e-3, the
+    default since this measurement), against damping relative to the projected gradients'
+    mean square, with GaLore as the baseline; the default comes from this table."""
     lr = OPTIMIZERS["NaturalGaLore"][1]
     variants = {"GaLoreAdamW": (_galore, OPTIMIZERS["GaLoreAdamW"][1])}
     for damp in (5e-5, 5e-3):
@@ -266,8 +266,8 @@ def sst_part(steps: int, seeds: int, show_progress: bool) -> None:
 
     variants = {
         "SST, no re-warm-up": (sst(0, 0.0), lr),
-        "SST, re-warm-up 10 (default)": (sst(10, 0.0), lr),
-        "SST, re-warm-up 10, uniform_mix 0.5": (sst(10, 0.5), lr),
+        "SST, re-warm-up 10": (sst(10, 0.0), lr),
+        "SST, re-warm-up 10, uniform_mix 0.5 (the defaults)": (sst(10, 0.5), lr),
     }
     print(f"\n### SST's round boundaries: tiny Llama, {steps} steps\n")
     seeds_table(variants, steps, seeds, show_progress)
