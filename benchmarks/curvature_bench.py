@@ -22,15 +22,16 @@ P. Against the peer packages, when installed (each skipped with a message when n
    passes for ``tol = 0``: ``-inf`` makes it run all 100 products); curvlinops 3.0.1:
    ``hutchinson_trace(HessianLinearOperator(...), 100)``. Each draws its own probes,
    so the estimates differ by sampling noise; the work (100 products) is the same.
-   The contenders run in turn, round after round; the best time of each is reported.
 W. How the Hessian's products are batched: ``HessianOperator @ Z`` (100 columns, one
    batch) with ``chunk_size`` 1 to 32 (the vmapped ``torch.func`` path) and through one
    kept autograd graph, one column at a time (the path of batches of 512 samples or
    more), on the digits CNN and MLP at batches of 32 to 512: where the defaults come from.
 
-Peak memory is the high-water mark of tensor allocations during the call above
-what was allocated before it, from torch's profiler (CPU) or
-``torch.cuda.max_memory_allocated`` (CUDA).
+Times come from ``benchmarks/timing.py``: the contenders are called in turn, round after
+round (``--repeats`` rounds in A and B; P and W for a budget of seconds), after one warm-up
+round, and the best time of each is reported. Peak memory is the high-water mark of tensor
+allocations during the call above what was allocated before it, from torch's profiler
+(CPU) or ``timing.peak_bytes`` (CUDA).
 
     python benchmarks/curvature_bench.py [--threads N] [--repeats R] [--device cpu|cuda]
                                          [--parts abcpw]
@@ -43,10 +44,10 @@ import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from timing import peak_bytes, timed_side_by_side
 from torch import nn
 
 from secondorder._workloads.data import load_digits
@@ -69,25 +70,12 @@ except ImportError:
 LOSS = nn.functional.cross_entropy
 
 
-def seconds(fn: Callable[[], object], device: torch.device) -> float:
+def extra_peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
+    """High-water mark of allocations made during ``fn``, net of what it found: the CUDA
+    allocator's through ``timing.peak_bytes``, on CPU from torch's profiler."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
-
-
-def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
-    """High-water mark of allocations made during ``fn`` (net of what it found)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated(device) - before
+        return peak_bytes(fn, device) - before
     activities = [torch.profiler.ProfilerActivity.CPU]
     with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
         fn()
@@ -104,15 +92,9 @@ def peak_bytes(fn: Callable[[], object], device: torch.device) -> int:
     return peak
 
 
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int, device) -> dict[str, float]:
-    """Median time of each function, run in turn so that load on the machine hits all alike."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(seconds(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
+def best_of_rounds(fns: dict[str, Callable[[], object]], rounds: int, device) -> dict[str, float]:
+    """Best time of each function over exactly ``rounds`` rounds of calls in turn."""
+    return timed_side_by_side(fns, budget=math.inf, max_rounds=rounds, device=device)
 
 
 # -- A. Hutchinson trace, batched against a loop of double-backward HVPs -------------------------
@@ -182,7 +164,7 @@ def _trace_row(name, model, batches, repeats, device, num_matvecs=100) -> list[s
     def loop():
         estimates["loop"] = loop_trace(model, params, batches, z)
 
-    times = interleaved({"loop": loop, "ours": ours}, repeats, device)
+    times = best_of_rounds({"loop": loop, "ours": ours}, repeats, device)
     difference = abs(estimates["ours"] - estimates["loop"]) / abs(estimates["loop"])
     return [
         name,
@@ -260,8 +242,8 @@ def _product_row(product, model, batch, repeats, device) -> list[str]:
 
     expected = torch.cat([t.reshape(-1) for t in plain()])
     error = float((ours() - expected).norm() / expected.norm())
-    times = interleaved({"plain": plain, "ours": ours}, repeats, device)
-    memory = {name: peak_bytes(fn, device) for name, fn in (("plain", plain), ("ours", ours))}
+    times = best_of_rounds({"plain": plain, "ours": ours}, repeats, device)
+    memory = {name: extra_peak_bytes(fn, device) for name, fn in (("plain", plain), ("ours", ours))}
     return [
         product,
         str(len(batch[1])),
@@ -356,22 +338,6 @@ def digits_small_cnn() -> nn.Module:
     return nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.Flatten(), nn.Linear(576, 10))
 
 
-def best_side_by_side(fns: dict[str, Callable[[], object]], device, budget: float, rounds: int):
-    """Best time of each function, called in turn round after round (after one warm-up
-    round), for ``budget`` seconds and at least 3 rounds, at most ``rounds``: on a shared
-    machine other jobs only ever add time, and a slow spell hits every contender alike."""
-    for fn in fns.values():
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while min(len(t) for t in times.values()) < 3 or (
-        time.perf_counter() - start < budget and len(times[next(iter(fns))]) < rounds
-    ):
-        for name, fn in fns.items():
-            times[name].append(seconds(fn, device))
-    return {name: min(t) for name, t in times.items()}
-
-
 def part_p(device, repeats: int) -> tuple[list[str], list[list[str]]]:
     missing = [name for name, module in (("pyhessian==0.1", PyHessian),
                ("curvlinops-for-pytorch==3.0.1", curvlinops)) if module is None]  # fmt: skip
@@ -415,7 +381,7 @@ def _peer_row(name, model, batch, repeats, device, num_matvecs=100) -> list[str]
         fns["PyHessian"] = pyhessian
     if curvlinops is not None:
         fns["curvlinops"] = curvlinops_trace
-    times = best_side_by_side(fns, device, budget=4.0 * repeats, rounds=10 * repeats)
+    times = timed_side_by_side(fns, budget=4.0 * repeats, max_rounds=10 * repeats, device=device)
     peers = {k: v for k, v in times.items() if k != "ours"}
     fastest = min(peers, key=peers.get) if peers else None
 
@@ -462,7 +428,9 @@ def part_w(device, repeats: int) -> tuple[list[str], list[list[str]]]:
                     operators._LOOP_FROM_SAMPLES = saved
 
             fns = {f"{w}": (lambda w=w: product(w)) for w in widths} | {"loop": loop}
-            times = best_side_by_side(fns, device, budget=2.0 * repeats, rounds=5 * repeats)
+            times = timed_side_by_side(
+                fns, budget=2.0 * repeats, max_rounds=5 * repeats, device=device
+            )
             op.chunk_size = None
             default = (
                 "loop" if batch_size >= operators._LOOP_FROM_SAMPLES else str(op._width(batch_size))
@@ -499,7 +467,9 @@ HEADER_P = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="A, B: rounds, best of each; P, W: budget scale"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--parts", default="abcp", help="which parts to run, e.g. 'ab'")
     args = parser.parse_args()

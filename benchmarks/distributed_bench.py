@@ -7,7 +7,9 @@ Each run spawns the ranks itself. Bytes are counted by wrapping the
 torch.distributed collectives the optimiser calls (DDP's own gradient
 all-reduce, which every data-parallel optimiser pays, is listed apart).
 The naive alternative keeps the window sharded the same way but all-gathers
-it to compute F⁻¹g: num_grads · d numbers per step.
+it to compute F⁻¹g: num_grads · d numbers per step. The step time is the best
+of ``--steps`` steps (``timing.timed``, one call each), every step started
+together on all ranks by a barrier and lasting until its slowest rank is done.
 """
 
 from __future__ import annotations
@@ -15,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from timing import timed
 from torch.nn.parallel import DistributedDataParallel
 
 from secondorder._checks import format_bytes
+from secondorder._workloads.report import markdown_table
 from secondorder.optim import MFAC
 
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "broadcast")
@@ -91,24 +93,28 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
 
     for _ in range(args.num_grads):  # fill the window
         step()
-    times = []
+    # every rank runs exactly --steps steps (no time budget: ranks must not disagree on when
+    # to stop), each started together by the barrier and timed outside it
+    times = torch.zeros(args.steps, dtype=torch.float64)
     with CountingCollectives() as counter:
-        for _ in range(args.steps):
+        for i in range(args.steps):
             dist.barrier()
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
-    window = optimizer.window._grads
+            times[i] = timed(step, max_repeats=1, warmup=False)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)  # a step lasts until its slowest rank is done
+    # the window's rows, as the naive column counts them (window.nbytes would add its spare
+    # row and the n × n system)
+    window = optimizer.window
+    window_bytes = window.num_grads * window.dim * window.storage_dtype.itemsize
     if rank == 0:
         Path(out).write_text(
             json.dumps(
                 {
                     "world": world,
                     "d": d,
-                    "step_ms": 1e3 * statistics.median(times),
+                    "step_ms": 1e3 * float(times.min()),
                     "optimizer_bytes_per_step": counter.bytes / args.steps,
                     "collectives_per_step": counter.calls / args.steps,
-                    "window_bytes_per_rank": window.numel() * window.element_size(),
+                    "window_bytes_per_rank": window_bytes,
                 }
             )
         )
@@ -142,18 +148,15 @@ def main() -> None:
     print(
         f"# MFAC, d = {d:,} parameters, num_grads = {n}, float32, CPU gloo, {os.cpu_count()} cores\n"
     )
-    print(
-        "| ranks | step (ms) | window per rank | bytes sent per rank per step (optimiser) "
-        "| collectives per step | naive: all-gather the window |"
-    )
-    print("|---|---|---|---|---|---|")
-    for r in results:
-        naive = n * d * 4 if r["world"] > 1 else 0
-        print(
-            f"| {r['world']} | {r['step_ms']:.1f} | {format_bytes(r['window_bytes_per_rank'])} | "
-            f"{format_bytes(r['optimizer_bytes_per_step'])} | {r['collectives_per_step']:.0f} | "
-            f"{format_bytes(naive)} |"
-        )
+    header = ["ranks", "step (ms)", "window per rank", "bytes sent per rank per step (optimiser)",
+              "collectives per step", "naive: all-gather the window"]  # fmt: skip
+    rows = [
+        [r["world"], f"{r['step_ms']:.1f}", format_bytes(r["window_bytes_per_rank"]),
+         format_bytes(r["optimizer_bytes_per_step"]), f"{r['collectives_per_step']:.0f}",
+         format_bytes(n * d * 4 if r["world"] > 1 else 0)]
+        for r in results
+    ]  # fmt: skip
+    print(markdown_table(header, rows))
     print(f"\nDDP's own gradient all-reduce (not counted above): {format_bytes(d * 4)} per step.")
 
 

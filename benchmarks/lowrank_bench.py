@@ -4,20 +4,22 @@
     python benchmarks/lowrank_bench.py --part refresh  # (1) DCT against SVD refresh, side by side
     python benchmarks/lowrank_bench.py --part memory   # (2) state bytes on a 58M Llama-style model
     python benchmarks/lowrank_bench.py --part quality  # (3) tiny Llama on the standard library
-    python benchmarks/lowrank_bench.py --part speed    # (3) its training throughput, interleaved
+    python benchmarks/lowrank_bench.py --part speed    # (3) its training throughput, in turn
     python benchmarks/lowrank_bench.py --part sweep    # learning-rate sweep behind (3)
     python benchmarks/lowrank_bench.py --part step     # one optimiser step, many tensors
     python benchmarks/lowrank_bench.py --part natural-damping  # NaturalGaLore's damping, 3 seeds
     python benchmarks/lowrank_bench.py --part sst      # SST: re-warm-up and the paper's sampling
 
-Prints markdown tables; the numbers in docs/benchmarks.md come from these commands.
+Prints markdown tables; the numbers in docs/benchmarks.md come from these commands. Times
+come from ``benchmarks/timing.py``: the contenders are called in turn, round after round,
+and each keeps its best time.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
-import time
 from functools import partial
 
 import torch
@@ -45,33 +47,23 @@ from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
 from secondorder.optim.projectors import DCTProjector, SVDProjector, dct_rows
 
 
-def timed(fn, repeats: int, device: torch.device | None = None) -> float:
-    """Median seconds of ``repeats`` calls (after one warm-up call); on CUDA each call
-    is timed to the end of its kernels."""
-
-    def call():
-        fn()
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def refresh_part(repeats: int, device: torch.device) -> None:
-    print("\n### (1) Projector refresh: DCT against SVD, median of", repeats, "(ms)\n")
+    print("\n### (1) Projector refresh: DCT against SVD, in turn, best of", repeats, "(ms)\n")
     rank = 128
     rows = []
     for shape in [(1024, 1024), (4096, 1024)]:
         X = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(device)
-        svd = timed(partial(SVDProjector().refresh, X, rank), repeats, device)
-        dct_matmul = timed(partial(DCTProjector(method="matmul").refresh, X, rank), repeats, device)
-        dct_fft = timed(partial(DCTProjector(method="fft").refresh, X, rank), repeats, device)
+        best_of = timed_side_by_side(
+            {
+                "svd": partial(SVDProjector().refresh, X, rank),
+                "matmul": partial(DCTProjector(method="matmul").refresh, X, rank),
+                "fft": partial(DCTProjector(method="fft").refresh, X, rank),
+            },
+            budget=math.inf,
+            max_rounds=repeats,
+            device=device,
+        )
+        svd, dct_matmul, dct_fft = best_of["svd"], best_of["matmul"], best_of["fft"]
         best = min(dct_matmul, dct_fft)
         rows.append(
             [f"{shape[0]} x {shape[1]}", f"{svd * 1e3:.1f}", f"{dct_matmul * 1e3:.1f}",
@@ -84,8 +76,13 @@ def refresh_part(repeats: int, device: torch.device) -> None:
     for size in [256, 512, 1024, 2048, 4096]:
         X = torch.randn(size, size, generator=torch.Generator().manual_seed(1)).to(device)
         Q = DCTProjector().full_basis(size, X.dtype, X.device)
-        matmul = timed(partial(torch.matmul, X, Q), repeats, device)
-        fft = timed(partial(dct_rows, X), repeats, device)
+        best_of = timed_side_by_side(
+            {"matmul": partial(torch.matmul, X, Q), "fft": partial(dct_rows, X)},
+            budget=math.inf,
+            max_rounds=repeats,
+            device=device,
+        )
+        matmul, fft = best_of["matmul"], best_of["fft"]
         rows.append(
             [size, f"{matmul * 1e3:.1f}", f"{fft * 1e3:.1f}", "FFT" if fft < matmul else "matmul"]
         )
@@ -165,28 +162,31 @@ def quality_part(steps: int, show_progress: bool) -> None:
 
 
 def speed_part(steps: int, repeats: int) -> None:
-    """Training throughput, interleaved: each optimiser runs ``steps`` steps in turn, ``repeats`` times."""
+    """Training throughput: each optimiser runs ``steps`` steps in turn, ``repeats`` rounds,
+    best of each (no warm-up round: the best of the rounds leaves the cold first one out)."""
     setup = LMSetup()
     corpus = load_stdlib_corpus(setup.corpus_bytes)
     runs = {
         name: build(new_model(corpus, setup), setup, lr) for name, (build, lr) in OPTIMIZERS.items()
     }
     generator = torch.Generator().manual_seed(0)
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (model, optimizer) in runs.items():
-            start = time.perf_counter()
-            for _ in range(steps):
-                train_step(model, optimizer, corpus, setup, generator)
-            seconds[name].append(time.perf_counter() - start)
+
+    def train(model, optimizer):
+        for _ in range(steps):
+            train_step(model, optimizer, corpus, setup, generator)
+
+    seconds = timed_side_by_side(
+        {name: partial(train, *run) for name, run in runs.items()},
+        budget=math.inf,
+        max_rounds=repeats,
+        warmup=False,
+    )
     print(f"\n### Training throughput: {steps} steps of {setup.tokens_per_step} bytes, "
-          f"interleaved, median of {repeats}\n")  # fmt: skip
-    adamw = statistics.median(seconds["AdamW"])
+          f"in turn, best of {repeats}\n")  # fmt: skip
     rows = []
-    for name, times in seconds.items():
-        median = statistics.median(times)
+    for name, best in seconds.items():
         rows.append(
-            [name, f"{steps * setup.tokens_per_step / median:,.0f}", f"{adamw / median:.2f}"]
+            [name, f"{steps * setup.tokens_per_step / best:,.0f}", f"{seconds['AdamW'] / best:.2f}"]
         )
     print(markdown_table(["optimiser", "tokens/s", "speed / AdamW"], rows))
 

@@ -43,6 +43,7 @@ from secondorder._checks import format_bytes
 from secondorder._workloads import language_model as lm
 from secondorder._workloads.data import Split, TextCorpus, load_digits, load_stdlib_corpus
 from secondorder._workloads.models import digits_cnn
+from secondorder._workloads.report import markdown_row, markdown_table
 from secondorder._workloads.training import train_classifier
 from secondorder.demo import lowrank
 from secondorder.optim import MFAC, GaLoreAdamW
@@ -63,13 +64,13 @@ def cnn_sweep() -> None:
         grid[f"MFAC lr={lr} damp={damp} num_grads={n}"] = lambda p, lr=lr, damp=damp, n=n: MFAC(
             p, lr=lr, damp=damp, num_grads=n
         )
-    print("| optimiser | train loss | test accuracy |\n|---|---|---|")
+    print(markdown_table(["optimiser", "train loss", "test accuracy"], []))
     for name, make in grid.items():
         torch.manual_seed(0)
         r = train_classifier(
             name, digits_cnn(), make, train, test, epochs=15, batch_size=64, show_progress=False
         )
-        print(f"| {name} | {r.train_loss:.4f} | {r.test_accuracy:.4f} |", flush=True)
+        print(markdown_row([name, f"{r.train_loss:.4f}", f"{r.test_accuracy:.4f}"]), flush=True)
 
 
 def logistic_loss(make, seed: int, epochs: int = 2) -> float:
@@ -108,14 +109,14 @@ def logistic_sweep() -> None:
             )
         ],
     }
-    print("| optimiser | best setting | mean final training loss (3 seeds) |\n|---|---|---|")
+    print(markdown_table(["optimiser", "best setting", "mean final training loss (3 seeds)"], []))
     for family, settings in families.items():
         scored = [
             (statistics.mean(logistic_loss(make, s) for s in range(3)), label)
             for label, make in settings
         ]
         loss, label = min(scored)
-        print(f"| {family} | {label} | {loss:.4f} |", flush=True)
+        print(markdown_row([family, label, f"{loss:.4f}"]), flush=True)
 
 
 def mean_std(values: list[float], digits: int = 4) -> str:
@@ -148,7 +149,8 @@ def window_bytes(make: Callable, model: torch.nn.Module) -> int:
 def sparse_cnn(seeds: int = 5) -> None:
     train, test = load_digits()
     variants = sparse_variants(lr=0.05, damp=0.1, num_grads=64)  # the demo's tuned MFAC
-    print("| optimiser | test accuracy | test loss | window bytes |\n|---|---|---|---|", flush=True)
+    header = ["optimiser", "test accuracy", "test loss", "window bytes"]
+    print(markdown_table(header, []), flush=True)
     for name, make in variants.items():
         accuracies, losses = [], []
         for seed in range(seeds):
@@ -160,16 +162,15 @@ def sparse_cnn(seeds: int = 5) -> None:
             accuracies.append(run.test_accuracy)
             losses.append(run.test_loss)
         nbytes = window_bytes(make, digits_cnn())
-        print(f"| {name} | {mean_std(accuracies)} | {mean_std(losses)} | {nbytes:,} |", flush=True)
+        row = [name, mean_std(accuracies), mean_std(losses), f"{nbytes:,}"]
+        print(markdown_row(row), flush=True)
 
 
 def sparse_logistic(seeds: int = 3) -> None:
     train, test = load_digits()
     variants = sparse_variants(lr=0.2, damp=0.02, num_grads=32)  # the tuned MFAC of --part logistic
-    print(
-        "| optimiser | final training loss | test accuracy | window bytes |\n|---|---|---|---|",
-        flush=True,
-    )
+    header = ["optimiser", "final training loss", "test accuracy", "window bytes"]
+    print(markdown_table(header, []), flush=True)
     for name, make in variants.items():
         losses, accuracies = [], []
         for seed in range(seeds):
@@ -182,11 +183,8 @@ def sparse_logistic(seeds: int = 3) -> None:
             losses.append(run.train_loss)
             accuracies.append(run.test_accuracy)
         model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
-        print(
-            f"| {name} | {mean_std(losses)} | {mean_std(accuracies)} | "
-            f"{window_bytes(make, model):,} |",
-            flush=True,
-        )
+        row = [name, mean_std(losses), mean_std(accuracies), f"{window_bytes(make, model):,}"]
+        print(markdown_row(row), flush=True)
 
 
 def sparse_llama(seeds: int = 3, steps: int = 300) -> None:
@@ -207,11 +205,9 @@ def sparse_llama(seeds: int = 3, steps: int = 300) -> None:
     }
     base = dataclasses.replace(lm.LMSetup(), steps=steps)
     corpus = load_stdlib_corpus(base.corpus_bytes)
-    print(
-        f"| optimiser ({steps} steps) | lr | valid loss (nats/byte) | tokens/s | "
-        "optimiser state |\n|---|---|---|---|---|",
-        flush=True,
-    )
+    header = [f"optimiser ({steps} steps)", "lr", "valid loss (nats/byte)", "tokens/s",
+              "optimiser state"]  # fmt: skip
+    print(markdown_table(header, []), flush=True)
     for name, (build, lr) in runs.items():
         results = [
             lm.train_lm(
@@ -222,10 +218,8 @@ def sparse_llama(seeds: int = 3, steps: int = 300) -> None:
         losses = [r.valid_loss for r in results]
         speed = statistics.median(r.tokens_per_second for r in results)
         state = results[0].state_bytes
-        print(
-            f"| {name} | {lr:g} | {mean_std(losses, 3)} | {speed:,.0f} | {state / 2**20:.2f} MiB |",
-            flush=True,
-        )
+        row = [name, f"{lr:g}", mean_std(losses, 3), f"{speed:,.0f}", f"{state / 2**20:.2f} MiB"]
+        print(markdown_row(row), flush=True)
 
 
 # ---------------------------------------------------------------------------- the comparison
@@ -483,30 +477,34 @@ def report() -> None:
     for path in sorted(SWEEP_DIR.glob("tune-*.jsonl")):
         task = path.stem.removeprefix("tune-")
         print(f"\n### {task}: tuning (seed 0, validation split)\n")
-        print("| optimiser | setting | validation loss |\n|---|---|---|")
-        for record in read_records(path):
-            print(f"| {record['family']} | {describe(record['settings'])} | {record['loss']:.4f} |")
+        rows = [
+            [record["family"], describe(record["settings"]), f"{record['loss']:.4f}"]
+            for record in read_records(path)
+        ]
+        print(markdown_table(["optimiser", "setting", "validation loss"], rows))
         finals = read_records(SWEEP_DIR / f"final-{task}.jsonl")
         if not finals:
             continue
         print(f"\n### {task}: held-out, mean ± std over seeds\n")
-        header = "| optimiser | setting | held-out loss | accuracy | s/step | optimiser state |"
-        print(header + "\n|---|---|---|---|---|---|")
         best = best_settings(task)  # a family's final runs at an earlier best are left out
         by_family: dict[str, list[dict]] = {}
         for record in finals:
             if record["settings"] == best.get(record["family"]):
                 by_family.setdefault(record["family"], []).append(record)
+        rows = []
         for family, records in by_family.items():
             losses = [r["loss"] for r in records]
             accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
             accuracy = mean_std(accuracies) if len(accuracies) > 1 else "—"
             seconds = statistics.median(r["seconds_per_step"] for r in records)
             state = format_bytes(records[0]["state_bytes"])
-            print(
-                f"| {family} | {describe(records[0]['settings'])} | {mean_std(losses)} "
-                f"({len(records)} seeds) | {accuracy} | {seconds * 1e3:.1f} ms | {state} |"
-            )
+            rows.append(
+                [family, describe(records[0]["settings"]),
+                 f"{mean_std(losses)} ({len(records)} seeds)", accuracy,
+                 f"{seconds * 1e3:.1f} ms", state]
+            )  # fmt: skip
+        header = ["optimiser", "setting", "held-out loss", "accuracy", "s/step", "optimiser state"]
+        print(markdown_table(header, rows))
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -50,6 +51,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from baselines import sequential_recurrence
+from timing import peak_bytes, timed
 
 from secondorder._workloads import llama_pruning as llm_pruning
 from secondorder._workloads.data import load_digits, load_stdlib_corpus
@@ -59,6 +61,7 @@ from secondorder._workloads.digits_pruning import (
     pruning_batches,
     train_dense,
 )
+from secondorder._workloads.report import markdown_row, markdown_table
 from secondorder._workloads.training import evaluate
 from secondorder.curvature import DenseMFAC
 from secondorder.prune import MFACPruner
@@ -77,23 +80,25 @@ def accuracy(seeds: int) -> None:
         print(
             f"\ndigits {kind}: dense test accuracy {dense:.3f} (trained in {time.perf_counter() - start:.0f} s)"
         )
-        print(
-            "| sparsity | magnitude accuracy | M-FAC accuracy (mean) | M-FAC min | M-FAC − magnitude "
-            "| magnitude test loss | M-FAC test loss (mean) | M-FAC s/prune |"
-        )
-        print("|---|---|---|---|---|---|---|---|")
+        header = ["sparsity", "magnitude accuracy", "M-FAC accuracy (mean)", "M-FAC min",
+                  "M-FAC − magnitude", "magnitude test loss", "M-FAC test loss (mean)",
+                  "M-FAC s/prune"]  # fmt: skip
+        print(markdown_table(header, []))
         for sparsity in SPARSITIES:
             magnitude = one_shot(model, "magnitude", sparsity, train, test)
             runs = [one_shot(model, "M-FAC", sparsity, train, test, seed=s) for s in range(seeds)]
             accuracy = statistics.mean(r.accuracy for r in runs)
-            print(
-                f"| {sparsity:.2f} | {magnitude.accuracy:.3f} | {accuracy:.3f} "
-                f"| {min(r.accuracy for r in runs):.3f} "
-                f"| {100 * (accuracy - magnitude.accuracy):+.1f} points | {magnitude.loss:.3f} "
-                f"| {statistics.mean(r.loss for r in runs):.3f} "
-                f"| {statistics.mean(r.seconds for r in runs):.1f} |",
-                flush=True,
-            )
+            row = [
+                f"{sparsity:.2f}",
+                f"{magnitude.accuracy:.3f}",
+                f"{accuracy:.3f}",
+                f"{min(r.accuracy for r in runs):.3f}",
+                f"{100 * (accuracy - magnitude.accuracy):+.1f} points",
+                f"{magnitude.loss:.3f}",
+                f"{statistics.mean(r.loss for r in runs):.3f}",
+                f"{statistics.mean(r.seconds for r in runs):.1f}",
+            ]
+            print(markdown_row(row), flush=True)
 
 
 # --------------------------------------------------------------------------- sweep
@@ -130,8 +135,7 @@ def sweep(seeds: int, sparsity: float = 0.9) -> None:
             f"mean diagonal of the Fisher estimate {mean_diagonal:.1e}; M-FAC with the defaults "
             f"({defaults}, recompute_steps={MFACPruner.default_recompute_steps}) except:"
         )
-        print("| setting | accuracy mean | min | max | s/prune |")
-        print("|---|---|---|---|---|")
+        print(markdown_table(["setting", "accuracy mean", "min", "max", "s/prune"], []))
         for name, options, scale in settings:
             accs, times = [], []
             for seed in range(seeds):
@@ -145,15 +149,13 @@ def sweep(seeds: int, sparsity: float = 0.9) -> None:
                 pruner = MFACPruner(
                     pruned, loss, pruning_batches(train, seed), progress=False, **pruner_options
                 )
-                start = time.perf_counter()
-                pruner.prune(sparsity, **prune_options)
-                times.append(time.perf_counter() - start)
+                prune = partial(pruner.prune, sparsity, **prune_options)
+                # one call: pruning changes the model, so it cannot be repeated
+                times.append(timed(prune, max_repeats=1, warmup=False))
                 accs.append(evaluate(pruned, test)[1])
-            print(
-                f"| {name} | {statistics.mean(accs):.3f} | {min(accs):.3f} | {max(accs):.3f} "
-                f"| {statistics.mean(times):.1f} |",
-                flush=True,
-            )
+            row = [name, f"{statistics.mean(accs):.3f}", f"{min(accs):.3f}", f"{max(accs):.3f}",
+                   f"{statistics.mean(times):.1f}"]  # fmt: skip
+            print(markdown_row(row), flush=True)
 
 
 # --------------------------------------------------------------------------- llama
@@ -241,23 +243,25 @@ def inverse_child(
     grads = grads.to(device)
     if method == "sequential":
         grads = as_blocks(grads, block_size)
+
+    def build() -> None:
+        if method == "sequential":
+            sequential_recurrence(grads, damp)
+        else:
+            DenseMFAC(grads, damp, block_size).diag()
+
+    seconds = 0.0
+
+    def build_timed() -> None:  # one cold call: this process measures nothing else
+        nonlocal seconds
+        seconds = timed(build, max_repeats=1, warmup=False, device=device)
+
     if on_cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
+        extra = peak_bytes(build_timed, device) - before
     else:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    start = time.perf_counter()
-    if method == "sequential":
-        sequential_recurrence(grads, damp)
-    else:
-        DenseMFAC(grads, damp, block_size).diag()
-    if on_cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    if on_cuda:
-        extra = torch.cuda.max_memory_allocated() - before
-    else:
+        build_timed()
         extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
     print(json.dumps({"seconds": seconds, "extra_bytes": extra}))
 
@@ -299,10 +303,9 @@ def inverse(threads: int, repeats: int, large: bool, device: str) -> None:
         f"\ntorch {torch.__version__}, {threads} thread(s); every measurement a fresh process, "
         f"the two methods alternating; fastest of {repeats}, largest peak"
     )
-    print(
-        "| d | n | block | ours (s) | sequential (s) | speed-up | ours peak extra | sequential peak extra |"
-    )
-    print("|---|---|---|---|---|---|---|---|")
+    header = ["d", "n", "block", "ours (s)", "sequential (s)", "speed-up", "ours peak extra",
+              "sequential peak extra"]  # fmt: skip
+    print(markdown_table(header, []))
     for dim, num_grads, block in cases:
         results: dict[str, list[dict]] = {"ours": [], "sequential": []}
         for _ in range(repeats):
@@ -315,12 +318,10 @@ def inverse(threads: int, repeats: int, large: bool, device: str) -> None:
                 runs.append(json.loads(out.strip().splitlines()[-1]))
         seconds = {m: min(r["seconds"] for r in runs) for m, runs in results.items()}
         peak = {m: max(r["extra_bytes"] for r in runs) / 2**20 for m, runs in results.items()}
-        print(
-            f"| {dim} | {num_grads} | {block or 'full'} | {seconds['ours']:.2f} "
-            f"| {seconds['sequential']:.2f} | {seconds['sequential'] / seconds['ours']:.1f}x "
-            f"| {peak['ours']:.0f} MiB | {peak['sequential']:.0f} MiB |",
-            flush=True,
-        )
+        row = [dim, num_grads, block or "full", f"{seconds['ours']:.2f}",
+               f"{seconds['sequential']:.2f}", f"{seconds['sequential'] / seconds['ours']:.1f}x",
+               f"{peak['ours']:.0f} MiB", f"{peak['sequential']:.0f} MiB"]  # fmt: skip
+        print(markdown_row(row), flush=True)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from secondorder._checks import format_bytes
 from secondorder._workloads.data import load_digits
 from secondorder._workloads.models import digits_cnn
 from secondorder._workloads.training import evaluate
+from secondorder.curvature import SlidingWindowMFAC
 from secondorder.optim import MFAC
 
 
@@ -67,9 +68,9 @@ def main() -> None:
             print(f"epoch {epoch + 1}: test loss {loss:.4f}, accuracy {accuracy:.4f}", flush=True)
 
     window = optimizer.window
-    shard = window._grads.numel() * window._grads.element_size()
-    full = (
-        args.num_grads * sum(p.numel() for p in model.parameters()) * window._grads.element_size()
+    shard = window.nbytes  # this rank's gradients, its spare row and the n × n system
+    full = SlidingWindowMFAC.estimate_bytes(
+        sum(p.numel() for p in model.parameters()), window.num_grads, window.storage_dtype
     )
     if rank == 0:
         print(

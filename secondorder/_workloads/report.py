@@ -6,9 +6,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
+def markdown_row(cells: Sequence[object]) -> str:
+    """One row of a markdown table: print ``markdown_table(header, [])`` first, then each row
+    as it is measured."""
+    return "| " + " | ".join(str(cell) for cell in cells) + " |"
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    lines = [markdown_row(header), "|" + "---|" * len(header)]
+    lines += [markdown_row(row) for row in rows]
     return "\n".join(lines)
 
 
