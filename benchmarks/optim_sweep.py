@@ -473,6 +473,35 @@ def describe(settings: dict) -> str:
     return ", ".join(f"{names.get(k, k)}={v:g}" for k, v in settings.items() if k not in skip)
 
 
+def held_out_rows(task: str, finals: list[dict]) -> list[list[str]]:
+    """One row per (family, setting) evaluated on held-out seeds. Every setting that was a
+    family's best at some point keeps its row; the current best, the one validation picks,
+    comes first in its family and the others are marked."""
+    best = best_settings(task)
+    by_setting: dict[tuple[str, str], list[dict]] = {}
+    for record in finals:
+        key = (record["family"], json.dumps(record["settings"], sort_keys=True))
+        by_setting.setdefault(key, []).append(record)
+    order = list(dict.fromkeys(record["family"] for record in finals))
+    rows = []
+    for (family, _), records in sorted(
+        by_setting.items(),
+        key=lambda item: (order.index(item[0][0]), item[1][0]["settings"] != best.get(item[0][0])),
+    ):
+        chosen = records[0]["settings"] == best.get(family)
+        losses = [r["loss"] for r in records]
+        accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+        seconds = statistics.median(r["seconds_per_step"] for r in records)
+        rows.append(
+            [family if chosen else f"{family} (not chosen by validation)",
+             describe(records[0]["settings"]),
+             f"{mean_std(losses)} ({len(records)} seeds)",
+             mean_std(accuracies) if len(accuracies) > 1 else "—",
+             f"{seconds * 1e3:.1f} ms", format_bytes(records[0]["state_bytes"])]
+        )  # fmt: skip
+    return rows
+
+
 def report() -> None:
     for path in sorted(SWEEP_DIR.glob("tune-*.jsonl")):
         task = path.stem.removeprefix("tune-")
@@ -483,28 +512,17 @@ def report() -> None:
         ]
         print(markdown_table(["optimiser", "setting", "validation loss"], rows))
         finals = read_records(SWEEP_DIR / f"final-{task}.jsonl")
-        if not finals:
-            continue
-        print(f"\n### {task}: held-out, mean ± std over seeds\n")
-        best = best_settings(task)  # a family's final runs at an earlier best are left out
-        by_family: dict[str, list[dict]] = {}
-        for record in finals:
-            if record["settings"] == best.get(record["family"]):
-                by_family.setdefault(record["family"], []).append(record)
-        rows = []
-        for family, records in by_family.items():
-            losses = [r["loss"] for r in records]
-            accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
-            accuracy = mean_std(accuracies) if len(accuracies) > 1 else "—"
-            seconds = statistics.median(r["seconds_per_step"] for r in records)
-            state = format_bytes(records[0]["state_bytes"])
-            rows.append(
-                [family, describe(records[0]["settings"]),
-                 f"{mean_std(losses)} ({len(records)} seeds)", accuracy,
-                 f"{seconds * 1e3:.1f} ms", state]
-            )  # fmt: skip
-        header = ["optimiser", "setting", "held-out loss", "accuracy", "s/step", "optimiser state"]
-        print(markdown_table(header, rows))
+        if finals:
+            print(f"\n### {task}: held-out, mean ± std over seeds\n")
+            header = [
+                "optimiser",
+                "setting",
+                "held-out loss",
+                "accuracy",
+                "s/step",
+                "optimiser state",
+            ]
+            print(markdown_table(header, held_out_rows(task, finals)))
 
 
 def main() -> None:
