@@ -239,10 +239,13 @@ def test_a_window_too_large_for_memory_is_refused_before_allocating():
         InsufficientMemoryError, match=r"1024 x 1000000000000 .* needs 3\.6 PiB|needs .* but only"
     ):
         SlidingWindowMFAC(10**12, 1024)
+    # ten rows padded to 1008 numbers (a multiple of 16), the spare row of 1000
     assert (
         SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
-        == (10 + 1) * 1000 * 2 + (2 * 10 + 1) * 10 * 8
+        == (10 * 1008 + 1000) * 2 + (2 * 10 + 1) * 10 * 8
     )
+    window = SlidingWindowMFAC(1000, 10, storage_dtype=torch.bfloat16)
+    assert window.nbytes == SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
 
 
 def test_reset_forgets_everything():
@@ -356,3 +359,28 @@ def test_relative_damping_resumes_and_refuses_a_mismatch():
         SlidingWindowMFAC(20, 4, relative_damp=0.2).load_state_dict(reference.state_dict())
     with pytest.raises(ValueError, match="relative_damp"):
         SlidingWindowMFAC(20, 4).load_state_dict(reference.state_dict())
+
+
+def test_padded_rows_keep_the_public_shapes_and_load_unpadded_states():
+    """The rows are padded to 48 numbers for dim = 37; ``state_dict()["grads"]`` is the
+    [num_grads, dim] view, and a state saved before padding (a contiguous [num_grads, dim]
+    tensor) loads and continues bit-identically, the padding staying zero."""
+    gen = torch.Generator().manual_seed(15)
+    grads = torch.randn(12, 37, generator=gen)
+    window = SlidingWindowMFAC(37, 4, 1e-3)
+    for g in grads[:6]:
+        window.update(g)
+    state = window.state_dict()
+    assert state["grads"].shape == (4, 37) and window._rows.shape == (4, 48)
+    old_format = state | {"grads": state["grads"].contiguous().clone()}
+    buffer = io.BytesIO()
+    torch.save(old_format, buffer)
+    buffer.seek(0)
+    resumed = SlidingWindowMFAC(37, 4, 1e-3)
+    resumed._rows.fill_(float("nan"))  # loading must not rely on anything already there
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert not resumed._rows[:, 37:].any()
+    for g in grads[6:]:
+        assert torch.equal(window.update_solve(g), resumed.update_solve(g))
+    assert not window._rows[:, 37:].any()
+    assert torch.equal(window.gradients(), resumed.gradients())

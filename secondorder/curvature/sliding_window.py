@@ -354,6 +354,10 @@ class SlidingWindowMFAC(SlidingWindow):
       rounding errors cannot build up. Each solve with ``K`` takes one step of
       iterative refinement.
 
+    Each row is stored padded with zeros to a multiple of 16 numbers
+    (:data:`~secondorder.kernels.ROW_ALIGNMENT`): the Triton passes run over the padded
+    width, which they read with 128-bit loads; everything else sees ``[num_grads, dim]``.
+
     The O(n²) modification is some twenty memory-bound passes over ``n × n``
     float64, while a refactorisation is one compute-bound Cholesky of ``n³/3``
     flops; which is faster depends on the device and on ``n``
@@ -423,14 +427,16 @@ class SlidingWindowMFAC(SlidingWindow):
 
     @staticmethod
     def estimate_bytes(dim: int, num_grads: int, storage_dtype: torch.dtype = torch.float32) -> int:
-        """Bytes held by a window: the gradients, one spare row (a failed step puts the
-        evicted gradient back from it), and the ``n × n`` Gram matrix and its factor."""
+        """Bytes held by a window: the gradients (each row padded with zeros to a multiple of
+        :data:`~secondorder.kernels.ROW_ALIGNMENT` numbers), one spare row (a failed step puts
+        the evicted gradient back from it), and the ``n × n`` Gram matrix and its factor."""
         itemsize = torch.empty(0, dtype=storage_dtype).element_size()
-        return (num_grads + 1) * dim * itemsize + GramSystem.estimate_bytes(num_grads)
+        rows = num_grads * kernels.padded_width(dim) + dim
+        return rows * itemsize + GramSystem.estimate_bytes(num_grads)
 
     @property
     def nbytes(self) -> int:
-        rows = (self._grads, self._evicted)
+        rows = (self._rows, self._evicted)
         return sum(t.numel() * t.element_size() for t in rows) + self._system.nbytes
 
     def update(self, g: torch.Tensor) -> None:
@@ -501,25 +507,39 @@ class SlidingWindowMFAC(SlidingWindow):
         )
 
     def _allocate_rows(self) -> None:
-        self._grads = torch.zeros(
-            self.num_grads, self.dim, dtype=self.storage_dtype, device=self.device
+        # Rows padded to a multiple of kernels.ROW_ALIGNMENT numbers, zero beyond dim: the
+        # Triton passes run over the padded width (vectorised loads); everything else sees
+        # the [num_grads, dim] view.
+        width = kernels.padded_width(self.dim)
+        self._rows = torch.zeros(
+            self.num_grads, width, dtype=self.storage_dtype, device=self.device
         )
+        self._grads = self._rows[:, : self.dim]
         self._evicted = torch.empty_like(self._grads[0])
+
+    def _passes(self, x: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The rows and ``x`` as the passes take them: padded for the Triton kernels."""
+        if not kernels.pads_rows(self._rows):
+            return self._grads, x
+        width = self._rows.shape[1]
+        return self._rows, None if x is None else kernels.padded_vector(x, width)
 
     def _write_row(self, slot: int, row: torch.Tensor, n: int) -> torch.Tensor:
         self._evicted.copy_(self._grads[slot])
-        return kernels.write_row_and_dot(self._grads, slot, row, n)
+        rows, row = self._passes(row)
+        return kernels.write_row_and_dot(rows, slot, row, n)
 
     def _restore_row(self, slot: int) -> None:
         self._grads[slot].copy_(self._evicted)
 
     def _row_dots(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return kernels.row_dots(self._grads, x, n)
+        return kernels.row_dots(*self._passes(x), n)
 
     def _combine(
         self, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
     ) -> torch.Tensor:
-        return kernels.combine(self._grads, c, n, x, scale)
+        rows, x = self._passes(x)
+        return kernels.combine(rows, c, n, x, scale)[: self.dim]
 
     def _dense_rows(self, slots: list[int]) -> torch.Tensor:
         return self._grads[slots].to(self.dtype)
@@ -532,6 +552,7 @@ class SlidingWindowMFAC(SlidingWindow):
 
     def _load_rows_state(self, state: dict[str, Any]) -> None:
         self._grads.copy_(state["grads"])
+        self._rows[:, self.dim :].zero_()  # the padding the Triton passes read
 
     def _reset_rows(self) -> None:
-        self._grads.zero_()
+        self._rows.zero_()
