@@ -125,6 +125,26 @@ def test_safeguards_keep_an_ill_conditioned_window_accurate():
     assert worst < 1e-6
 
 
+@pytest.mark.parametrize("factor_update", ["rank2", "refactor"])
+def test_update_solve_stays_accurate_on_an_ill_conditioned_window(factor_update):
+    """cond(K) ~ 1e8 (dim < num_grads, tiny damping), through 5 wrap-arounds with no periodic
+    refactorisation. A fresh Cholesky factor needs no refinement (2e-8 either way); a factor
+    carried by O(n²) updates does: 7e-9 with it, 7e-6 without."""
+    dim, num_grads, damp = 24, 48, 1e-6
+    gen = torch.Generator().manual_seed(3)
+    grads = 5 * torch.randn(6 * num_grads, dim, generator=gen, dtype=f64)
+    window = SlidingWindowMFAC(
+        dim, num_grads, damp, dtype=f64, factor_update=factor_update, refactor_every=None
+    )
+    worst = 0.0
+    for step, g in enumerate(grads):
+        out = window.update_solve(g)
+        held = grads[max(0, step + 1 - num_grads) : step + 1]
+        worst = max(worst, relative_error(out, explicit_solve(held, damp, g)))
+    assert worst < 1e-7
+    assert window.num_failed_checks == 0
+
+
 def test_a_failed_check_triggers_a_refactorisation():
     gen = torch.Generator().manual_seed(4)
     window = SlidingWindowMFAC(
@@ -196,10 +216,14 @@ def test_bad_damping_is_refused(damp):
         SlidingWindowMFAC(10, 3, damp)
 
 
+@pytest.mark.parametrize("factor_update", ["refactor", "rank2"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_gradient_is_rejected_and_the_window_is_unchanged(bad):
+def test_non_finite_gradient_is_rejected_and_the_window_is_unchanged(bad, factor_update):
+    """The insertion checks the gradient with the factor's verdict, after writing it: the
+    row, the Gram matrix, the factor and the counters are put back (full window, both
+    ways of keeping the factor current)."""
     gen = torch.Generator().manual_seed(7)
-    window = SlidingWindowMFAC(10, 3, 1e-3)
+    window = SlidingWindowMFAC(10, 3, 1e-3, factor_update=factor_update)
     feed(window, torch.randn(4, 10, generator=gen))
     before = {
         k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in window.state_dict().items()
@@ -242,7 +266,7 @@ def test_a_window_too_large_for_memory_is_refused_before_allocating():
     # ten rows padded to 1008 numbers (a multiple of 16), the spare row of 1000
     assert (
         SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
-        == (10 * 1008 + 1000) * 2 + (2 * 10 + 1) * 10 * 8
+        == (10 * 1008 + 1000) * 2 + (2 * 10 + 3) * 10 * 8
     )
     window = SlidingWindowMFAC(1000, 10, storage_dtype=torch.bfloat16)
     assert window.nbytes == SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)

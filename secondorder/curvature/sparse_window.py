@@ -47,7 +47,9 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     """The coordinates of the ``k`` entries of ``a`` of largest magnitude, ascending.
 
     Ties at the threshold go to the lowest coordinates, so the choice is a function of
-    ``a`` alone (``torch.topk`` leaves ties unspecified). No host synchronisation."""
+    ``a`` alone (``torch.topk`` leaves ties unspecified). No host synchronisation. If ``a``
+    holds NaN the choice is meaningless but the coordinates are still valid (the caller
+    refuses the step)."""
     d = a.numel()
     if k >= d:
         return torch.arange(d, device=a.device)
@@ -57,7 +59,7 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     tied = magnitude == threshold
     room = k - above.sum()  # slots left for entries equal to the threshold
     chosen = above | (tied & (tied.cumsum(0) <= room))
-    return torch.nonzero_static(chosen, size=k).squeeze(1)
+    return torch.nonzero_static(chosen, size=k, fill_value=0).squeeze(1)
 
 
 class SparseSlidingWindowMFAC(SlidingWindow):
@@ -171,16 +173,21 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         """The error-feedback buffer ``e`` (a copy: changing it changes nothing)."""
         return self._error.clone()
 
-    def _compress(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 1-3: ``(values as stored, int32 coordinates, the new e)``."""
+    def _compress(
+        self, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-3: ``(values as stored, int32 coordinates, the new e, Σ a)``. The sum is
+        finite exactly when the accumulator ``a`` is (barring overflow), for the insertion to
+        check; with NaN in ``a`` the coordinates are still valid, and the step is refused."""
         accumulator = self._error + g if self.error_feedback else g
         indices = top_k_indices(accumulator, self.k)
         values = accumulator[indices].to(self.storage_dtype)
+        total = accumulator.sum()
         if not self.error_feedback:
-            return values, indices.to(_INDEX_DTYPE), self._error
+            return values, indices.to(_INDEX_DTYPE), self._error, total
         error = accumulator  # a new tensor: self._error is untouched until the step succeeds
         error[indices] -= values.to(self.dtype)
-        return values, indices.to(_INDEX_DTYPE), error
+        return values, indices.to(_INDEX_DTYPE), error, total
 
     def update(self, g: torch.Tensor) -> None:
         """Compress ``g`` (with error feedback) and add it to the window.
@@ -201,8 +208,9 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         return self._solve_inserted(self._update(g))
 
     def _update(self, g: torch.Tensor) -> int:
-        values, indices, error = self._compress(self._vector(g, "gradient"))
-        slot = self._insert((values, indices))
+        x = self._vector(g, "gradient", check_finite=False)
+        values, indices, error, total = self._compress(x)
+        slot = self._insert((values, indices), x, total)
         self._error = error
         return slot
 
