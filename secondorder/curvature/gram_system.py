@@ -55,13 +55,6 @@ class NonFiniteRow(ValueError):
     """The inserted row (or a number checked with it) is NaN or Inf; nothing was changed."""
 
 
-def _read(*scalars: torch.Tensor) -> list[float]:
-    """The values of 0-d tensors of one device, in one host synchronisation."""
-    return torch.stack(
-        [s if s.dtype == SMALL_DTYPE else s.to(SMALL_DTYPE) for s in scalars]
-    ).tolist()
-
-
 def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
     """Whether the O(n²) rank-2 up/down-date of an ``n × n`` LDLᵀ factor beats refactoring it."""
     threshold = _RANK2_THRESHOLD.get(device.type)
@@ -134,6 +127,7 @@ class GramSystem:
         self.check_tol = check_tol
         self.factor_update = factor_update
         self.gram = torch.zeros(num_grads, num_grads, dtype=SMALL_DTYPE, device=device)
+        self._gram_transpose = self.gram.mT
         # K's factor L D Lᵀ in the leading n × n block of fixed m × m buffers, so that a saved
         # state has the same shapes at every n (torch.distributed.checkpoint loads into
         # tensors of the saved shape)
@@ -149,6 +143,19 @@ class GramSystem:
         self.updates_since_refactor = 0
         self.num_refactors = 0
         self.num_failed_checks = 0
+        # Workspace, so that a step allocates nothing small (right after a pass over a large
+        # window, each allocation cost ~40 µs on the development CPU, ten times its work):
+        # the numbers of the step's one host read, the replaced Gram row (for a rollback),
+        # and, for a window refactored every step, two column-major m × m buffers that
+        # LAPACK factors in place, in turn (the fresh factor lives in one until the next
+        # step succeeds in the other).
+        self._verdict = torch.empty(4, dtype=SMALL_DTYPE, device=device)
+        self._verdict_entries = list(self._verdict)
+        self._verdict_prefixes = [self._verdict[:k] for k in range(5)]
+        self._saved_row = torch.empty(num_grads, dtype=SMALL_DTYPE, device=device)
+        self._info = torch.empty((), dtype=torch.int32, device=device)
+        self._scratch: list[torch.Tensor] = []
+        self._scratch_transposes: list[torch.Tensor] = []
         self._cache_views()
 
     def _cache_views(self) -> None:
@@ -159,7 +166,9 @@ class GramSystem:
         self._gram_n = self.gram[:n, :n]
         self._factor_n = self._factor[:n, :n]
         self._pivots_n = self._pivots[:n]
-        # cholesky_solve's result lands here, and its column is the coefficients
+        self._saved_row_n = self._saved_row[:n]
+        # the two triangular solves land here; the second's column is the coefficients
+        self._halfway = torch.empty(n, 1, dtype=SMALL_DTYPE, device=self.gram.device)
         self._solution = torch.empty(n, 1, dtype=SMALL_DTYPE, device=self.gram.device)
         self._coefficients = self._solution[:, 0]
         if n == m:  # the steady state: a view per slot of its Gram row, column and entry,
@@ -258,10 +267,11 @@ class GramSystem:
         filling = n > self.num_stored
         if filling:
             row, column, entry = self.gram[slot, :n], self.gram[:n, slot], self.gram[slot, slot]
+            old_row = self._saved_row[:n].copy_(row)
         else:  # the cached views of a full window
             self._views()
             row, column, entry = self._rows[slot], self._columns[slot], self._entries[slot]
-        old_row = row.clone()
+            old_row = self._saved_row_n.copy_(row)
         saved = (self.num_stored, self.next_position, self.updates_since_refactor, self.damp)
         row.copy_(gram_row)
         column.copy_(gram_row)
@@ -275,7 +285,7 @@ class GramSystem:
         try:
             if filling or due or self.factor_update == "refactor":
                 chol, info = self._cholesky()
-                *values, failed = _read(*checks, info)
+                *values, failed = self._read(*checks, info)
                 _check_finite(values)
                 if failed:
                     raise torch.linalg.LinAlgError("K is not positive definite")
@@ -320,7 +330,27 @@ class GramSystem:
             self._views()
             mean_square = float(self._gram_n.diagonal().sum()) / (n * self.dim)
             self.damp = max(self.relative_damp * mean_square, _SMALLEST_DAMPING)
-        return torch.linalg.cholesky_ex(self.matrix())
+        if n < self.num_grads or self.factor_update != "refactor":
+            return torch.linalg.cholesky_ex(self.matrix())
+        if not self._scratch:
+            m, device = self.num_grads, self.gram.device
+            self._scratch = [
+                torch.empty(m, m, dtype=SMALL_DTYPE, device=device).mT for _ in range(2)
+            ]
+            self._scratch_diagonals = [buffer.diagonal() for buffer in self._scratch]
+            self._scratch_transposes = [buffer.mT for buffer in self._scratch]
+        index = 1 if self._fresh is self._scratch[0] else 0
+        # the Gram matrix is symmetric, and its transpose is laid out as the buffer: a
+        # straight copy
+        K = self._scratch[index].copy_(self._gram_transpose)
+        self._scratch_diagonals[index].add_(n * self.damp)
+        return torch.linalg.cholesky_ex(K, out=(K, self._info))
+
+    def _read(self, *scalars: torch.Tensor) -> list[float]:
+        """The values of 0-d tensors of the system's device, in one host synchronisation."""
+        for entry, scalar in zip(self._verdict_entries, scalars, strict=False):
+            entry.copy_(scalar)
+        return self._verdict_prefixes[len(scalars)].tolist()
 
     def _commit_cholesky(self, chol: torch.Tensor) -> None:
         self._fresh = chol  # split into L and D when asked for (_split_fresh)
@@ -330,7 +360,7 @@ class GramSystem:
     def _update_factor(self, slot: int, delta: torch.Tensor, checks: list[torch.Tensor]) -> None:
         L, D = ldl_replace_row(self.factor, self.pivots, slot, delta)
         error = ldl_row_error(L, D, self.matrix(), slot)
-        *values, error = _read(*checks, error)
+        *values, error = self._read(*checks, error)
         _check_finite(values)
         if error <= self.check_tol:  # False for NaN
             self._set_factor(L, D)
@@ -354,7 +384,7 @@ class GramSystem:
         Since ``C c_s = (K − nλI) e_s``, Woodbury collapses to this for a row of the window:
         nothing is subtracted, so it keeps its accuracy for tiny ``λ``. A factor fresh from a
         Cholesky factorisation is backward stable, and one solve with it (two triangular
-        solves, ``torch.cholesky_solve``) is as accurate as float64 allows for this ``K``, so
+        solves) is as accurate as float64 allows for this ``K``, so
         it takes no refinement; a factor carried by O(n²) updates passed a relative accuracy
         check of ``check_tol`` only, and its solve takes one step of iterative refinement."""
         n = self.num_stored
@@ -366,9 +396,23 @@ class GramSystem:
         rhs = self._unit_columns[slot] if n == m else self._one_hot[m - slot : m - slot + n]
         if self._fresh is None:
             return self.solve(rhs[:, 0])
-        # into a buffer whose column is a ready view: the coefficients are used at once
-        # (converted, or read by the combine pass) and overwritten only by the next solve
-        torch.cholesky_solve(rhs, self._fresh, out=self._solution)
+        # C Cᵀ c = n e_s by two triangular solves into buffers (torch.cholesky_solve would
+        # allocate, which costs more than the solve here), the second's column a ready view:
+        # the coefficients are used at once (converted, or read by the combine pass) and
+        # overwritten only by the next solve
+        C = self._fresh
+        CT = next(  # a cached view if C is a workspace buffer (making one costs ~a solve)
+            (
+                T
+                for buffer, T in zip(self._scratch, self._scratch_transposes, strict=True)
+                if buffer is C
+            ),
+            None,
+        )
+        if CT is None:
+            CT = C.mT
+        torch.linalg.solve_triangular(C, rhs, upper=False, out=self._halfway)
+        torch.linalg.solve_triangular(CT, self._halfway, upper=True, out=self._solution)
         return self._coefficients
 
     def reset(self) -> None:

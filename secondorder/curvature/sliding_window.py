@@ -99,6 +99,7 @@ class SlidingWindow(ABC):
             dim=total_dim,
         )
         self.device = self._system.gram.device  # "cuda" resolved to "cuda:0"
+        self._coefficients = torch.empty(num_grads, dtype=dtype, device=self.device)
         self._allocate_rows()
 
     # ---------------------------------------------------------------- what subclasses fill in
@@ -285,9 +286,11 @@ class SlidingWindow(ABC):
     def _solve_inserted(self, slot: int) -> torch.Tensor:
         """``F⁻¹ c_s = n Cᵀ K⁻¹ e_s`` for the row just inserted in ``slot``."""
         coefficients = self._system.solve_inserted(slot)
-        if coefficients.dtype != self.dtype:
-            coefficients = coefficients.to(self.dtype)
-        return self._combine(coefficients, self.num_stored)
+        n = self.num_stored
+        if coefficients.dtype != self.dtype:  # into a buffer: no allocation (see GramSystem)
+            buffer = self._coefficients if n == self.num_grads else self._coefficients[:n]
+            coefficients = buffer.copy_(coefficients)
+        return self._combine(coefficients, n)
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         """``F⁻¹ x = (x − Cᵀ K⁻¹ C x) / λ`` for any vector ``x`` of length ``dim``.
