@@ -284,8 +284,11 @@ class GramSystem:
         checks = ([entry] if check is None else [entry, check]) if check_finite else []
         try:
             if filling or due or self.factor_update == "refactor":
-                chol, info = self._cholesky()
-                *values, failed = self._read(*checks, info)
+                chol, info, damp = self._cholesky()
+                values = self._read(*checks, info, *([] if damp is None else [damp]))
+                if damp is not None:
+                    self.damp = values.pop()
+                *values, failed = values
                 _check_finite(values)
                 if failed:
                     raise torch.linalg.LinAlgError("K is not positive definite")
@@ -317,21 +320,30 @@ class GramSystem:
         """Factor ``K`` afresh, O(n³); with relative damping, recompute ``λ`` first. Raises
         ``torch.linalg.LinAlgError`` (the factor unchanged, ``λ`` recomputed) if ``K`` is not
         positive definite."""
-        chol, info = self._cholesky()
-        if info.item():
+        chol, info, damp = self._cholesky()
+        values = self._read(info, *([] if damp is None else [damp]))
+        if damp is not None:
+            self.damp = values[1]
+        if values[0]:
             raise torch.linalg.LinAlgError("K is not positive definite")
         self._commit_cholesky(chol)
 
-    def _cholesky(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The Cholesky factor of ``K`` and LAPACK's ``info`` (nonzero: not positive definite),
-        committing nothing and reading nothing back, except ``λ`` under relative damping."""
+    def _cholesky(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The Cholesky factor of ``K``, LAPACK's ``info`` (nonzero: not positive definite)
+        and, under relative damping, the new ``λ`` (0-d; ``None`` otherwise), computed on the
+        device for the caller to read with the rest: nothing committed, nothing read."""
         n = self.num_stored
+        damp, shift = None, n * self.damp
         if self.relative_damp is not None and n:
             self._views()
-            mean_square = float(self._gram_n.diagonal().sum()) / (n * self.dim)
-            self.damp = max(self.relative_damp * mean_square, _SMALLEST_DAMPING)
+            mean_square = self._gram_n.diagonal().sum() / (n * self.dim)
+            damp = (self.relative_damp * mean_square).clamp_min_(_SMALLEST_DAMPING)
+            shift = damp * n
         if n < self.num_grads or self.factor_update != "refactor":
-            return torch.linalg.cholesky_ex(self.matrix())
+            self._views()
+            K = self._gram_n.clone()
+            K.diagonal().add_(shift)
+            return (*torch.linalg.cholesky_ex(K), damp)
         if not self._scratch:
             m, device = self.num_grads, self.gram.device
             self._scratch = [
@@ -343,8 +355,8 @@ class GramSystem:
         # the Gram matrix is symmetric, and its transpose is laid out as the buffer: a
         # straight copy
         K = self._scratch[index].copy_(self._gram_transpose)
-        self._scratch_diagonals[index].add_(n * self.damp)
-        return torch.linalg.cholesky_ex(K, out=(K, self._info))
+        self._scratch_diagonals[index].add_(shift)
+        return (*torch.linalg.cholesky_ex(K, out=(K, self._info)), damp)
 
     def _read(self, *scalars: torch.Tensor) -> list[float]:
         """The values of 0-d tensors of the system's device, in one host synchronisation."""
