@@ -266,7 +266,7 @@ def test_a_window_too_large_for_memory_is_refused_before_allocating():
     # ten rows padded to 1008 numbers (a multiple of 16), the spare row of 1000
     assert (
         SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
-        == (10 * 1008 + 1000) * 2 + (2 * 10 + 3) * 10 * 8
+        == (10 * 1008 + 1000) * 2 + (2 * 10 + 1) * 10 * 8
     )
     window = SlidingWindowMFAC(1000, 10, storage_dtype=torch.bfloat16)
     assert window.nbytes == SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)

@@ -240,7 +240,7 @@ def test_memory_is_per_kept_entry_and_checked_before_allocating():
         window.update(torch.randn(dim, generator=gen))
     k, padded = 100, 112  # rows are padded to a multiple of 16 entries; the spare one is not
     entries = num_grads * padded + k
-    expected = entries * (4 + 4) + dim * 4 + (2 * num_grads + 3) * num_grads * 8
+    expected = entries * (4 + 4) + dim * 4 + (2 * num_grads + 1) * num_grads * 8
     assert window.nbytes == expected
     assert SparseSlidingWindowMFAC.estimate_bytes(dim, num_grads, density) == expected
     bf16 = SparseSlidingWindowMFAC.estimate_bytes(dim, num_grads, density, torch.bfloat16)

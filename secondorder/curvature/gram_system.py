@@ -217,14 +217,17 @@ class GramSystem:
 
     @property
     def nbytes(self) -> int:
-        tensors = (self.gram, self._factor, self._pivots, self._one_hot)
+        """The Gram matrix, the factor and its pivots (what :meth:`estimate_bytes` counts).
+        Not counted: workspace of ``O(m)`` numbers, and, for a window that refactors every
+        step (below the rank-2 threshold, so ``m < 512``), two ``m × m`` float64 matrices
+        that LAPACK factors in place (at most 4 MiB)."""
+        tensors = (self.gram, self._factor, self._pivots)
         return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def estimate_bytes(num_grads: int) -> int:
-        """The Gram matrix and the factor (two ``m × m`` float64 matrices), its pivots and a
-        one-hot column of ``2m`` (the right-hand side of the solves)."""
-        return (2 * num_grads + 3) * num_grads * 8
+        """The Gram matrix and the factor (two ``m × m`` float64 matrices) and its pivots."""
+        return (2 * num_grads + 1) * num_grads * 8
 
     def next_slot(self) -> tuple[int, int]:
         """``(slot, n)``: where the next row goes and how many rows are in use once it is there."""

@@ -164,7 +164,8 @@ class SlidingWindow(ABC):
     @property
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes held by the window: its rows, the ``n × n`` system and any other buffer."""
+        """Bytes held by the window: its rows, the ``n × n`` system and any other buffer of
+        its size (not small workspace: see :attr:`~.gram_system.GramSystem.nbytes`)."""
 
     # ---------------------------------------------------------------- the shared machinery
     @property
