@@ -7,7 +7,8 @@
 Parts:
   window    one SlidingWindowMFAC.update_solve (a full window) against the floor of two
             plain passes over G (G @ g and Gᵀ @ c), the naive Woodbury rebuilt every step,
-            and both ways of keeping the small factor current (rank-2 up/down-date, refactor).
+            and both ways of keeping the small factor current (rank-2 up/down-date, refactor),
+            each in its own window, timed side by side with the passes over that window.
   factor    the n × n system alone: rank-2 up/down-date (+ its check) against a refactor.
   dense     DenseMFAC's GEMM-shaped precomputation, its diagonal included (the pruning
             path), against the paper's sequential recurrence.
@@ -199,27 +200,31 @@ def bench_bandwidth(
 def bench_window(sizes: list[tuple[int, int]], damp: float) -> str:
     rows = []
     for n, d in sizes:
-        window = full_window(n, d, damp, "refactor")
-        G = window._grads
+        # Each way of keeping the factor current in its own window, in its own steady state,
+        # timed side by side with the two passes over that same window (one window
+        # switching ways every step would split a fresh Cholesky factor for the rank-2
+        # update every other step, where a rank-2 window does so every n steps; two windows
+        # stepped in turn would evict each other from the cache, which one does not).
         g, c = torch.randn(d), torch.randn(n)
         fresh_gradients = distinct_gradients(d)
+        times, ratios = {}, {}
+        for mode in ("refactor", "rank2"):
+            window = full_window(n, d, damp, mode)
+            G = window._grads
 
-        def two_passes(G=G, g=g, c=c):
-            G @ g
-            G.T @ c
+            def two_passes(G=G, g=g, c=c):
+                G @ g
+                G.T @ c
 
-        def step(mode, window=window, fresh_gradients=fresh_gradients):
-            window.factor_update = mode
-            window.update_solve(next(fresh_gradients))
+            def step(window=window, fresh_gradients=fresh_gradients):
+                window.update_solve(next(fresh_gradients))
 
-        best_times = timed_side_by_side(
-            {
-                "floor": two_passes,
-                "refactor": lambda: step("refactor"),
-                "rank2": lambda: step("rank2"),
-            }
-        )
-        floor, refactor, rank2 = (best_times[k] for k in ("floor", "refactor", "rank2"))
+            best_times = timed_side_by_side({"floor": two_passes, mode: step})
+            times[mode], times[f"floor {mode}"] = best_times[mode], best_times["floor"]
+            ratios[mode] = best_times[mode] / best_times["floor"]
+            del window, G, two_passes, step  # one n × d window at a time
+        refactor, rank2 = times["refactor"], times["rank2"]
+        G = torch.empty(n, d).normal_()
         big = n * d >= 10**8  # one naive step is then tens of seconds: time it once
         naive = timed(
             lambda G=G, g=g: woodbury_from_scratch(G, damp, g),
@@ -232,22 +237,22 @@ def bench_window(sizes: list[tuple[int, int]], damp: float) -> str:
             [
                 str(n),
                 f"{d:.0e}",
-                f"{floor * 1e3:.1f}",
-                f"{rank2 * 1e3:.1f}",
-                f"{refactor * 1e3:.1f}",
-                f"{best / floor:.2f}",
+                f"{times['floor rank2'] * 1e3:.3g} / {times['floor refactor'] * 1e3:.3g}",
+                f"{rank2 * 1e3:.3g} ({ratios['rank2']:.2f})",
+                f"{refactor * 1e3:.3g} ({ratios['refactor']:.2f})",
+                f"{min(ratios.values()):.2f}",
                 f"{naive * 1e3:.0f}",
                 f"{naive / best:.0f}x",
             ]
         )
         print(rows[-1], flush=True)
-        del window, G
+        del G
     header = [
         "n",
         "d",
-        "floor: G@g + Gᵀ@c (ms)",
-        "ours, rank-2 (ms)",
-        "ours, refactor (ms)",
+        "floor: G@g + Gᵀ@c (ms), beside rank-2 / refactor",
+        "ours, rank-2 (ms; / its floor)",
+        "ours, refactor (ms; / its floor)",
         "best / floor",
         "naive Woodbury (ms)",
         "naive / best",

@@ -1,6 +1,7 @@
 """Where the time of the M-FAC estimators goes: torch.profiler tables, by operator.
 
     python benchmarks/profile_mfac.py --part window   # 50 update_solve steps, n = 64, d = 1e5
+                                                      # (and the operators per step)
     python benchmarks/profile_mfac.py --part dense    # DenseMFAC(G).diag() at n = 1024, d = 1e5
 
 The figures of docs/benchmarks.md that come from a profile (time per step in the two
@@ -10,6 +11,7 @@ matrix-vector products; the share of copies in the precomputation) are read off 
 from __future__ import annotations
 
 import argparse
+from collections import Counter
 
 import torch
 from mfac_bench import distinct_gradients, full_window
@@ -50,6 +52,17 @@ def main() -> None:
     print(f"# {args.part}, n = {n}, d = {d}, {steps} call(s), {torch.get_num_threads()} threads")
     averages = prof.key_averages(group_by_input_shape=True)
     print(averages.table(sort_by="self_cpu_time_total", row_limit=12))
+    # the operators the Python code calls (not those they call in turn): each is a
+    # dispatch on CPU and a kernel launch (or none, for a view) on a GPU
+    calls = Counter(e.name for e in prof.events() if e.cpu_parent is None)
+    total = sum(calls.values()) / steps
+    print(f"\n{total:.0f} top-level operators per call, of which:")
+    print(
+        ", ".join(
+            f"{name.removeprefix('aten::')} {count / steps:g}"
+            for name, count in calls.most_common()
+        )
+    )
 
 
 if __name__ == "__main__":

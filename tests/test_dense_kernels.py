@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from secondorder import kernels
+from secondorder.errors import NonFiniteError
 from secondorder.kernels import reference
 
 triton_kernels = pytest.importorskip("secondorder.kernels.dense_window")
@@ -153,3 +154,79 @@ def test_sliding_window_is_the_same_on_both_backends(monkeypatch):
         results[backend] = [window.update_solve(g) for g in grads] + [window.solve(grads[0])]
     for a, b in zip(results["torch"], results["triton"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_the_window_runs_the_kernels_over_rows_padded_to_16(monkeypatch):
+    """dim = 37: every launch gets a width and row stride divisible by 16 and a vector of that
+    width at a 16-byte address (what Triton's launcher specialises its vector loads on); the
+    padding stays zero through warm-up, wrap-around, a refused step and transform_, and the
+    results are the torch twins' (which run over the unpadded view)."""
+    from secondorder.curvature import SlidingWindowMFAC
+
+    launches = []
+
+    def recording(name):
+        real = getattr(triton_kernels, name)
+
+        def launch(G, *args, **kwargs):
+            position = {"row_dots": 0, "write_row_and_dot": 1, "combine": 2}[name]
+            x = args[position] if len(args) > position else None
+            launches.append((name, G.shape[1], G.stride(0), x))
+            if x is not None:
+                assert x.shape == (G.shape[1],) and x.data_ptr() % 16 == 0
+            return real(G, *args, **kwargs)
+
+        return launch
+
+    for name in ("row_dots", "write_row_and_dot", "combine"):
+        monkeypatch.setattr(triton_kernels, name, recording(name))
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(8, 37, generator=gen)
+    x = torch.randn(37, generator=gen)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("SECONDORDER_KERNELS", backend)
+        window = SlidingWindowMFAC(37, 3, 1e-2)
+        out = [window.update_solve(g) for g in grads] + [window.solve(x)]
+        with pytest.raises(NonFiniteError):
+            window.update(torch.full((37,), float("nan")))
+        window.transform_(lambda rows: 2 * rows)
+        out += [window.solve(x), window.update_solve(grads[0])]
+        results[backend] = out
+        assert window._rows.shape == (3, 48) and not window._rows[:, 37:].any()
+        assert window.gradients().shape == (3, 37)
+        assert window.state_dict()["grads"].shape == (3, 37)
+    assert {name for name, *_ in launches} == {"row_dots", "write_row_and_dot", "combine"}
+    assert all(width == stride == 48 for _, width, stride, _ in launches)
+    for a, b in zip(results["torch"], results["triton"], strict=True):
+        assert a.shape == b.shape == (37,)
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("storage", "vector"), DTYPES)
+def test_padded_rows_and_vectors_give_the_unpadded_products(storage, vector):
+    """The kernels over a window padded with zero columns (the width a multiple of 16, the
+    default block sizes) against the twins over the real width; outputs poisoned."""
+    rows, used, dim = 11, 9, 200
+    G = torch.zeros(rows, 208, dtype=storage)
+    G[:, :dim] = window(rows, used, dim, storage, seed=6)
+    x, c = torch.randn(dim, dtype=vector), torch.randn(used, dtype=vector)
+    padded = torch.nn.functional.pad(x, (0, 8))
+    torch.testing.assert_close(
+        triton_kernels.row_dots(G, padded, used),
+        reference.row_dots(G[:, :dim], x, used),
+        **tolerance(vector),
+    )
+    out = torch.full((208,), float("nan"), dtype=vector)
+    combined = triton_kernels.combine(G, c, used, padded, 0.5, out=out)
+    torch.testing.assert_close(
+        combined[:dim], reference.combine(G[:, :dim], c, used, x, 0.5), **tolerance(vector)
+    )
+    assert not combined[dim:].any()
+    slot = used - 1
+    G_torch = G[:, :dim].clone()
+    t = triton_kernels.write_row_and_dot(G, slot, padded, used)
+    torch.testing.assert_close(
+        t, reference.write_row_and_dot(G_torch, slot, x, used), **tolerance(vector)
+    )
+    assert torch.equal(G[:used, :dim], G_torch[:used]) and not G[:, dim:].any()

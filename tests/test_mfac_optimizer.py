@@ -278,7 +278,8 @@ def test_a_non_finite_gradient_raises_and_changes_nothing(density):
     optimizer.zero_grad()
     loss_of(model, data(5)).backward()
     model[0].weight.grad[0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+    # found by the window in its one host read, named as before
+    with pytest.raises(NonFiniteError, match=r"parameter of shape \(4, 5\) has 1 NaN or Inf"):
         optimizer.step()
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     after = optimizer.window.state_dict()
@@ -388,6 +389,23 @@ def test_a_parameter_unfrozen_later_joins_the_window(density):
     else:
         assert grown.window.k == reference.window.k == 10
         assert not torch.equal(second.weight.detach(), start)  # it was stepped, not ignored
+
+
+def test_a_non_finite_gradient_of_a_newcomer_is_refused_before_the_window_grows():
+    """A step that would grow the window checks the gradients first (the one step with a
+    host sync besides the window's), so a refused step changes nothing."""
+    first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    second.requires_grad_(False)
+    optimizer = MFAC([first, second], lr=0.1, num_grads=2, damp=0.1)
+    first.grad = torch.tensor([1.0, 0.0, 0.0])
+    optimizer.step()
+    second.requires_grad_(True)
+    first.grad, second.grad = torch.tensor([0.0, 1.0, 0.0]), torch.tensor([float("nan"), 1.0])
+    moved = first.detach().clone()
+    with pytest.raises(NonFiniteError, match=r"parameter of shape \(2,\)"):
+        optimizer.step()
+    assert optimizer.window.dim == 3 and optimizer.window.num_stored == 1
+    assert torch.equal(first.detach(), moved) and torch.equal(second.detach(), torch.ones(2))
 
 
 def _logistic_regression_loss(make_optimizer, seed, epochs=3):

@@ -134,6 +134,26 @@ def test_safeguards_keep_an_ill_conditioned_window_accurate():
     assert window.num_refactors == num_grads + 9  # the fill, then one every num_grads updates
 
 
+@pytest.mark.parametrize("factor_update", ["rank2", "refactor"])
+def test_update_solve_stays_accurate_on_an_ill_conditioned_window(factor_update):
+    """cond(K) ~ 1e8 (dim < num_grads, tiny damping), through 5 wrap-arounds with no periodic
+    refactorisation. A fresh Cholesky factor needs no refinement (2e-8 either way); a factor
+    carried by O(n²) updates does: 7e-9 with it, 7e-6 without."""
+    dim, num_grads, damp = 24, 48, 1e-6
+    gen = torch.Generator().manual_seed(3)
+    grads = 5 * torch.randn(6 * num_grads, dim, generator=gen, dtype=f64)
+    window = SlidingWindowMFAC(
+        dim, num_grads, damp, dtype=f64, factor_update=factor_update, refactor_every=None
+    )
+    worst = 0.0
+    for step, g in enumerate(grads):
+        out = window.update_solve(g)
+        held = grads[max(0, step + 1 - num_grads) : step + 1]
+        worst = max(worst, relative_error(out, explicit_solve(held, damp, g)))
+    assert worst < 1e-7
+    assert window.num_failed_checks == 0
+
+
 def test_a_failed_check_triggers_a_refactorisation():
     gen = torch.Generator().manual_seed(4)
     window = SlidingWindowMFAC(
@@ -205,10 +225,14 @@ def test_bad_damping_is_refused(damp):
         SlidingWindowMFAC(10, 3, damp)
 
 
+@pytest.mark.parametrize("factor_update", ["refactor", "rank2"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_gradient_is_rejected_and_the_window_is_unchanged(bad):
+def test_non_finite_gradient_is_rejected_and_the_window_is_unchanged(bad, factor_update):
+    """The insertion checks the gradient with the factor's verdict, after writing it: the
+    row, the Gram matrix, the factor and the counters are put back (full window, both
+    ways of keeping the factor current)."""
     gen = torch.Generator().manual_seed(7)
-    window = SlidingWindowMFAC(10, 3, 1e-3)
+    window = SlidingWindowMFAC(10, 3, 1e-3, factor_update=factor_update)
     feed(window, torch.randn(4, 10, generator=gen))
     before = {
         k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in window.state_dict().items()
@@ -248,10 +272,13 @@ def test_a_window_too_large_for_memory_is_refused_before_allocating():
         InsufficientMemoryError, match=r"1024 x 1000000000000 .* needs 3\.6 PiB|needs .* but only"
     ):
         SlidingWindowMFAC(10**12, 1024)
+    # ten rows padded to 1008 numbers (a multiple of 16), the spare row of 1000
     assert (
         SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
-        == (10 + 1) * 1000 * 2 + (2 * 10 + 1) * 10 * 8
+        == (10 * 1008 + 1000) * 2 + (2 * 10 + 1) * 10 * 8
     )
+    window = SlidingWindowMFAC(1000, 10, storage_dtype=torch.bfloat16)
+    assert window.nbytes == SlidingWindowMFAC.estimate_bytes(1000, 10, torch.bfloat16)
 
 
 def test_reset_forgets_everything():
@@ -365,3 +392,28 @@ def test_relative_damping_resumes_and_refuses_a_mismatch():
         SlidingWindowMFAC(20, 4, relative_damp=0.2).load_state_dict(reference.state_dict())
     with pytest.raises(ValueError, match="relative_damp"):
         SlidingWindowMFAC(20, 4).load_state_dict(reference.state_dict())
+
+
+def test_padded_rows_keep_the_public_shapes_and_load_unpadded_states():
+    """The rows are padded to 48 numbers for dim = 37; ``state_dict()["grads"]`` is the
+    [num_grads, dim] view, and a state saved before padding (a contiguous [num_grads, dim]
+    tensor) loads and continues bit-identically, the padding staying zero."""
+    gen = torch.Generator().manual_seed(15)
+    grads = torch.randn(12, 37, generator=gen)
+    window = SlidingWindowMFAC(37, 4, 1e-3)
+    for g in grads[:6]:
+        window.update(g)
+    state = window.state_dict()
+    assert state["grads"].shape == (4, 37) and window._rows.shape == (4, 48)
+    old_format = state | {"grads": state["grads"].contiguous().clone()}
+    buffer = io.BytesIO()
+    torch.save(old_format, buffer)
+    buffer.seek(0)
+    resumed = SlidingWindowMFAC(37, 4, 1e-3)
+    resumed._rows.fill_(float("nan"))  # loading must not rely on anything already there
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert not resumed._rows[:, 37:].any()
+    for g in grads[6:]:
+        assert torch.equal(window.update_solve(g), resumed.update_solve(g))
+    assert not window._rows[:, 37:].any()
+    assert torch.equal(window.gradients(), resumed.gradients())

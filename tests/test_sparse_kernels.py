@@ -133,3 +133,66 @@ def test_deterministic_mode_takes_the_ordered_twin(monkeypatch):
     assert not called and out.shape == (10,)
     kernels.scatter_combine(values, indices, torch.ones(3), 3, 10)
     assert called
+
+
+def test_the_sparse_window_runs_the_kernels_over_rows_padded_to_16(monkeypatch):
+    """k = 7 kept entries per row: every launch gets rows of 16 entries (value 0 at
+    coordinate 0 beyond the 7), whose contributions are exactly zero; the public rows and
+    the state stay [num_grads, 7]; the results are the torch twins' over the same rows."""
+    from secondorder.curvature import SparseSlidingWindowMFAC
+
+    launches = []
+
+    def recording(name):
+        real = getattr(triton_kernels, name)
+
+        def launch(values, indices, *args, **kwargs):
+            launches.append((name, values.shape[1], values.stride(0), indices.stride(0)))
+            return real(values, indices, *args, **kwargs)
+
+        return launch
+
+    for name in ("gather_dots", "scatter_combine"):
+        monkeypatch.setattr(triton_kernels, name, recording(name))
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(8, 61, generator=gen)
+    x = torch.randn(61, generator=gen)
+    results = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("SECONDORDER_KERNELS", backend)
+        window = SparseSlidingWindowMFAC(61, 3, 1e-2, 0.1)
+        results[backend] = [window.update_solve(g) for g in grads] + [window.solve(x)]
+        assert window.k == 7 and window._value_rows.shape == window._index_rows.shape == (3, 16)
+        assert not window._value_rows[:, 7:].any() and not window._index_rows[:, 7:].any()
+        state = window.state_dict()
+        assert state["values"].shape == state["indices"].shape == window._values.shape == (3, 7)
+    assert {name for name, *_ in launches} == {"gather_dots", "scatter_combine"}
+    assert all(entry[1:] == (16, 16, 16) for entry in launches)
+    for a, b in zip(results["torch"], results["triton"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("storage", "vector"), DTYPES)
+def test_padding_entries_contribute_exactly_nothing(storage, vector):
+    """Rows padded from k = 19 to 32 entries with value 0 at coordinate 0 give the products
+    of the unpadded rows, in both kernels and both twins; the workspace is poisoned."""
+    rows, used, k, dim = 7, 5, 19, 97
+    values, indices = window(rows, used, k, dim, storage)
+    padded_values = torch.zeros(rows, 32, dtype=storage)
+    padded_indices = torch.zeros(rows, 32, dtype=torch.int32)
+    padded_values[:, :k], padded_indices[:, :k] = values, indices
+    x, c = torch.randn(dim, dtype=vector), torch.randn(used, dtype=vector)
+    expected = reference.gather_dots(values, indices, x, used)
+    for implementation in (reference, triton_kernels):
+        torch.testing.assert_close(
+            implementation.gather_dots(padded_values, padded_indices, x, used),
+            expected,
+            **tolerance(vector),
+        )
+    expected = reference.scatter_combine(values, indices, c, used, dim, x, 0.5)
+    for implementation in (reference, triton_kernels):
+        torch.testing.assert_close(
+            implementation.scatter_combine(padded_values, padded_indices, c, used, dim, x, 0.5),
+            expected,
+            **tolerance(vector),
+        )

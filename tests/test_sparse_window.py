@@ -238,12 +238,13 @@ def test_memory_is_per_kept_entry_and_checked_before_allocating():
     gen = torch.Generator().manual_seed(8)
     for _ in range(num_grads):  # full: the factor is num_grads × num_grads too
         window.update(torch.randn(dim, generator=gen))
-    k = 100
-    expected = (num_grads + 1) * k * (4 + 4) + dim * 4 + (2 * num_grads + 1) * num_grads * 8
+    k, padded = 100, 112  # rows are padded to a multiple of 16 entries; the spare one is not
+    entries = num_grads * padded + k
+    expected = entries * (4 + 4) + dim * 4 + (2 * num_grads + 1) * num_grads * 8
     assert window.nbytes == expected
     assert SparseSlidingWindowMFAC.estimate_bytes(dim, num_grads, density) == expected
     bf16 = SparseSlidingWindowMFAC.estimate_bytes(dim, num_grads, density, torch.bfloat16)
-    assert bf16 == expected - (num_grads + 1) * k * 2
+    assert bf16 == expected - entries * 2
     # the paper's setting, 1% of a million coordinates and 1024 gradients: 40x smaller (the
     # n × n float64 system is a sixth of the sparse window there)
     ratio = SlidingWindowMFAC.estimate_bytes(10**6, 1024) / SparseSlidingWindowMFAC.estimate_bytes(
@@ -282,3 +283,25 @@ def test_reading_the_error_changes_nothing():
     window.update(torch.arange(6.0))
     window.error.zero_()
     assert window.error.any()
+
+
+def test_padded_rows_keep_the_public_shapes_and_load_unpadded_states():
+    """k = 7 entries per row are padded to 16 (value 0 at coordinate 0); the state holds the
+    [num_grads, k] views, and a state saved before padding loads and continues
+    bit-identically."""
+    gen = torch.Generator().manual_seed(16)
+    grads = torch.randn(12, 61, generator=gen)
+    window = SparseSlidingWindowMFAC(61, 4, 1e-3, 0.1)
+    for g in grads[:6]:
+        window.update(g)
+    state = window.state_dict()
+    assert state["values"].shape == state["indices"].shape == (4, 7)
+    old_format = state | {key: state[key].contiguous().clone() for key in ("values", "indices")}
+    resumed = SparseSlidingWindowMFAC(61, 4, 1e-3, 0.1)
+    resumed._value_rows.fill_(float("nan"))  # loading must not rely on anything already there
+    resumed._index_rows.fill_(12345)
+    resumed.load_state_dict(old_format)
+    assert not resumed._value_rows[:, 7:].any() and not resumed._index_rows[:, 7:].any()
+    for g in grads[6:]:
+        assert torch.equal(window.update_solve(g), resumed.update_solve(g))
+    assert torch.equal(window.gradients(), resumed.gradients())

@@ -14,6 +14,12 @@ Replacing one row changes one row and column of ``K``: a rank-2 modification of 
 factor, done in O(n²) (:func:`~.ldl.ldl_replace_row`) and checked on the changed row
 and the diagonal; while the window fills, ``n`` (and so the shift ``nλ``) changes every
 step and ``K`` is refactored, O(n³) for the first ``m`` steps only.
+
+An insertion reads the host once: the new row's squared norm (is it finite?), any
+other number its owner wants checked with it (the sparse window's accumulator), and
+the factor's verdict (Cholesky's ``info``, or the update's accuracy check) come back in
+one read, before anything is committed. A failed check (then a refactorisation) and
+relative damping (``λ`` from the Gram matrix's trace) read it again.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ from typing import Any
 import torch
 
 from .._checks import check_damping, check_positive_int
-from .ldl import ldl_factor, ldl_replace_row, ldl_row_error, ldl_solve
+from .ldl import ldl_replace_row, ldl_row_error, ldl_solve
 
-__all__ = ["FACTOR_UPDATES", "GramSystem", "rank2_is_faster"]
+__all__ = ["FACTOR_UPDATES", "GramSystem", "NonFiniteRow", "rank2_is_faster"]
 
 # The n × n system is small; it is always solved in float64.
 SMALL_DTYPE = torch.float64
@@ -45,10 +51,19 @@ _SMALLEST_DAMPING = torch.finfo(torch.float64).tiny
 _RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": 512}
 
 
+class NonFiniteRow(ValueError):
+    """The inserted row (or a number checked with it) is NaN or Inf; nothing was changed."""
+
+
 def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
     """Whether the O(n²) rank-2 up/down-date of an ``n × n`` LDLᵀ factor beats refactoring it."""
     threshold = _RANK2_THRESHOLD.get(device.type)
     return threshold is not None and num_grads >= threshold
+
+
+def _check_finite(values: list[float]) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise NonFiniteRow("the new row holds NaN or Inf")
 
 
 class GramSystem:
@@ -112,36 +127,102 @@ class GramSystem:
         self.check_tol = check_tol
         self.factor_update = factor_update
         self.gram = torch.zeros(num_grads, num_grads, dtype=SMALL_DTYPE, device=device)
+        self._gram_transpose = self.gram.mT
         # K's factor L D Lᵀ in the leading n × n block of fixed m × m buffers, so that a saved
         # state has the same shapes at every n (torch.distributed.checkpoint loads into
         # tensors of the saved shape)
         self._factor = torch.zeros(num_grads, num_grads, dtype=SMALL_DTYPE, device=device)
         self._pivots = torch.zeros(num_grads, dtype=SMALL_DTYPE, device=device)
+        # a fresh Cholesky factor C = L·√D not yet split into L and D (see _cholesky_factor)
+        self._fresh: torch.Tensor | None = None
+        # [2m, 1], zero but for the number n at m: n e_s is the window [m − s, m − s + n)
+        self._one_hot = torch.zeros(2 * num_grads, 1, dtype=SMALL_DTYPE, device=device)
+        self._one_hot_scale = 0
         self.num_stored = 0
         self.next_position = 0  # the ring's next slot once full
         self.updates_since_refactor = 0
         self.num_refactors = 0
         self.num_failed_checks = 0
+        # Workspace, so that a step allocates nothing small (right after a pass over a large
+        # window, each allocation cost ~40 µs on the development CPU, ten times its work):
+        # the numbers of the step's one host read, the replaced Gram row (for a rollback),
+        # and, for a window refactored every step, two column-major m × m buffers that
+        # LAPACK factors in place, in turn (the fresh factor lives in one until the next
+        # step succeeds in the other).
+        self._verdict = torch.empty(4, dtype=SMALL_DTYPE, device=device)
+        self._verdict_entries = list(self._verdict)
+        self._verdict_prefixes = [self._verdict[:k] for k in range(5)]
+        self._saved_row = torch.empty(num_grads, dtype=SMALL_DTYPE, device=device)
+        self._info = torch.empty((), dtype=torch.int32, device=device)
+        self._scratch: list[torch.Tensor] = []
+        self._scratch_transposes: list[torch.Tensor] = []
+        self._cache_views()
+
+    def _cache_views(self) -> None:
+        """Views of the buffers for the ``n`` rows in use (indexing from Python costs more
+        than the small operations themselves), rebuilt when ``n`` changes."""
+        n, m = self.num_stored, self.num_grads
+        self._views_n = n
+        self._gram_n = self.gram[:n, :n]
+        self._factor_n = self._factor[:n, :n]
+        self._pivots_n = self._pivots[:n]
+        self._saved_row_n = self._saved_row[:n]
+        # the two triangular solves land here; the second's column is the coefficients
+        self._halfway = torch.empty(n, 1, dtype=SMALL_DTYPE, device=self.gram.device)
+        self._solution = torch.empty(n, 1, dtype=SMALL_DTYPE, device=self.gram.device)
+        self._coefficients = self._solution[:, 0]
+        if n == m:  # the steady state: a view per slot of its Gram row, column and entry,
+            self._rows = list(self.gram)  # and of n e_s (a window of the one-hot column)
+            self._columns = list(self.gram.mT)
+            self._entries = list(self.gram.diagonal())
+            self._unit_columns = [self._one_hot[m - s : 2 * m - s] for s in range(m)]
+
+    def _views(self) -> None:
+        if self._views_n != self.num_stored:
+            self._cache_views()
 
     @property
     def factor(self) -> torch.Tensor:
         """``L`` of ``K = L D Lᵀ`` (unit lower triangular, ``n × n``; a view)."""
-        n = self.num_stored
-        return self._factor[:n, :n]
+        self._split_fresh()
+        self._views()
+        return self._factor_n
 
     @property
     def pivots(self) -> torch.Tensor:
         """``D`` of ``K = L D Lᵀ`` (``n`` positive numbers; a view)."""
-        return self._pivots[: self.num_stored]
+        self._split_fresh()
+        self._views()
+        return self._pivots_n
 
     def _set_factor(self, L: torch.Tensor, D: torch.Tensor) -> None:
         n = L.shape[0]
+        self._fresh = None
         self._factor[:n, :n] = L
         self._pivots[:n] = D
 
+    def _split_fresh(self) -> None:
+        """``L = C / diag(C)`` and ``D = diag(C)²`` into the buffers, from a fresh Cholesky
+        factor ``C`` kept as it came (row-major: the elementwise work of the up/down-date
+        stays contiguous). Done when the factor is asked for: a window that refactors every
+        step solves with ``C`` directly and never pays for it."""
+        chol = self._fresh
+        if chol is None:
+            return
+        self._fresh = None
+        n = chol.shape[0]
+        root = chol.diagonal()
+        torch.div(chol, root, out=self._factor[:n, :n])
+        torch.square(root, out=self._pivots[:n])
+
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.gram, self._factor, self._pivots))
+        """The Gram matrix, the factor and its pivots (what :meth:`estimate_bytes` counts).
+        Not counted: workspace of ``O(m)`` numbers, and, for a window that refactors every
+        step (below the rank-2 threshold, so ``m < 512``), two ``m × m`` float64 matrices
+        that LAPACK factors in place (at most 4 MiB)."""
+        tensors = (self.gram, self._factor, self._pivots)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @staticmethod
     def estimate_bytes(num_grads: int) -> int:
@@ -164,37 +245,62 @@ class GramSystem:
     def matrix(self) -> torch.Tensor:
         """``K = n·damp·I + C Cᵀ`` for the ``n`` rows in use (a new tensor)."""
         n = self.num_stored
-        K = self.gram[:n, :n].clone()
+        self._views()
+        K = self._gram_n.clone()
         K.diagonal().add_(n * self.damp)
         return K
 
-    def insert(self, slot: int, gram_row: torch.Tensor) -> None:
+    def insert(
+        self,
+        slot: int,
+        gram_row: torch.Tensor,
+        check: torch.Tensor | None = None,
+        *,
+        check_finite: bool = True,
+    ) -> None:
         """Record that ``slot`` now holds a row whose dot products with the ``n`` rows in use
         are ``gram_row``, and bring the factor of ``K`` up to date.
 
-        Raises ``torch.linalg.LinAlgError``, with the system as it was, if the new ``K`` is
-        not numerically positive definite."""
-        gram_row = gram_row.to(SMALL_DTYPE)
-        filling = self.num_stored < self.num_grads
+        Raises :class:`NonFiniteRow` if the row's squared norm ``gram_row[slot]`` (NaN or Inf
+        whenever the row holds one) or ``check`` (a 0-d tensor, if given) is not finite
+        (unless ``check_finite=False``), and ``torch.linalg.LinAlgError`` if the new ``K`` is
+        not numerically positive definite; either way the system is as it was. Both
+        verdicts are read in one host synchronisation, before anything is committed."""
         n = gram_row.shape[0]
-        old_row = self.gram[slot, :n].clone()
+        filling = n > self.num_stored
+        if filling:
+            row, column, entry = self.gram[slot, :n], self.gram[:n, slot], self.gram[slot, slot]
+            old_row = self._saved_row[:n].copy_(row)
+        else:  # the cached views of a full window
+            self._views()
+            row, column, entry = self._rows[slot], self._columns[slot], self._entries[slot]
+            old_row = self._saved_row_n.copy_(row)
         saved = (self.num_stored, self.next_position, self.updates_since_refactor, self.damp)
-        self.gram[slot, :n] = gram_row
-        self.gram[:n, slot] = gram_row
+        row.copy_(gram_row)
+        column.copy_(gram_row)
         self.num_stored = n
         self.next_position = (slot + 1) % self.num_grads
         due = (
             self.refactor_every is not None
             and self.updates_since_refactor + 1 >= self.refactor_every
         )
+        checks = ([entry] if check is None else [entry, check]) if check_finite else []
         try:
             if filling or due or self.factor_update == "refactor":
-                self.refactor()
+                chol, info, damp = self._cholesky()
+                values = self._read(*checks, info, *([] if damp is None else [damp]))
+                if damp is not None:
+                    self.damp = values.pop()
+                *values, failed = values
+                _check_finite(values)
+                if failed:
+                    raise torch.linalg.LinAlgError("K is not positive definite")
+                self._commit_cholesky(chol)
             else:
-                self._update_factor(slot, gram_row - old_row)
-        except torch.linalg.LinAlgError:
-            self.gram[slot, :n] = old_row
-            self.gram[:n, slot] = old_row
+                self._update_factor(slot, row - old_row, checks)
+        except (torch.linalg.LinAlgError, NonFiniteRow):
+            row.copy_(old_row)
+            column.copy_(old_row)
             self.num_stored, self.next_position, self.updates_since_refactor, self.damp = saved
             raise
 
@@ -214,52 +320,126 @@ class GramSystem:
             raise
 
     def refactor(self) -> None:
-        """Factor ``K`` afresh, O(n³); with relative damping, recompute ``λ`` first."""
-        if self.relative_damp is not None and self.num_stored:
-            n = self.num_stored
-            mean_square = float(self.gram[:n, :n].diagonal().sum()) / (n * self.dim)
-            self.damp = max(self.relative_damp * mean_square, _SMALLEST_DAMPING)
-        self._set_factor(*ldl_factor(self.matrix()))
+        """Factor ``K`` afresh, O(n³); with relative damping, recompute ``λ`` first. Raises
+        ``torch.linalg.LinAlgError`` (the factor unchanged, ``λ`` recomputed) if ``K`` is not
+        positive definite."""
+        chol, info, damp = self._cholesky()
+        values = self._read(info, *([] if damp is None else [damp]))
+        if damp is not None:
+            self.damp = values[1]
+        if values[0]:
+            raise torch.linalg.LinAlgError("K is not positive definite")
+        self._commit_cholesky(chol)
+
+    def _cholesky(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The Cholesky factor of ``K``, LAPACK's ``info`` (nonzero: not positive definite)
+        and, under relative damping, the new ``λ`` (0-d; ``None`` otherwise), computed on the
+        device for the caller to read with the rest: nothing committed, nothing read."""
+        n = self.num_stored
+        damp, shift = None, n * self.damp
+        if self.relative_damp is not None and n:
+            self._views()
+            mean_square = self._gram_n.diagonal().sum() / (n * self.dim)
+            damp = (self.relative_damp * mean_square).clamp_min_(_SMALLEST_DAMPING)
+            shift = damp * n
+        if n < self.num_grads or self.factor_update != "refactor":
+            self._views()
+            K = self._gram_n.clone()
+            K.diagonal().add_(shift)
+            return (*torch.linalg.cholesky_ex(K), damp)
+        if not self._scratch:
+            m, device = self.num_grads, self.gram.device
+            self._scratch = [
+                torch.empty(m, m, dtype=SMALL_DTYPE, device=device).mT for _ in range(2)
+            ]
+            self._scratch_diagonals = [buffer.diagonal() for buffer in self._scratch]
+            self._scratch_transposes = [buffer.mT for buffer in self._scratch]
+        index = 1 if self._fresh is self._scratch[0] else 0
+        # the Gram matrix is symmetric, and its transpose is laid out as the buffer: a
+        # straight copy
+        K = self._scratch[index].copy_(self._gram_transpose)
+        self._scratch_diagonals[index].add_(shift)
+        return (*torch.linalg.cholesky_ex(K, out=(K, self._info)), damp)
+
+    def _read(self, *scalars: torch.Tensor) -> list[float]:
+        """The values of 0-d tensors of the system's device, in one host synchronisation."""
+        for entry, scalar in zip(self._verdict_entries, scalars, strict=False):
+            entry.copy_(scalar)
+        return self._verdict_prefixes[len(scalars)].tolist()
+
+    def _commit_cholesky(self, chol: torch.Tensor) -> None:
+        self._fresh = chol  # split into L and D when asked for (_split_fresh)
         self.updates_since_refactor = 0
         self.num_refactors += 1
 
-    def _update_factor(self, slot: int, delta: torch.Tensor) -> None:
-        updated = ldl_replace_row(self.factor, self.pivots, slot, delta)
-        if updated is not None:
-            error = ldl_row_error(*updated, self.matrix(), slot)
-            if math.isfinite(error) and error <= self.check_tol:
-                self._set_factor(*updated)
-                self.updates_since_refactor += 1
-                return
+    def _update_factor(self, slot: int, delta: torch.Tensor, checks: list[torch.Tensor]) -> None:
+        L, D = ldl_replace_row(self.factor, self.pivots, slot, delta)
+        error = ldl_row_error(L, D, self.matrix(), slot)
+        *values, error = self._read(*checks, error)
+        _check_finite(values)
+        if error <= self.check_tol:  # False for NaN
+            self._set_factor(L, D)
+            self.updates_since_refactor += 1
+            return
         self.num_failed_checks += 1
         self.refactor()
 
     def solve(self, t: torch.Tensor) -> torch.Tensor:
         """``K⁻¹ t`` in float64, with one step of iterative refinement."""
         t = t.to(SMALL_DTYPE)
-        c = ldl_solve(self.factor, self.pivots, t)
+        L, D = self.factor, self.pivots
+        c = ldl_solve(L, D, t)
         n = self.num_stored
-        residual = t - self.gram[:n, :n] @ c - (n * self.damp) * c
-        return c + ldl_solve(self.factor, self.pivots, residual)
+        residual = t - self._gram_n @ c - (n * self.damp) * c
+        return c + ldl_solve(L, D, residual)
 
     def solve_inserted(self, slot: int) -> torch.Tensor:
         r"""``K⁻¹ (n e_s)``: the coefficients of ``F⁻¹ c_s = n Cᵀ K⁻¹ e_s`` for the row in ``slot``.
 
         Since ``C c_s = (K − nλI) e_s``, Woodbury collapses to this for a row of the window:
-        nothing is subtracted, so it keeps its accuracy for tiny ``λ``."""
+        nothing is subtracted, so it keeps its accuracy for tiny ``λ``. A factor fresh from a
+        Cholesky factorisation is backward stable, and one solve with it (two triangular
+        solves) is as accurate as float64 allows for this ``K``, so
+        it takes no refinement; a factor carried by O(n²) updates passed a relative accuracy
+        check of ``check_tol`` only, and its solve takes one step of iterative refinement."""
         n = self.num_stored
-        unit = torch.zeros(n, dtype=SMALL_DTYPE, device=self.gram.device)
-        unit[slot] = n
-        return self.solve(unit)
+        if self._one_hot_scale != n:
+            self._one_hot[self.num_grads] = n
+            self._one_hot_scale = n
+        self._views()
+        m = self.num_grads
+        rhs = self._unit_columns[slot] if n == m else self._one_hot[m - slot : m - slot + n]
+        if self._fresh is None:
+            return self.solve(rhs[:, 0])
+        # C Cᵀ c = n e_s by two triangular solves into buffers (torch.cholesky_solve would
+        # allocate, which costs more than the solve here), the second's column a ready view:
+        # the coefficients are used at once (converted, or read by the combine pass) and
+        # overwritten only by the next solve
+        C = self._fresh
+        CT = next(  # a cached view if C is a workspace buffer (making one costs ~a solve)
+            (
+                T
+                for buffer, T in zip(self._scratch, self._scratch_transposes, strict=True)
+                if buffer is C
+            ),
+            None,
+        )
+        if CT is None:
+            CT = C.mT
+        torch.linalg.solve_triangular(C, rhs, upper=False, out=self._halfway)
+        torch.linalg.solve_triangular(CT, self._halfway, upper=True, out=self._solution)
+        return self._coefficients
 
     def reset(self) -> None:
         """Forget every row."""
         self.gram.zero_()
         self._factor.zero_()
         self._pivots.zero_()
+        self._fresh = None
         self.num_stored = self.next_position = self.updates_since_refactor = 0
 
     def state_dict(self) -> dict[str, Any]:
+        self._split_fresh()
         return {
             "current_damp": self.damp,
             "num_stored": self.num_stored,
@@ -291,6 +471,7 @@ class GramSystem:
         n = int(state["num_stored"])
         self._factor.zero_()
         self._pivots.zero_()
+        self._fresh = None
         factor, pivots = state["factor"], state["pivots"]
         self._factor[: factor.shape[0], : factor.shape[1]] = factor.to(device, SMALL_DTYPE)
         self._pivots[: pivots.shape[0]] = pivots.to(device, SMALL_DTYPE)

@@ -30,7 +30,7 @@ from .._checks import check_damping, check_finite, check_positive_int, ensure_fi
 from .._distributed import all_reduce_sum, rank_and_world
 from ..errors import NonFiniteError, NotPositiveDefiniteError
 from .fisher_operators import FisherOperator, InverseFisherOperator
-from .gram_system import GramSystem
+from .gram_system import GramSystem, NonFiniteRow
 
 __all__ = ["SlidingWindow", "SlidingWindowMFAC"]
 
@@ -104,6 +104,7 @@ class SlidingWindow(InverseFisherOperator, ABC):
             dim=total_dim,
         )
         self.device = self._system.gram.device  # "cuda" resolved to "cuda:0"
+        self._coefficients = torch.empty(num_grads, dtype=dtype, device=self.device)
         self._allocate_rows()
 
     # ---------------------------------------------------------------- what subclasses fill in
@@ -131,6 +132,9 @@ class SlidingWindow(InverseFisherOperator, ABC):
     @abstractmethod
     def _restore_row(self, slot: int) -> None:
         """Put back the row that the last :meth:`_write_row` replaced."""
+
+    def _commit_row(self, slot: int) -> None:
+        """The step that wrote ``slot`` was accepted (a row may be written only now)."""
 
     @abstractmethod
     def _row_dots(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -165,7 +169,8 @@ class SlidingWindow(InverseFisherOperator, ABC):
     @property
     @abstractmethod
     def nbytes(self) -> int:
-        """Bytes held by the window: its rows, the ``n × n`` system and any other buffer."""
+        """Bytes held by the window: its rows, the ``n × n`` system and any other buffer of
+        its size (not small workspace: see :attr:`~.gram_system.GramSystem.nbytes`)."""
 
     # ---------------------------------------------------------------- the shared machinery
     @property
@@ -204,7 +209,9 @@ class SlidingWindow(InverseFisherOperator, ABC):
         (a copy, as stored: rounded to ``storage_dtype``, compressed for a sparse window)."""
         return self._dense_rows(self._system.slots_oldest_first())
 
-    def _vector(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def _vector(self, x: torch.Tensor, name: str, *, check_finite: bool = True) -> torch.Tensor:
+        """``x`` checked (type, shape, device; NaN and Inf unless ``check_finite=False``, as
+        for a gradient, whose insertion checks it) and converted to ``dtype``, contiguous."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
         if x.shape != (self.dim,):
@@ -215,43 +222,81 @@ class SlidingWindow(InverseFisherOperator, ABC):
             raise ValueError(f"{name} is on {x.device} but the window is on {self.device}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        if check_finite:
+            self._check_finite(x, name)
+        # (each call into torch costs microseconds even when it does nothing; this runs on
+        # every step)
+        if x.dtype != self.dtype:
+            x = x.to(self.dtype)
+        return x if x.is_contiguous() else x.contiguous()
+
+    def _check_finite(self, x: torch.Tensor, name: str) -> None:
+        """Raise :class:`NonFiniteError` naming the NaN and Inf entries of ``x`` (under a
+        process group, of every rank's shard: every rank raises, or the others would wait
+        in the next all-reduce)."""
         if self.process_group is None:
             check_finite(x, name)
-        else:  # every rank must raise, or the others would wait in the next all-reduce
-            bad = 0 if bool(torch.isfinite(x.sum())) else int((~torch.isfinite(x)).sum())
-            total = all_reduce_sum(torch.tensor([bad], device=self.device), self.process_group)
-            if total.item():
-                raise NonFiniteError(
-                    f"{name} has {total.item()} NaN or Inf entries in the shards of "
-                    f"{self.world_size} ranks ({bad} here, on rank {self.rank})"
-                )
-        return x.to(self.dtype).contiguous()
+            return
+        bad = 0 if bool(torch.isfinite(x.sum())) else int((~torch.isfinite(x)).sum())
+        total = all_reduce_sum(torch.tensor([bad], device=self.device), self.process_group)
+        if total.item():
+            raise NonFiniteError(
+                f"{name} has {total.item()} NaN or Inf entries in the shards of "
+                f"{self.world_size} ranks ({bad} here, on rank {self.rank})"
+            )
 
-    def _insert(self, row: Any) -> int:
-        """Write ``row`` into the ring and bring the small system up to date; return its slot.
+    def _insert(self, row: Any, x: torch.Tensor, check: torch.Tensor | None = None) -> int:
+        """Write ``row`` (made from the gradient ``x``) into the ring and bring the small
+        system up to date; return its slot.
+
+        Whether the gradient is finite is not asked beforehand: the row's squared norm (the
+        new diagonal entry of the Gram matrix, NaN or Inf whenever ``x`` has one there)
+        and ``check`` (a 0-d tensor, finite exactly when ``x`` is; all-reduced with the dot
+        products under a process group) are read in the small system's one host
+        synchronisation. If either is not finite, the row is put back and ``x`` itself is
+        checked, which raises :class:`NonFiniteError`, unless a square or a sum overflowed
+        while every entry is finite: the row is then inserted without the check.
 
         If ``K`` is no longer numerically positive definite, the window is restored as it
         was and :class:`NotPositiveDefiniteError` is raised."""
-        slot, n = self._system.next_slot()
-        gram_row = all_reduce_sum(self._write_row(slot, row, n), self.process_group)
-        try:
-            self._system.insert(slot, gram_row)
-        except torch.linalg.LinAlgError:
-            self._restore_row(slot)
-            accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
-            rounding = torch.finfo(accumulation).eps * float(gram_row.abs().max())
-            raise NotPositiveDefiniteError(
-                f"adding this gradient makes n·damp·I + G Gᵀ singular in floating point: "
-                f"n·damp = {n * self.damp:.3g} is below the rounding of the dot products "
-                f"(about eps·‖g‖² = {rounding:.3g}), as happens when gradients repeat. Use a "
-                "larger damp, or dtype=torch.float64; the window is unchanged"
-            ) from None
-        return slot
+        for verified in (True, False):
+            slot, n = self._system.next_slot()
+            dots = self._write_row(slot, row, n)
+            if check is None:
+                gram_row = all_reduce_sum(dots, self.process_group)
+            else:
+                # one all-reduce carries the dot products and the number checked with them
+                reduced = all_reduce_sum(
+                    torch.cat([dots, check.reshape(1).to(dots.dtype)]), self.process_group
+                )
+                gram_row, check = reduced[:-1], reduced[-1]
+            try:
+                self._system.insert(slot, gram_row, check, check_finite=verified)
+                self._commit_row(slot)
+                return slot
+            except NonFiniteRow:
+                self._restore_row(slot)
+                self._check_finite(x, "gradient")
+            except torch.linalg.LinAlgError:
+                self._restore_row(slot)
+                accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
+                rounding = torch.finfo(accumulation).eps * float(gram_row.abs().max())
+                raise NotPositiveDefiniteError(
+                    f"adding this gradient makes n·damp·I + G Gᵀ singular in floating point: "
+                    f"n·damp = {n * self.damp:.3g} is below the rounding of the dot products "
+                    f"(about eps·‖g‖² = {rounding:.3g}), as happens when gradients repeat. Use "
+                    "a larger damp, or dtype=torch.float64; the window is unchanged"
+                ) from None
+        raise AssertionError("unreachable: an unverified insertion cannot fail its check")
 
     def _solve_inserted(self, slot: int) -> torch.Tensor:
         """``F⁻¹ c_s = n Cᵀ K⁻¹ e_s`` for the row just inserted in ``slot``."""
-        coefficients = self._system.solve_inserted(slot).to(self.dtype)
-        return self._combine(coefficients, self.num_stored)
+        coefficients = self._system.solve_inserted(slot)
+        n = self.num_stored
+        if coefficients.dtype != self.dtype:  # into a buffer: no allocation (see GramSystem)
+            buffer = self._coefficients if n == self.num_grads else self._coefficients[:n]
+            coefficients = buffer.copy_(coefficients)
+        return self._combine(coefficients, n)
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:
         """``F⁻¹ x = (x − Cᵀ K⁻¹ C x) / λ`` for any vector ``x`` of length ``dim``.
@@ -368,8 +413,17 @@ class SlidingWindowMFAC(SlidingWindow):
       The factor is checked against ``K`` on the changed row and the diagonal
       (O(n²)) and refactored if the error exceeds ``check_tol``, and anyway every
       ``refactor_every`` updates (default ``num_grads``: O(n²) amortised), so
-      rounding errors cannot build up. Each solve with ``K`` takes one step of
-      iterative refinement.
+      rounding errors cannot build up. A solve with an updated factor takes one step
+      of iterative refinement; with a fresh Cholesky factor it needs none.
+
+    Whether the new gradient is finite is read from the step itself (its squared norm,
+    the new diagonal entry of ``G Gᵀ``) together with the factor's verdict, in one host
+    synchronisation; a NaN or Inf gradient is then taken out again and
+    :class:`~secondorder.errors.NonFiniteError` raised, the window unchanged.
+
+    Each row is stored padded with zeros to a multiple of 16 numbers
+    (:data:`~secondorder.kernels.ROW_ALIGNMENT`): the Triton passes run over the padded
+    width, which they read with 128-bit loads; everything else sees ``[num_grads, dim]``.
 
     The O(n²) modification is some twenty memory-bound passes over ``n × n``
     float64, while a refactorisation is one compute-bound Cholesky of ``n³/3``
@@ -440,14 +494,16 @@ class SlidingWindowMFAC(SlidingWindow):
 
     @staticmethod
     def estimate_bytes(dim: int, num_grads: int, storage_dtype: torch.dtype = torch.float32) -> int:
-        """Bytes held by a window: the gradients, one spare row (a failed step puts the
-        evicted gradient back from it), and the ``n × n`` Gram matrix and its factor."""
+        """Bytes held by a window: the gradients (each row padded with zeros to a multiple of
+        :data:`~secondorder.kernels.ROW_ALIGNMENT` numbers), one spare row (a failed step puts
+        the evicted gradient back from it), and the ``n × n`` Gram matrix and its factor."""
         itemsize = torch.empty(0, dtype=storage_dtype).element_size()
-        return (num_grads + 1) * dim * itemsize + GramSystem.estimate_bytes(num_grads)
+        rows = num_grads * kernels.padded_width(dim) + dim
+        return rows * itemsize + GramSystem.estimate_bytes(num_grads)
 
     @property
     def nbytes(self) -> int:
-        rows = (self._grads, self._evicted)
+        rows = (self._rows, self._evicted)
         return sum(t.numel() * t.element_size() for t in rows) + self._system.nbytes
 
     def update(self, g: torch.Tensor) -> None:
@@ -458,7 +514,8 @@ class SlidingWindowMFAC(SlidingWindow):
         for the new system to be factored in floating point; either way the window is
         left unchanged.
         """
-        self._insert(self._vector(g, "gradient"))
+        x = self._vector(g, "gradient", check_finite=False)
+        self._insert(x, x)
 
     def update_solve(self, g: torch.Tensor) -> torch.Tensor:
         r"""Add ``g`` to the window and return ``F⁻¹ g`` with the new window: one optimiser step.
@@ -468,7 +525,8 @@ class SlidingWindowMFAC(SlidingWindow):
         subtracts nothing, so it keeps its accuracy for tiny ``λ`` and with a
         half-precision window (where it is the inverse applied to ``g`` as stored).
         """
-        return self._solve_inserted(self._insert(self._vector(g, "gradient")))
+        x = self._vector(g, "gradient", check_finite=False)
+        return self._solve_inserted(self._insert(x, x))
 
     def transform_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the gradients held by ``fn`` of them, in place, keeping their order.
@@ -518,25 +576,59 @@ class SlidingWindowMFAC(SlidingWindow):
         )
 
     def _allocate_rows(self) -> None:
-        self._grads = torch.zeros(
-            self.num_grads, self.dim, dtype=self.storage_dtype, device=self.device
+        # Rows padded to a multiple of kernels.ROW_ALIGNMENT numbers, zero beyond dim: the
+        # Triton passes run over the padded width (vectorised loads); everything else sees
+        # the [num_grads, dim] view.
+        width = kernels.padded_width(self.dim)
+        self._rows = torch.zeros(
+            self.num_grads, width, dtype=self.storage_dtype, device=self.device
         )
+        self._grads = self._rows[:, : self.dim]
         self._evicted = torch.empty_like(self._grads[0])
+        self._pending: torch.Tensor | None = None  # a row to write once its step is accepted
+        self._slot_rows = list(self._grads)  # a view per slot (cheaper than indexing each step)
+        self._triton = False  # whether this step's passes run the Triton kernels
 
+    # Which implementation the passes take is decided once per step, by the pass that opens
+    # it (_write_row or _row_dots), and _combine, which closes it, follows: the Triton kernels
+    # run over the padded rows with padded vectors, the torch twins over the [m, dim] view.
     def _write_row(self, slot: int, row: torch.Tensor, n: int) -> torch.Tensor:
-        self._evicted.copy_(self._grads[slot])
-        return kernels.write_row_and_dot(self._grads, slot, row, n)
+        self._triton = kernels.pads_rows(self._rows)
+        if self._triton:
+            # the Triton pass writes the row as it reads the window: keep the evicted one
+            self._evicted.copy_(self._grads[slot])
+            self._pending = None
+            row = kernels.padded_vector(row, self._rows.shape[1])
+            return kernels.write_row_and_dot(self._rows, slot, row, n)
+        # the torch twin: the same dot products, the row written once the step is accepted
+        # (nothing to put back otherwise, and no copy of the evicted row)
+        stored = row if row.dtype == self.storage_dtype else row.to(self.storage_dtype)
+        self._pending = stored
+        return kernels.reference.row_dots_as_written(self._grads, slot, stored, n)
 
     def _restore_row(self, slot: int) -> None:
-        self._grads[slot].copy_(self._evicted)
+        if self._pending is None:
+            self._grads[slot].copy_(self._evicted)
+        self._pending = None
+
+    def _commit_row(self, slot: int) -> None:
+        if self._pending is not None:
+            self._slot_rows[slot].copy_(self._pending)
+            self._pending = None
 
     def _row_dots(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return kernels.row_dots(self._grads, x, n)
+        self._triton = kernels.pads_rows(self._rows)
+        if self._triton:
+            return kernels.row_dots(self._rows, kernels.padded_vector(x, self._rows.shape[1]), n)
+        return kernels.reference.row_dots(self._grads, x, n)
 
     def _combine(
         self, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
     ) -> torch.Tensor:
-        return kernels.combine(self._grads, c, n, x, scale)
+        if not self._triton:
+            return kernels.reference.combine(self._grads, c, n, x, scale)
+        x = None if x is None else kernels.padded_vector(x, self._rows.shape[1])
+        return kernels.combine(self._rows, c, n, x, scale)[: self.dim]
 
     def _dense_rows(self, slots: list[int]) -> torch.Tensor:
         return self._grads[slots].to(self.dtype)
@@ -549,6 +641,7 @@ class SlidingWindowMFAC(SlidingWindow):
 
     def _load_rows_state(self, state: dict[str, Any]) -> None:
         self._grads.copy_(state["grads"])
+        self._rows[:, self.dim :].zero_()  # the padding the Triton passes read
 
     def _reset_rows(self) -> None:
-        self._grads.zero_()
+        self._rows.zero_()

@@ -47,7 +47,9 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     """The coordinates of the ``k`` entries of ``a`` of largest magnitude, ascending.
 
     Ties at the threshold go to the lowest coordinates, so the choice is a function of
-    ``a`` alone (``torch.topk`` leaves ties unspecified). No host synchronisation."""
+    ``a`` alone (``torch.topk`` leaves ties unspecified). No host synchronisation. If ``a``
+    holds NaN the choice is meaningless but the coordinates are still valid (the caller
+    refuses the step)."""
     d = a.numel()
     if k >= d:
         return torch.arange(d, device=a.device)
@@ -57,7 +59,7 @@ def top_k_indices(a: torch.Tensor, k: int) -> torch.Tensor:
     tied = magnitude == threshold
     room = k - above.sum()  # slots left for entries equal to the threshold
     chosen = above | (tied & (tied.cumsum(0) <= room))
-    return torch.nonzero_static(chosen, size=k).squeeze(1)
+    return torch.nonzero_static(chosen, size=k, fill_value=0).squeeze(1)
 
 
 class SparseSlidingWindowMFAC(SlidingWindow):
@@ -143,21 +145,23 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         storage_dtype: torch.dtype = torch.float32,
         dtype: torch.dtype = torch.float32,
     ) -> int:
-        """Bytes held by a window: ``num_grads + 1`` rows of ``k`` values and ``k`` int32
-        coordinates (the spare row puts back what a failed step evicted), the error buffer
+        """Bytes held by a window: ``num_grads`` rows of ``k`` values and ``k`` int32
+        coordinates (each padded to a multiple of :data:`~secondorder.kernels.ROW_ALIGNMENT`
+        entries), a spare row (it puts back what a failed step evicted), the error buffer
         and the ``n × n`` Gram matrix and its factor."""
         k = kept_entries(dim, density)
         value_size = torch.empty(0, dtype=storage_dtype).element_size()
         index_size = torch.empty(0, dtype=_INDEX_DTYPE).element_size()
         error_size = torch.empty(0, dtype=dtype).element_size()
-        rows = (num_grads + 1) * k * (value_size + index_size)
+        entries = num_grads * kernels.padded_width(k) + k
+        rows = entries * (value_size + index_size)
         return rows + dim * error_size + GramSystem.estimate_bytes(num_grads)
 
     @property
     def nbytes(self) -> int:
         tensors = (
-            self._values,
-            self._indices,
+            self._value_rows,
+            self._index_rows,
             self._evicted_values,
             self._evicted_indices,
             self._error,
@@ -169,16 +173,21 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         """The error-feedback buffer ``e`` (a copy: changing it changes nothing)."""
         return self._error.clone()
 
-    def _compress(self, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Steps 1-3: ``(values as stored, int32 coordinates, the new e)``."""
+    def _compress(
+        self, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Steps 1-3: ``(values as stored, int32 coordinates, the new e, Σ a)``. The sum is
+        finite exactly when the accumulator ``a`` is (barring overflow), for the insertion to
+        check; with NaN in ``a`` the coordinates are still valid, and the step is refused."""
         accumulator = self._error + g if self.error_feedback else g
         indices = top_k_indices(accumulator, self.k)
         values = accumulator[indices].to(self.storage_dtype)
+        total = accumulator.sum()
         if not self.error_feedback:
-            return values, indices.to(_INDEX_DTYPE), self._error
+            return values, indices.to(_INDEX_DTYPE), self._error, total
         error = accumulator  # a new tensor: self._error is untouched until the step succeeds
         error[indices] -= values.to(self.dtype)
-        return values, indices.to(_INDEX_DTYPE), error
+        return values, indices.to(_INDEX_DTYPE), error, total
 
     def update(self, g: torch.Tensor) -> None:
         """Compress ``g`` (with error feedback) and add it to the window.
@@ -199,8 +208,9 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         return self._solve_inserted(self._update(g))
 
     def _update(self, g: torch.Tensor) -> int:
-        values, indices, error = self._compress(self._vector(g, "gradient"))
-        slot = self._insert((values, indices))
+        x = self._vector(g, "gradient", check_finite=False)
+        values, indices, error, total = self._compress(x)
+        slot = self._insert((values, indices), x, total)
         self._error = error
         return slot
 
@@ -217,9 +227,15 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         return "lower num_grads or density, or store the values in bfloat16"
 
     def _allocate_rows(self) -> None:
-        shape, device = (self.num_grads, self.k), self.device
-        self._values = torch.zeros(shape, dtype=self.storage_dtype, device=device)
-        self._indices = torch.zeros(shape, dtype=_INDEX_DTYPE, device=device)
+        # Rows padded to a multiple of kernels.ROW_ALIGNMENT entries with value 0 at
+        # coordinate 0, whose contributions to both passes are exactly zero: the passes run
+        # over the padded rows (vectorised loads in the Triton kernels, no padding of any
+        # vector), everything else sees the [num_grads, k] views.
+        shape, device = (self.num_grads, kernels.padded_width(self.k)), self.device
+        self._value_rows = torch.zeros(shape, dtype=self.storage_dtype, device=device)
+        self._index_rows = torch.zeros(shape, dtype=_INDEX_DTYPE, device=device)
+        self._values = self._value_rows[:, : self.k]
+        self._indices = self._index_rows[:, : self.k]
         self._evicted_values = torch.empty_like(self._values[0])
         self._evicted_indices = torch.empty_like(self._indices[0])
         self._error = torch.zeros(self.dim, dtype=self.dtype, device=device)
@@ -233,19 +249,20 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
         dense = torch.zeros(self.dim, dtype=accumulation, device=self.device)
         dense[indices] = values.to(accumulation)  # the new row as stored
-        return kernels.gather_dots(self._values, self._indices, dense, n)
+        return kernels.gather_dots(self._value_rows, self._index_rows, dense, n)
 
     def _restore_row(self, slot: int) -> None:
         self._values[slot] = self._evicted_values
         self._indices[slot] = self._evicted_indices
 
     def _row_dots(self, x: torch.Tensor, n: int) -> torch.Tensor:
-        return kernels.gather_dots(self._values, self._indices, x, n)
+        return kernels.gather_dots(self._value_rows, self._index_rows, x, n)
 
     def _combine(
         self, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
     ) -> torch.Tensor:
-        return kernels.scatter_combine(self._values, self._indices, c, n, self.dim, x, scale)
+        rows = (self._value_rows, self._index_rows)
+        return kernels.scatter_combine(*rows, c, n, self.dim, x, scale)
 
     def _dense_rows(self, slots: list[int]) -> torch.Tensor:
         dense = torch.zeros(len(slots), self.dim, dtype=self.dtype, device=self.device)
@@ -275,11 +292,13 @@ class SparseSlidingWindowMFAC(SlidingWindow):
     def _load_rows_state(self, state: dict[str, Any]) -> None:
         self._values.copy_(state["values"])
         self._indices.copy_(state["indices"])
+        self._value_rows[:, self.k :].zero_()  # padding: value 0 at coordinate 0
+        self._index_rows[:, self.k :].zero_()
         self._error = state["error"].to(self.device, copy=True)
 
     def _reset_rows(self) -> None:
-        self._values.zero_()
-        self._indices.zero_()
+        self._value_rows.zero_()
+        self._index_rows.zero_()
         self._error.zero_()
 
 

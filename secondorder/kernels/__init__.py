@@ -9,6 +9,14 @@ Dispatch: Triton for CUDA tensors when Triton is installed, the twin in
 - ``triton`` always Triton (on CPU tensors this needs ``TRITON_INTERPRET=1``,
   which is how the kernels are tested without a GPU).
 
+Padding: the windows allocate their rows with a length rounded up to a multiple of
+:data:`ROW_ALIGNMENT` elements (zeros beyond the real ones) and run the Triton kernels over
+that padded width, with vectors padded alike (:func:`padded_vector`). Triton's launcher
+then sees a row length, a row stride and pointers divisible by 16, and compiles the loads
+of the rows as 128-bit vector loads; with the real length, the mask ``cols < d`` splits
+every vector into scalar loads (``benchmarks/kernel_aot.py`` compiles every variant ahead
+of time and counts them).
+
 This package imports nothing else of ``secondorder``.
 """
 
@@ -23,15 +31,22 @@ import torch
 from . import reference
 
 __all__ = [
+    "ROW_ALIGNMENT",
     "backend",
     "combine",
     "gather_dots",
+    "padded_vector",
+    "padded_width",
+    "pads_rows",
     "row_dots",
     "scatter_combine",
     "write_row_and_dot",
 ]
 
 _ENV = "SECONDORDER_KERNELS"
+
+#: rows are padded to a multiple of this many elements (and vectors to the same length)
+ROW_ALIGNMENT = 16
 _CHOICES = ("auto", "torch", "triton")
 
 
@@ -56,6 +71,28 @@ def backend(tensor: torch.Tensor) -> str:
             )
         return "triton"
     return "triton" if tensor.is_cuda and triton_available() else "torch"
+
+
+def padded_width(length: int) -> int:
+    """``length`` rounded up to a multiple of :data:`ROW_ALIGNMENT`."""
+    return -(-length // ROW_ALIGNMENT) * ROW_ALIGNMENT
+
+
+def pads_rows(tensor: torch.Tensor) -> bool:
+    """Whether the passes over rows on ``tensor``'s device run over the padded width: the
+    Triton kernels do (their loads are vectorised only then); the torch twins run over the
+    real width, a strided view, and so never pay for padding a vector."""
+    return backend(tensor) == "triton"
+
+
+def padded_vector(x: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` (contiguous, of length at most ``width``) followed by zeros up to ``width``, at
+    an address divisible by 16 bytes: ``x`` itself when it already is."""
+    if x.shape[0] == width and x.data_ptr() % 16 == 0:
+        return x
+    out = x.new_zeros(width)
+    out[: x.shape[0]] = x
+    return out
 
 
 def _implementation(tensor: torch.Tensor, rows: str = "dense") -> ModuleType:

@@ -15,7 +15,14 @@ order, so every step is bit-reproducible.
 
 Block sizes follow a fixed rule rather than an autotuner: an autotuner may pick
 different configurations in two runs, which changes the order of summation
-and breaks bit-identical resumption.
+and breaks bit-identical resumption. The rule (:func:`dot_blocks`) halves the
+columns of the dot pass when it accumulates in float64: compiled ahead of time
+for sm_90 (``benchmarks/kernel_aot.py``), 512 columns of a float64 window took 160
+to 168 registers and the ``WRITE`` variant spilled.
+
+The windows pad their rows to a multiple of 16 elements and pass the padded width
+as ``d`` (:mod:`secondorder.kernels`), so that the loads of ``G`` compile to
+128-bit vector loads; any ``d`` works, at the price of scalar loads.
 """
 
 from __future__ import annotations
@@ -142,9 +149,19 @@ def _check(G: torch.Tensor, x: torch.Tensor | None, n: int) -> None:
         )
 
 
+def dot_blocks(acc: torch.dtype) -> dict[str, int]:
+    """``block_n``, ``block_d`` and ``chunks`` of the dot pass for accumulation dtype ``acc``:
+    each program reads ``chunks`` tiles of ``block_n`` rows by ``block_d`` columns."""
+    return {"block_n": 8, "block_d": 512 if acc == torch.float32 else 256, "chunks": 4}
+
+
 def _dot(G, x, n, row, block_n, block_d, chunks):
     _check(G, x, n)
     acc = accumulation_dtype(G.dtype, x.dtype)
+    rule = dot_blocks(acc)
+    block_n = block_n or rule["block_n"]
+    block_d = block_d or rule["block_d"]
+    chunks = chunks or rule["chunks"]
     programs = triton.cdiv(G.shape[1], block_d * chunks)
     partial = _workspace((programs, n), acc, G.device)
     _dot_kernel[(programs,)](
@@ -159,11 +176,12 @@ def row_dots(
     x: torch.Tensor,
     n: int,
     *,
-    block_n: int = 8,
-    block_d: int = 512,
-    chunks: int = 4,
+    block_n: int | None = None,
+    block_d: int | None = None,
+    chunks: int | None = None,
 ) -> torch.Tensor:
-    """``G[:n] @ x``; see :func:`secondorder.kernels.reference.row_dots`."""
+    """``G[:n] @ x``; see :func:`secondorder.kernels.reference.row_dots`. Block sizes not
+    given follow :func:`dot_blocks`."""
     return _dot(G, x, n, None, block_n, block_d, chunks)
 
 
@@ -173,11 +191,12 @@ def write_row_and_dot(
     x: torch.Tensor,
     n: int,
     *,
-    block_n: int = 8,
-    block_d: int = 512,
-    chunks: int = 4,
+    block_n: int | None = None,
+    block_d: int | None = None,
+    chunks: int | None = None,
 ) -> torch.Tensor:
-    """Store ``x`` in ``G[row]`` and return ``G[:n] @ G[row]``, in one pass."""
+    """Store ``x`` in ``G[row]`` and return ``G[:n] @ G[row]``, in one pass (block sizes as
+    for :func:`row_dots`)."""
     if not 0 <= row < n:
         raise ValueError(f"row {row} is outside the {n} rows in use")
     return _dot(G, x, n, row, block_n, block_d, chunks)

@@ -39,9 +39,10 @@ def _tiles(G: torch.Tensor, acc: torch.dtype):
 def row_dots(G: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
     """``t = G[:n] @ x`` in the accumulation dtype."""
     acc = accumulation_dtype(G.dtype, x.dtype)
-    x = x.to(acc)
+    if x.dtype != acc:
+        x = x.to(acc)
     if G.dtype == acc:
-        return G[:n] @ x
+        return (G if n == G.shape[0] else G[:n]) @ x
     t = torch.zeros(n, dtype=acc, device=G.device)
     for rows, columns, tile in _tiles(G[:n], acc):
         t[rows].addmv_(tile, x[columns])
@@ -55,14 +56,27 @@ def write_row_and_dot(G: torch.Tensor, row: int, x: torch.Tensor, n: int) -> tor
     return row_dots(G, G[row], n)
 
 
+def row_dots_as_written(G: torch.Tensor, row: int, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The dot products :func:`write_row_and_dot` returns, ``G[:n] @ x`` with ``G[row]`` read as
+    ``x``, but without writing ``x`` (already rounded to ``G``'s dtype) into ``G``: whoever
+    calls it writes the row once the step is accepted, and has nothing to put back if not."""
+    acc = accumulation_dtype(G.dtype, x.dtype)
+    if x.dtype != acc:
+        x = x.to(acc)
+    t = row_dots(G, x, n)
+    torch.dot(x, x, out=t[row])
+    return t
+
+
 def combine(
     G: torch.Tensor, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
 ) -> torch.Tensor:
     """``scale * x + G[:n]ᵀ c`` in the accumulation dtype (``G[:n]ᵀ c`` when ``x`` is None)."""
     acc = accumulation_dtype(G.dtype, c.dtype, *(() if x is None else (x.dtype,)))
-    c = c.to(acc)
+    if c.dtype != acc:
+        c = c.to(acc)
     if G.dtype == acc:
-        out = G[:n].T @ c
+        out = c @ (G if n == G.shape[0] else G[:n])  # Gᵀ c, without a transposed view
     else:
         out = torch.zeros(G.shape[1], dtype=acc, device=G.device)
         for rows, columns, tile in _tiles(G[:n], acc):

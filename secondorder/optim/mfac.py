@@ -3,7 +3,7 @@ r"""The M-FAC optimiser: preconditioning by the inverse empirical Fisher of rece
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -422,18 +422,25 @@ class MFAC(torch.optim.Optimizer):
         for p in with_grad:
             if p.grad.is_sparse:
                 raise RuntimeError("MFAC does not support sparse gradients")
-        if self._process_group is None:
-            # under DDP sharding the window checks its shard instead, agreeing over the ranks
-            check_gradients(with_grad)
         known = {id(p) for p in self._layout_.members}
         newcomers = [p for p in with_grad if id(p) not in known]
         if newcomers:
+            if self._process_group is None:  # before the window grows: a refused step
+                check_gradients(with_grad)  # must leave everything as it was
             self._grow(newcomers)
         layout = self._layout_
         groups = self._member_groups()
         flat, has_grad = self._flat_gradient(groups)
         g = layout.shard.take(flat)
-        update = self.window.update_solve(g)
+        try:
+            # The window checks g for NaN and Inf in the same host synchronisation as its
+            # factor, and takes the gradient out again if it must (agreeing over the ranks
+            # of a sharded window): no separate check of the gradients, and no sync for it.
+            update = self.window.update_solve(g)
+        except NonFiniteError:
+            if self._process_group is None:  # name the parameter, as before (under DDP
+                check_gradients(with_grad)  # sharding, the window names the shards)
+            raise
         self._steps += 1
         for p, active in zip(layout.members, has_grad, strict=True):
             if active:
@@ -477,10 +484,52 @@ class MFAC(torch.optim.Optimizer):
             pieces.append(g)
         return torch.cat(pieces), has_grad
 
-    def _per_coordinate(self, values: list[float], like: torch.Tensor) -> torch.Tensor:
-        """One value per member, spread over this rank's shard (zero on the padding)."""
-        segments = self._layout_.segments
-        return torch.tensor([*values, 0.0], dtype=like.dtype, device=like.device)[segments]
+    def _per_member(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
+        """One value per member and a zero for the padding, on the window's device: cached by
+        value, since building it copies host data to the device, which on a GPU waits for
+        everything queued (the values are settings, and which members have a gradient: the
+        same step after step)."""
+        cache = self._layout_.constants
+        key = ("member", tuple(values), dtype)
+        if key not in cache:
+            if len(cache) >= 32:  # settings that change every step (a schedule) do not pile up
+                cache.clear()
+            device = self._layout_.segments.device
+            cache[key] = torch.tensor([*values, 0.0], dtype=dtype, device=device)
+        return cache[key]
+
+    def _per_coordinate(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
+        """One value per member, spread over this rank's shard (zero on the padding); cached
+        as :meth:`_per_member`."""
+        cache = self._layout_.constants
+        key = ("coordinate", tuple(values), dtype)
+        if key not in cache:
+            cache[key] = self._per_member(values, dtype)[self._layout_.segments]
+        return cache[key]
+
+    def _step_counts(self, has_grad: list[bool]) -> torch.Tensor:
+        """Each member's step count, this step's included (and 0 for the padding), on the
+        device: read from the ``step`` tensors (on the CPU) once per layout and load, then
+        advanced with the members that have a gradient, so that no step copies counts to
+        the device. Called once per step."""
+        layout = self._layout_
+        if layout.step_counts is None:
+            counts = [float(self.state[p]["step"]) for p in layout.members]
+            layout.step_counts = torch.tensor(
+                [*counts, 0.0], dtype=torch.float64, device=layout.segments.device
+            )
+        else:
+            layout.step_counts.add_(self._per_member([float(h) for h in has_grad], torch.float64))
+        return layout.step_counts
+
+    def _bias_correction(
+        self, counts: torch.Tensor, groups: list[dict[str, Any]], which: int, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``1 − βᵗ`` per coordinate (1 where ``t = 0``) for ``β = betas[which]`` of each
+        member's group and ``t`` its step count."""
+        beta = self._per_member([group["betas"][which] for group in groups], torch.float64)
+        corrections = torch.where(counts > 0, 1 - beta**counts, 1.0)
+        return corrections.to(dtype)[self._layout_.segments]
 
     def _graft(
         self,
@@ -494,32 +543,22 @@ class MFAC(torch.optim.Optimizer):
         kind = self._settings.graft
         step = g
         if kind != "sgd":
-            active = self._per_coordinate([float(h) for h in has_grad], g).bool()
-            eps = self._per_coordinate([group["eps"] for group in groups], g)
+            active = self._per_coordinate([float(h) for h in has_grad], torch.bool)
+            eps = self._per_coordinate([group["eps"] for group in groups], g.dtype)
             second = self._graft_state["exp_avg_sq"]
             if kind == "adagrad":
                 second.add_(torch.where(active, g * g, 0.0))
             else:
-                beta2 = self._per_coordinate([group["betas"][1] for group in groups], g)
+                beta2 = self._per_coordinate([group["betas"][1] for group in groups], g.dtype)
                 second.copy_(torch.where(active, beta2 * second + (1 - beta2) * g * g, second))
             numerator, denominator = g, second
             if kind == "adam":  # torch.optim.Adam's step: both moments, bias-corrected
                 first = self._graft_state["exp_avg"]
-                beta1 = self._per_coordinate([group["betas"][0] for group in groups], g)
+                beta1 = self._per_coordinate([group["betas"][0] for group in groups], g.dtype)
                 first.copy_(torch.where(active, beta1 * first + (1 - beta1) * g, first))
-                counts = [float(self.state[p].get("step", 0)) for p in self._layout_.members]
-                first_correction, second_correction = (
-                    self._per_coordinate(
-                        [
-                            1 - group["betas"][i] ** c if c else 1.0
-                            for group, c in zip(groups, counts, strict=True)
-                        ],
-                        g,
-                    )
-                    for i in (0, 1)
-                )
-                numerator = first / first_correction
-                denominator = second / second_correction
+                counts = self._step_counts(has_grad)
+                numerator = first / self._bias_correction(counts, groups, 0, g.dtype)
+                denominator = second / self._bias_correction(counts, groups, 1, g.dtype)
             step = numerator / (denominator.sqrt() + eps)
         count = len(groups) + 1  # the members, and the padding
         segments = self._layout_.segments
@@ -540,7 +579,7 @@ class MFAC(torch.optim.Optimizer):
             self._momentum = torch.zeros_like(update)
         mu = self._per_coordinate(
             [group["momentum"] if h else 0.0 for group, h in zip(groups, has_grad, strict=True)],
-            update,
+            update.dtype,
         )
         moving = mu > 0
         velocity = torch.where(moving, mu * self._momentum + (1 - mu) * update, self._momentum)
@@ -592,6 +631,7 @@ class MFAC(torch.optim.Optimizer):
         state_dict = _convert_first_release(state_dict, self)
         layout, record = self._check_saved(state_dict)
         load_state_dict_exactly(self, state_dict)
+        layout.step_counts = None  # the step counts come from the loaded state
         self._layout_ = layout
         if layout.window is not None:
             layout.window.load_state_dict(record["window"])
@@ -687,6 +727,10 @@ class _Layout:
     shard: Shard  # this rank's part of the flat vector of the members
     gather_group: torch.distributed.ProcessGroup | None  # gathers the update (DDP sharding)
     segments: torch.Tensor  # the member of each coordinate of the shard
+    # per-member and per-coordinate constants on the device (MFAC._per_member)
+    constants: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    # each member's step count on the device, for Adam's bias correction (None: not read yet)
+    step_counts: torch.Tensor | None = None
 
     @property
     def sharded(self) -> bool:

@@ -1,0 +1,226 @@
+"""Host synchronisations per MFAC step, counted by instrumenting the calls that make them.
+
+    python benchmarks/host_syncs.py            # the table of docs/benchmarks.md
+    python benchmarks/host_syncs.py --where    # and where each one comes from
+
+On a GPU, reading a tensor's value on the host waits for every kernel queued before it:
+``Tensor.item``, ``tolist``, ``cpu``, ``numpy``, and ``bool``/``float``/``int``/``index``
+of a tensor. Copying host data to the device with ``torch.tensor(data, device=...)`` waits
+too (PyTorch synchronises the stream after a blocking host-to-device copy). Both are
+counted here on any device, by wrapping those calls, so that a CPU-only machine counts
+what a GPU would wait for; reads of tensors that live on the CPU whatever the model's
+device (none, in MFAC's step) would be listed apart.
+
+Each configuration trains a small MLP with MFAC until the window is full, then counts
+the syncs of every further step, and reports steady-state steps and the steps where the
+small system is refactored separately (with the rank-2 update, every ``num_grads``
+updates; below the rank-2 threshold, every step is a refactorisation, and the steady
+state). ``tests/test_host_syncs.py`` fails if a steady-state step gains a sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import sys
+import traceback
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+
+
+@dataclasses.dataclass
+class Sync:
+    kind: str  # "read: item", ..., or "copy to device"
+    where: str  # the innermost frame of the library (file:line function), else the caller
+
+
+def _where() -> str:
+    frames = traceback.extract_stack()[:-2]
+    ours = [f for f in frames if "secondorder" in f.filename and "host_syncs" not in f.filename]
+    frame = ours[-1] if ours else frames[-1]
+    return f"{Path(frame.filename).name}:{frame.lineno} {frame.name}"
+
+
+_MARK = "host_syncs.read"
+
+
+@contextlib.contextmanager
+def counting_syncs() -> Iterator[list[Sync]]:
+    """Record every host read of a tensor's value, and every ``torch.tensor`` built on a
+    device, while the context is open (not thread-safe; for measurements and tests).
+
+    Reads made from Python are caught by wrapping the methods; reads made inside torch's
+    C++ (``torch.linalg.cholesky`` checking LAPACK's ``info``, say) by the profiler, as
+    ``aten::_local_scalar_dense`` events outside the wrapped calls, credited to the
+    operator that made them. The list is complete when the context exits."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    syncs: list[Sync] = []
+    depth = [0]  # a read made inside another (e.g. tolist calling item) counts once
+    originals = {name: getattr(torch.Tensor, name) for name in _READS}
+    original_tensor = torch.tensor
+
+    def wrap(name):
+        original = originals[name]
+
+        def read(self, *args, **kwargs):
+            if depth[0]:
+                return original(self, *args, **kwargs)
+            syncs.append(Sync(f"read: {name.strip('_')}", _where()))
+            depth[0] += 1
+            try:
+                with record_function(_MARK):
+                    return original(self, *args, **kwargs)
+            finally:
+                depth[0] -= 1
+
+        return read
+
+    def tensor(data, *args, **kwargs):
+        if kwargs.get("device") is not None and not depth[0]:
+            syncs.append(Sync("copy to device", _where()))
+        return original_tensor(data, *args, **kwargs)
+
+    for name in _READS:
+        setattr(torch.Tensor, name, wrap(name))
+    torch.tensor = tensor
+    try:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield syncs
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+        torch.tensor = original_tensor
+    for event in prof.events():
+        if event.name != "aten::_local_scalar_dense":
+            continue
+        chain = []
+        parent = event.cpu_parent
+        while parent is not None:
+            chain.append(parent.name)
+            parent = parent.cpu_parent
+        if _MARK not in chain:  # a read inside an operator, not one made from Python
+            operators = [name for name in chain if name.startswith("aten::")]
+            syncs.append(Sync("read inside torch", operators[-1] if operators else "?"))
+
+
+CONFIGS = {
+    "dense": {},
+    "dense, momentum": {"momentum": 0.9},
+    "dense, graft adam": {"graft": "adam"},
+    "dense, graft adagrad + momentum": {"graft": "adagrad", "momentum": 0.9},
+    "dense, relative damping": {"relative_damp": 0.01},
+    "sparse 10%": {"density": 0.1},
+    "sparse 10%, graft adam": {"density": 0.1, "graft": "adam"},
+}
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(20, 32), torch.nn.Tanh(), torch.nn.Linear(32, 5))
+
+
+@dataclasses.dataclass
+class Steps:
+    """The syncs of each counted step, by kind of step."""
+
+    first: list[list[Sync]]  # the first step (per-member constants are copied to the device)
+    filling: list[list[Sync]]  # the other steps until the window is full
+    steady: list[list[Sync]]
+    refactor: list[list[Sync]]  # with the rank-2 policy, the steps that refactor
+
+
+def syncs_per_step(settings: dict, factor_update: str, num_grads: int = 8, steps: int = 3) -> Steps:
+    """The syncs of each step of MFAC with ``settings``, its small system kept current by
+    ``factor_update`` once full (``"refactor"``: every step is a refactorisation, and the
+    steady state; ``"rank2"``: every ``num_grads``-th step refactors)."""
+    from secondorder.optim import MFAC
+
+    net = model()
+    optimizer = MFAC(net.parameters(), lr=0.01, num_grads=num_grads, **settings)
+    gen = torch.Generator().manual_seed(1)
+
+    def step() -> None:
+        inputs = torch.randn(16, 20, generator=gen)
+        targets = torch.randint(0, 5, (16,), generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(inputs), targets).backward()
+        optimizer.step()
+
+    counted = Steps([], [], [], [])
+    for i in range(num_grads):
+        with counting_syncs() as syncs:
+            step()
+        (counted.filling if i else counted.first).append(syncs)
+    step()  # full, and one more
+    optimizer.window.factor_update = factor_update
+    total = steps if factor_update == "refactor" else num_grads + steps
+    for _ in range(total):
+        before = optimizer.window.num_refactors
+        with counting_syncs() as syncs:
+            step()
+        refactored = optimizer.window.num_refactors > before
+        if refactored and factor_update == "rank2":
+            counted.refactor.append(syncs)
+        else:
+            counted.steady.append(syncs)
+    return counted
+
+
+def _describe(steps: list[list[Sync]]) -> str:
+    if not steps:
+        return "-"
+    counts = sorted({len(s) for s in steps})
+    return "/".join(map(str, counts))
+
+
+def _sources(steps: list[list[Sync]]) -> str:
+    if not steps:
+        return ""
+    sources = Counter(f"{s.kind} at {s.where}" for s in steps[0])
+    return "; ".join(f"{n}x {what}" if n > 1 else what for what, n in sources.items())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--where", action="store_true", help="list where each sync comes from")
+    args = parser.parse_args()
+    print(f"# torch {torch.__version__}, MFAC(num_grads=8) on a 20-32-5 MLP, {sys.platform}\n")
+    header = [
+        "configuration",
+        "first step",
+        "filling steps",
+        "steady step, refactor policy",
+        "steady step, rank-2 policy",
+        "refactor step, rank-2 policy",
+    ]
+    if args.where:
+        header.append("where (first step; steady step)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name, settings in CONFIGS.items():
+        refactoring = syncs_per_step(settings, "refactor")
+        rank2 = syncs_per_step(settings, "rank2")
+        cells = [
+            name,
+            _describe(refactoring.first),
+            _describe(refactoring.filling),
+            _describe(refactoring.steady),
+            _describe(rank2.steady),
+            _describe(rank2.refactor),
+        ]
+        if args.where:
+            cells.append(f"{_sources(refactoring.first)}; {_sources(rank2.steady)}")
+        print("| " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
