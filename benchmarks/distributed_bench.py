@@ -77,7 +77,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
     model = mlp(args.hidden)
     net = DistributedDataParallel(model) if world > 1 else model
     optimizer = MFAC(
-        net.parameters(), lr=1e-3, num_grads=args.num_grads, damp=1e-2, process_group=group
+        net.parameters(),
+        lr=1e-3,
+        num_grads=args.num_grads,
+        damp=1e-2,
+        graft=None,
+        process_group=group,
     )
     d = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(rank)

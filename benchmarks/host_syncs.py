@@ -143,7 +143,8 @@ def syncs_per_step(settings: dict, factor_update: str, num_grads: int = 8, steps
     from secondorder.optim import MFAC
 
     net = model()
-    optimizer = MFAC(net.parameters(), lr=0.01, num_grads=num_grads, **settings)
+    # plain M-FAC unless the configuration grafts
+    optimizer = MFAC(net.parameters(), lr=0.01, num_grads=num_grads, **({"graft": None} | settings))
     gen = torch.Generator().manual_seed(1)
 
     def step() -> None:

@@ -45,11 +45,12 @@ def main() -> None:
 
     train, test = load_digits()
     model = DistributedDataParallel(digits_cnn().to(device))
+    # the demo's setting for this CNN: grafted onto Adam's step norms (the default)
     optimizer = MFAC(
         model.parameters(),
-        lr=0.05,
+        lr=1e-2,
         num_grads=args.num_grads,
-        damp=0.1,
+        relative_damp=1e4,
         process_group=dist.group.WORLD,
     )
     order = torch.Generator().manual_seed(

@@ -86,6 +86,14 @@ ROWS = [
         known_failures=MFAC_FAILURES,
     ),
     Row(
+        "MFAC-plain",  # the paper's M-FAC, without the default grafting
+        MFAC,
+        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5, "graft": None},
+        group=one_group,
+        complex_matrices=True,
+        known_failures=MFAC_FAILURES,
+    ),
+    Row(
         "MFAC-sparse",
         MFAC,
         {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5, "density": 0.3},

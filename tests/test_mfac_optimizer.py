@@ -48,7 +48,7 @@ def test_steps_match_the_explicit_inverse_with_groups_decay_and_momentum():
         {"params": first, "lr": 0.1, "weight_decay": 0.01, "momentum": 0.5},
         {"params": second, "lr": 0.02, "weight_decay": 0.0, "momentum": 0.0},
     ]
-    optimizer = MFAC(groups, num_grads=3, damp=1e-2)
+    optimizer = MFAC(groups, num_grads=3, damp=1e-2, graft=None)
     params = first + second
     sizes = [p.numel() for p in params]
     lr = torch.cat(
@@ -94,6 +94,7 @@ def test_sparse_steps_match_the_float64_algorithm(error_feedback):
         weight_decay=0.01,
         density=0.3,
         error_feedback=error_feedback,
+        graft=None,
     )
     d = sum(p.numel() for p in params)
     k = -(-3 * d // 10)
@@ -187,7 +188,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
 def test_lr_scheduler_changes_the_step():
     model = tiny_model(f64)
-    optimizer = MFAC(model.parameters(), lr=0.1, num_grads=2, damp=1e-2)
+    optimizer = MFAC(model.parameters(), lr=0.1, num_grads=2, damp=1e-2, graft=None)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
     train(model, optimizer, 1)
     scheduler.step()
@@ -338,7 +339,7 @@ def test_structural_errors():
 def test_an_all_frozen_list_builds_and_steps_as_a_no_op_until_something_unfreezes():
     """As torch.optim.AdamW: no error at construction; the window appears with a gradient."""
     weight = torch.nn.Parameter(torch.ones(3), requires_grad=False)
-    optimizer = MFAC([weight], lr=0.1, num_grads=2, damp=0.1)
+    optimizer = MFAC([weight], lr=0.1, num_grads=2, damp=0.1, graft=None)
     optimizer.step()
     with pytest.raises(RuntimeError, match="MFAC has no window yet"):
         optimizer.window
@@ -359,11 +360,11 @@ def test_a_parameter_unfrozen_later_joins_the_window(density):
     first, second = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
     second.requires_grad_(False)
     grown = MFAC([*first.parameters(), *second.parameters()], lr=0.1, num_grads=3, damp=0.1,
-                 density=density)  # fmt: skip
+                 density=density, graft=None)  # fmt: skip
     always = [
         p.detach().clone().requires_grad_(True) for p in (*first.parameters(), *second.parameters())
     ]
-    reference = MFAC(always, lr=0.1, num_grads=3, damp=0.1, density=density)
+    reference = MFAC(always, lr=0.1, num_grads=3, damp=0.1, density=density, graft=None)
     start = second.weight.detach().clone()
     gen = torch.Generator().manual_seed(1)
     for step in range(5):
