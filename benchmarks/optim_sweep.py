@@ -534,14 +534,24 @@ def held_out_rows(task: str, finals: list[dict]) -> list[list[str]]:
     return rows
 
 
-def report() -> None:
+def tuning_rows(records: list[dict], every_setting: bool) -> list[list[str]]:
+    """Every tuning record, or each family's best with the number of settings tried."""
+    if every_setting:
+        return [[r["family"], describe(r["settings"]), f"{r['loss']:.4f}"] for r in records]
+    rows = []
+    for family in dict.fromkeys(r["family"] for r in records):
+        tried = [r for r in records if r["family"] == family]
+        best = min(tried, key=score)
+        rows.append([family, f"{describe(best['settings'])} (best of {len(tried)})",
+                     f"{best['loss']:.4f}"])  # fmt: skip
+    return rows
+
+
+def report(every_setting: bool = False) -> None:
     for path in sorted(SWEEP_DIR.glob("tune-*.jsonl")):
         task = path.stem.removeprefix("tune-")
         print(f"\n### {task}: tuning (seed 0, validation split)\n")
-        rows = [
-            [record["family"], describe(record["settings"]), f"{record['loss']:.4f}"]
-            for record in read_records(path)
-        ]
+        rows = tuning_rows(read_records(path), every_setting)
         print(markdown_table(["optimiser", "setting", "validation loss"], rows))
         finals = read_records(SWEEP_DIR / f"final-{task}.jsonl")
         if finals:
@@ -582,6 +592,9 @@ def main() -> None:
     parser.add_argument("--llama-steps", type=int, default=300)
     parser.add_argument("--task", choices=["llama300", "llama1000", "cnn", "logistic"])
     parser.add_argument("--family", help="only this optimiser family (tune, final)")
+    parser.add_argument(
+        "--every-setting", action="store_true", help="report: every tuning run, not each best"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.part in ("cnn", "all"):
@@ -602,7 +615,7 @@ def main() -> None:
             parser.error(f"--part {args.part} needs --task")
         (tune if args.part == "tune" else final)(args.task, args.family)
     if args.part == "report":
-        report()
+        report(args.every_setting)
     if args.part == "window":
         window_sizes()
 
