@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeGuard
 
 import torch
 import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 _DISTRIBUTED = dist.is_available()
 
@@ -91,7 +95,7 @@ def _dtensor_types():
     return DTensor, Shard
 
 
-def is_sharded(t: torch.Tensor) -> bool:
+def is_sharded(t: torch.Tensor) -> TypeGuard[DTensor]:
     """Whether ``t`` is a DTensor (an FSDP2 parameter or gradient)."""
     return _DISTRIBUTED and isinstance(t, _dtensor_types()[0])
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from .._progress import progress
 from ..prune import MagnitudePruner, MFACPruner, Pruner, SparseGPTPruner, WandaPruner
+from ..prune.pruners import Scope
 from .data import TextCorpus, load_stdlib_corpus
 from .language_model import (
     LMSetup,
@@ -139,7 +140,7 @@ def prunable_weights(model: nn.Module) -> list[str]:
 MethodBuilder = Callable[[nn.Module, list, LlamaPruneSetup, bool], Pruner]
 
 
-def _mfac(scope: str) -> MethodBuilder:
+def _mfac(scope: Scope) -> MethodBuilder:
     def build(model, data, setup, show_progress):
         return MFACPruner(
             model, lm_loss, data, params=prunable_weights(model), num_grads=setup.num_grads,

@@ -138,12 +138,12 @@ def fisher_merge(
                     f"{len(named)} parameters; pass a dict {{name: tensor}} for a subset"
                 )
             fisher = dict(zip(named, fisher, strict=True))
-        for name, f in fisher.items():
+        for name, entry in fisher.items():
             if name not in named:
                 raise ValueError(f"fishers[{index}] names {name!r}, not a parameter of the model")
-            if f.shape != named[name].shape:
+            if entry.shape != named[name].shape:
                 raise ValueError(
-                    f"fishers[{index}][{name!r}] has shape {tuple(f.shape)}, "
+                    f"fishers[{index}][{name!r}] has shape {tuple(entry.shape)}, "
                     f"the parameter {tuple(named[name].shape)}"
                 )
         named_params.append(named)

@@ -336,7 +336,8 @@ class GramSystem:
         and, under relative damping, the new ``λ`` (0-d; ``None`` otherwise), computed on the
         device for the caller to read with the rest: nothing committed, nothing read."""
         n = self.num_stored
-        damp, shift = None, n * self.damp
+        damp = None
+        shift: torch.Tensor | float = n * self.damp
         if self.relative_damp is not None and n:
             self._views()
             mean_square = self._gram_n.diagonal().sum() / (n * self.dim)
@@ -374,8 +375,8 @@ class GramSystem:
 
     def _update_factor(self, slot: int, delta: torch.Tensor, checks: list[torch.Tensor]) -> None:
         L, D = ldl_replace_row(self.factor, self.pivots, slot, delta)
-        error = ldl_row_error(L, D, self.matrix(), slot)
-        *values, error = self._read(*checks, error)
+        row_error = ldl_row_error(L, D, self.matrix(), slot)
+        *values, error = self._read(*checks, row_error)
         _check_finite(values)
         if error <= self.check_tol:  # False for NaN
             self._set_factor(L, D)
@@ -457,7 +458,11 @@ class GramSystem:
         if not 0 <= n <= m or not 0 <= int(state["next_slot"]) < m:
             raise ValueError(f"a saved ring position is outside a window of {m} slots")
         # the first release saved the n × n factor itself
-        shapes = {"gram": [(m, m)], "factor": [(m, m), (n, n)], "pivots": [(m,), (n,)]}
+        shapes: dict[str, list[tuple[int, ...]]] = {
+            "gram": [(m, m)],
+            "factor": [(m, m), (n, n)],
+            "pivots": [(m,), (n,)],
+        }
         for key, allowed in shapes.items():
             if tuple(state[key].shape) not in allowed:
                 raise ValueError(

@@ -264,7 +264,7 @@ class DenseMFAC(InverseFisherOperator):
         """The diagonal of ``F⁻¹`` (of its block-diagonal part when blockwise); the first call
         computes it (a second pass over the gradients for Woodbury blocks), later calls reuse it."""
         if self._diagonal is None:
-            groups = [group.blocks.shape[::2] for group in self._groups]  # (count, size)
+            groups = [(group.blocks.shape[0], group.blocks.shape[2]) for group in self._groups]
             ensure_fits(
                 _diag_peak_bytes(groups, self.num_grads, self.dim, self._itemsize),
                 self.device,
@@ -359,6 +359,7 @@ class _BlockGroup:
         if self.method == "explicit":
             self.inverse, self._diagonal, self.factored = self._explicit(self.blocks, damp)
         else:
+            self.factor: torch.Tensor | None  # freed by _drop_unneeded_factor
             self.factor, self.factored = self._factor(self.blocks, damp)
             # K_b⁻¹ of each block, formed by the second solve when there are several blocks
             self._system_inverse: torch.Tensor | None = None
@@ -394,6 +395,13 @@ class _BlockGroup:
             failed |= bad
         return factor, not bool(failed)
 
+    @property
+    def _live_factor(self) -> torch.Tensor:
+        """``L``, for the callers that run before it is freed (the diagonal and ``K_b⁻¹``
+        not both formed yet, or a single block, whose ``K_b⁻¹`` is never formed)."""
+        assert self.factor is not None, "the Woodbury factor was already freed"
+        return self.factor
+
     def diagonal(self) -> torch.Tensor:
         """``[F⁻¹]_kk`` of this group's coordinates, float64: ``(1 − ‖W[:, k]‖²) / damp`` with
         ``W = L⁻¹ G`` formed a piece at a time, floored at ``1 / F_kk``."""
@@ -406,7 +414,7 @@ class _BlockGroup:
             _piece_elements(count, n, size), dtype=_SMALL, device=self.blocks.device
         )
         for b, columns in _pieces(count, n, size):
-            L = self.factor[b]
+            L = self._live_factor[b]
             for c in columns:
                 G_c = _float64_piece(buffer, self.blocks[b][..., c])
                 # W_cᵀ = G_cᵀ L⁻ᵀ: G_cᵀ is already column-major for LAPACK (no copy) and
@@ -424,7 +432,7 @@ class _BlockGroup:
         triangular solves): then one batched product per solve instead of two triangular
         solves per block (1024 blocks of 64: 4-6 ms against 30)."""
         if self._system_inverse is None:
-            self._system_inverse = torch.cholesky_inverse(self.factor)
+            self._system_inverse = torch.cholesky_inverse(self._live_factor)
             self._drop_unneeded_factor()
         return self._system_inverse
 
@@ -444,7 +452,7 @@ class _BlockGroup:
         if self.blocks.shape[0] == 1 and k == 1 and self.blocks.is_contiguous():
             G = self.blocks[0]  # one pass for G x, one for the combination, fused kernels
             t = kernels.row_dots(G, x[0], G.shape[0])
-            c = torch.cholesky_solve(t.to(_SMALL)[:, None], self.factor[0])[:, 0]
+            c = torch.cholesky_solve(t.to(_SMALL)[:, None], self._live_factor[0])[:, 0]
             out = kernels.combine(
                 G, (-c / self.damp).to(x.dtype), G.shape[0], x[0], 1.0 / self.damp
             )
@@ -453,7 +461,7 @@ class _BlockGroup:
         t = (blocks @ self.blocks.mT).to(_SMALL)  # (G_b x_b)ᵀ: [blocks, k, n]
         if self.blocks.shape[0] == 1 or (self._system_inverse is None and not self._solved):
             # one block, or the first solve (the pruner's only one): triangular solves
-            c = torch.cholesky_solve(t.mT, self.factor).mT  # (K⁻¹ G x)ᵀ
+            c = torch.cholesky_solve(t.mT, self._live_factor).mT  # (K⁻¹ G x)ᵀ
         else:  # from the second solve on, K_b⁻¹ once and a batched product each time
             c = t @ self._system_inverses()  # (K_b⁻¹ G_b x_b)ᵀ, K_b⁻¹ being symmetric
         self._solved = True

@@ -79,6 +79,12 @@ _LOOP_FROM_SAMPLES = 512
 Product = Callable[[Params], Params]
 
 
+def _vjp(func: Callable[..., Any], *primals: Any) -> tuple[Any, Callable[..., Any]]:
+    """``torch.func.vjp`` without ``has_aux``: ``(output, vjp_fn)``."""
+    # torch annotates both forms' results as one union, the has_aux triple included
+    return vjp(func, *primals)  # type: ignore[return-value]
+
+
 def hessian_product(
     model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
 ) -> Product:
@@ -87,7 +93,7 @@ def hessian_product(
     def batch_loss(p: Params) -> torch.Tensor:
         return loss_fn(functional_call(model, p, (inputs,)), targets)
 
-    _, gradient_vjp = vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
+    _, gradient_vjp = _vjp(grad(batch_loss), params)  # the Hessian is symmetric: vjp = jvp
     return lambda v: gradient_vjp(v)[0]
 
 
@@ -142,9 +148,9 @@ def ggn_product(
     def outputs(p: Params) -> torch.Tensor:
         return functional_call(model, p, (inputs,))
 
-    f, pullback = vjp(outputs, params)
-    _, push_forward = vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
-    _, output_hessian = vjp(lambda f: grad(loss_fn)(f, targets), f)
+    f, pullback = _vjp(outputs, params)
+    _, push_forward = _vjp(lambda u: pullback(u)[0], torch.zeros_like(f))
+    _, output_hessian = _vjp(lambda f: grad(loss_fn)(f, targets), f)
 
     def product(v: Params) -> Params:
         (jv,) = push_forward(v)
@@ -372,9 +378,9 @@ class CurvatureOperator:
         if not sizes:
             raise ValueError("data holds no samples")
         num_samples = sum(sizes)
-        losses = torch.stack(losses)
-        total = (losses * torch.tensor(sizes, dtype=losses.dtype, device=losses.device)).sum()
-        return sizes, losses, total / num_samples, gradient / num_samples
+        stacked = torch.stack(losses)
+        total = (stacked * torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device)).sum()
+        return sizes, stacked, total / num_samples, gradient / num_samples
 
     def check_deterministic(self) -> None:
         """Raise :class:`NondeterminismError` unless two passes over the data agree.

@@ -172,6 +172,15 @@ class SlidingWindow(InverseFisherOperator, ABC):
         """Bytes held by the window: its rows, the ``n × n`` system and any other buffer of
         its size (not small workspace: see :attr:`~.gram_system.GramSystem.nbytes`)."""
 
+    @abstractmethod
+    def update(self, g: torch.Tensor) -> None:
+        """Add gradient ``g`` to the window (evicting the oldest once full)."""
+
+    @abstractmethod
+    def update_solve(self, g: torch.Tensor) -> torch.Tensor:
+        """Add ``g`` to the window and return the inverse-Fisher product of it (as the window
+        stores it) with the new window: one optimiser step."""
+
     # ---------------------------------------------------------------- the shared machinery
     @property
     def num_stored(self) -> int:
@@ -360,7 +369,7 @@ class SlidingWindow(InverseFisherOperator, ABC):
             )
         mine = self.state_dict()
         state = {"relative_damp": None, **state}  # saved before relative damping existed
-        keys = ("dim", "num_grads", "relative_damp", "storage_dtype")
+        keys: tuple[str, ...] = ("dim", "num_grads", "relative_damp", "storage_dtype")
         if self.relative_damp is None:
             keys += ("damp",)
         for key in keys:

@@ -185,12 +185,12 @@ def spectral_density(
     krylov = lanczos(
         op, start, num_iters, generator=generator, progress=progress, desc="Lanczos quadrature"
     )
-    nodes, weights = [], []
+    run_nodes, run_weights = [], []
     for run in range(num_runs):
         theta, s = torch.linalg.eigh(_tridiagonal(krylov.alpha[:, run], krylov.beta[:, run]))
-        nodes.append(theta)
-        weights.append(s[0].square())
-    nodes, weights = torch.stack(nodes).cpu(), torch.stack(weights).cpu()
+        run_nodes.append(theta)
+        run_weights.append(s[0].square())
+    nodes, weights = torch.stack(run_nodes).cpu(), torch.stack(run_weights).cpu()
 
     low, high = float(nodes.min()), float(nodes.max())
     if sigma is None:

@@ -108,9 +108,11 @@ class CurvatureMonitor:
                 self.columns.append("top_eigenvalue_residual")
         self.columns.append("seconds")
 
-        self.tensorboard = writer if hasattr(writer, "add_scalar") else None
-        if self.tensorboard is not None:
-            self.csv_path: Path | None = Path(self.tensorboard.log_dir) / "curvature.csv"
+        # any object with SummaryWriter's add_scalar, flush and log_dir
+        tensorboard: Any = writer if hasattr(writer, "add_scalar") else None
+        self.tensorboard = tensorboard
+        if tensorboard is not None:
+            self.csv_path: Path | None = Path(tensorboard.log_dir) / "curvature.csv"
         else:
             self.csv_path = None if writer is None else Path(writer)
         if self.csv_path is not None:

@@ -79,6 +79,11 @@ class SpectralLinear(nn.Module):
     (without the factor ``s_i``), and never forms the ``out × in`` gradient.
     """
 
+    U: torch.Tensor
+    V: torch.Tensor
+    indices: torch.Tensor
+    bias: nn.Parameter | None
+
     def __init__(
         self,
         U: torch.Tensor,

@@ -20,7 +20,7 @@ from .._common import to_device
 def load_state_dict_exactly(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
     """``torch.optim.Optimizer.load_state_dict``, keeping every state tensor's saved dtype."""
     torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
-    params = {}
+    params: dict[int, torch.Tensor] = {}  # the saved ids of the parameters
     for saved_group, group in zip(state_dict["param_groups"], optimizer.param_groups, strict=True):
         params.update(zip(saved_group["params"], group["params"], strict=True))
     for param_id, saved in state_dict["state"].items():

@@ -49,6 +49,7 @@ __all__ = [
     "adam_moments",
     "check_shapes",
     "decoupled_decay",
+    "grad_of",
     "learning_rate",
     "write_back",
 ]
@@ -121,6 +122,14 @@ def decoupled_decay(target: torch.Tensor, group: dict[str, Any]) -> None:
         target.mul_(1 - learning_rate(group) * group["weight_decay"])
 
 
+def grad_of(p: torch.Tensor) -> torch.Tensor:
+    """``p.grad``, for a parameter the step already found to have one (the optimisers step
+    only those)."""
+    grad = p.grad
+    assert grad is not None, "a parameter without a gradient reached the step"
+    return grad
+
+
 def real_view(t: torch.Tensor) -> torch.Tensor:
     """``t``, or for a complex ``t`` its ``view_as_real`` (a view: writes reach ``t``). AdamW
     steps the real and imaginary parts as two coordinates, as ``torch.optim.AdamW`` does."""
@@ -172,11 +181,12 @@ def check_gradients(
     proxies = proxies or {}
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in params:
-        if p.grad.is_sparse:
+        grad = grad_of(p)
+        if grad.is_sparse:
             raise RuntimeError("this optimiser does not support sparse gradients")
-        by_device.setdefault(p.grad.device, []).append(p)
+        by_device.setdefault(grad.device, []).append(p)
     for group in by_device.values():
-        checked = [proxies[p] if p in proxies else local(p.grad) for p in group]
+        checked = [proxies[p] if p in proxies else local(grad_of(p)) for p in group]
         suspects = ~torch.isfinite(torch.stack(torch._foreach_norm(checked, 2)))
         bad = None
         if bool(suspects.any()):
@@ -485,7 +495,7 @@ class AdamWCore(torch.optim.Optimizer):
             grads, exp_avgs, exp_avg_sqs, steps = [], [], [], []
             for p in batch:
                 state = self.state[p]
-                grad = real_view(local(p.grad)).to(dtype)
+                grad = real_view(local(grad_of(p))).to(dtype)
                 if "exp_avg" not in state:
                     state["step"] = 0
                     state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
@@ -521,7 +531,7 @@ class AdamWCore(torch.optim.Optimizer):
         state = self.state[p]
         weight = real_view(local(p))
         dtype = statistics_dtype(weight.dtype)
-        grad = real_view(local(p.grad)).to(dtype)
+        grad = real_view(local(grad_of(p))).to(dtype)
         if "exp_avg" not in state:
             state["step"] = 0
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)

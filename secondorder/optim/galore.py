@@ -190,7 +190,9 @@ class NaturalGaLore(GaLoreAdamW):
         super()._check_claimed_state(p, group, saved)
         if "fisher" not in saved:
             return
-        kept, _, rank = self._projected_shape(p, LowRankConfig.from_group(group))
+        config = LowRankConfig.from_group(group)
+        assert config is not None  # the group claimed p: it has a rank
+        kept, _, rank = self._projected_shape(p, config)
         window = self._new_window(p, group, kept * rank, statistics_dtype(p.dtype))
         try:
             window.load_state_dict(saved["fisher"])

@@ -24,7 +24,7 @@ from ..curvature.sparse_window import check_density
 from ..errors import NonFiniteError
 from ._nonfinite import check_nonfinite_policy, skip_step
 from ._state import load_state_dict_exactly
-from .adamw_core import check_gradients, learning_rate
+from .adamw_core import check_gradients, grad_of, learning_rate
 
 __all__ = ["GRAFTS", "MFAC", "WindowSettings"]
 
@@ -325,7 +325,7 @@ class MFAC(torch.optim.Optimizer):
         else:  # FSDP2: the window spans this rank's rows, nothing is gathered
             shard, gather_group, window_group = Shard(0, 1, sum(sizes)), None, fsdp_group
         settings = self._settings
-        options = {
+        options: dict[str, Any] = {
             "device": device,
             "dtype": statistics_dtype(*(p.dtype.to_real() for p in members)),
             "storage_dtype": None
@@ -360,7 +360,7 @@ class MFAC(torch.optim.Optimizer):
             return None
         if any(shard is None for shard in shards):
             raise ValueError("MFAC needs all of its parameters sharded by FSDP2, or none of them")
-        groups = {shard.group for shard in shards}
+        groups = {shard.group for shard in shards if shard is not None}  # all of them, as checked
         if len(groups) > 1:
             raise ValueError("MFAC needs all FSDP2 parameters sharded over one process group")
         group = groups.pop()
@@ -408,6 +408,7 @@ class MFAC(torch.optim.Optimizer):
         layout = self._layout(old.members + newcomers)
         extra = layout.shard.size - old.shard.size
         if old.window is not None:
+            assert layout.window is not None  # it spans the newcomers
             layout.window.load_state_dict(_widened(old.window.state_dict(), extra, layout.window))
         self._layout_ = layout
         if self._momentum is not None:
@@ -436,7 +437,7 @@ class MFAC(torch.optim.Optimizer):
         if not with_grad:
             return
         for p in with_grad:
-            if p.grad.is_sparse:
+            if grad_of(p).is_sparse:
                 raise RuntimeError("MFAC does not support sparse gradients")
         known = {id(p) for p in self._layout_.members}
         newcomers = [p for p in with_grad if id(p) not in known]

@@ -59,8 +59,22 @@ import torch
 
 from .._checks import check_positive_int
 from .._common import statistics_dtype
-from .._distributed import RowShard, all_reduce_sum, broadcast_from_first, local, row_shard
-from .adamw_core import AdamWCore, adam_moments, check_shapes, decoupled_decay, write_back
+from .._distributed import (
+    RowShard,
+    all_reduce_sum,
+    broadcast_from_first,
+    is_sharded,
+    local,
+    row_shard,
+)
+from .adamw_core import (
+    AdamWCore,
+    adam_moments,
+    check_shapes,
+    decoupled_decay,
+    grad_of,
+    write_back,
+)
 from .projectors import Projector, Side, orient, rotation
 
 __all__ = ["LowRankConfig", "ProjectedAdam"]
@@ -241,7 +255,9 @@ class ProjectedAdam(AdamWCore):
     def _check_claimed_state(
         self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
     ) -> None:
-        kept, size, rank = self._projected_shape(p, LowRankConfig.from_group(group))
+        config = LowRankConfig.from_group(group)
+        assert config is not None  # the group claimed p: it has a rank
+        kept, size, rank = self._projected_shape(p, config)
         check_shapes(saved, {"exp_avg": (kept, rank), "exp_avg_sq": (kept, rank)}, p)
         if "basis" not in saved:
             return
@@ -263,8 +279,9 @@ class ProjectedAdam(AdamWCore):
         non-finite), so the gradient is read once, not twice. On a refresh step nothing is
         computed (a NaN gradient would break the SVD): the gradient itself is checked."""
         config = self._configs[index]
+        assert config is not None  # the group claimed p: it has a rank
         state = self.state[p]
-        grad = local(p.grad).to(statistics_dtype(p.dtype))
+        grad = local(grad_of(p)).to(statistics_dtype(p.dtype))
         rows, cols = p.shape[0], math.prod(p.shape[1:])
         side = config.side(rows, cols)
         prepared = _Projection(config, grad, side, cols if side == "right" else rows)
@@ -308,7 +325,8 @@ class ProjectedAdam(AdamWCore):
             split = self._split_group(p, config) is not None
             basis = self.projector.basis(choice, size, dtype)
             mine = basis if shard is None or split else basis[shard.start : shard.stop]
-        else:
+        else:  # _prepare_claimed projected the gradient
+            assert prepared.low is not None and prepared.basis is not None
             low, mine = prepared.low, prepared.basis
         low = self._precondition(p, state, group, low)
         if "exp_avg" not in state:
@@ -352,7 +370,9 @@ class ProjectedAdam(AdamWCore):
             return choice, X @ self.projector.basis(choice, size, X.dtype)
         if side == "right" and self.projector.refreshes_row_shards:
             return self.projector.refresh_row_shard(X, rank, shard.group)
-        full = orient(as_matrix(p.grad.full_tensor()).to(X.dtype), side)  # all-gather the rows
+        grad = grad_of(p)
+        assert is_sharded(grad)  # p has a row shard: FSDP2 made it and its gradient DTensors
+        full = orient(as_matrix(grad.full_tensor()).to(X.dtype), side)  # all-gather the rows
         choice, low = self.projector.refresh(full, rank)
         return choice, (low[shard.start : shard.stop] if side == "right" else low)
 

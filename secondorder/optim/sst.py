@@ -66,7 +66,14 @@ from .._common import statistics_dtype
 from .._distributed import row_shard
 from ..nn import SpectralLinear, refactor, spectral_factors
 from ..nn import to_spectral as _to_spectral
-from .adamw_core import AdamWCore, adam_moments, check_shapes, decoupled_decay, write_back
+from .adamw_core import (
+    AdamWCore,
+    adam_moments,
+    check_shapes,
+    decoupled_decay,
+    grad_of,
+    write_back,
+)
 
 __all__ = ["SST", "SpectralConfig", "sample_pairs"]
 
@@ -228,7 +235,9 @@ class SST(AdamWCore):
                     "SST's factors are real; put complex parameters in a group without 'rank' "
                     "(AdamW on their real view)"
                 )
-        for p in group["params"] if config is not None else ():
+        if config is None:
+            return
+        for p in group["params"]:
             if p.dim() >= 2 and config.rank > min(p.shape[0], math.prod(p.shape[1:])):
                 raise ValueError(
                     f"rank {config.rank} is larger than the {min(p.shape[0], math.prod(p.shape[1:]))} "
@@ -266,7 +275,9 @@ class SST(AdamWCore):
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         layer = group.get("spectral_layer")
         if layer is None:
-            self._drop_in_step(p, group, self._configs[index])
+            config = self._configs[index]
+            assert config is not None  # a drop-in group claims its matrices by its rank
+            self._drop_in_step(p, group, config)
         elif p is group["params"][0]:  # s: the layer steps once, with all three gradients
             self._layer_step(self._layers[layer], group, layer)
 
@@ -274,7 +285,7 @@ class SST(AdamWCore):
     def _spectral_step(
         self,
         factors: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-        grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        grads: tuple[torch.Tensor, ...],
         moments: tuple[dict[str, Any], ...],
         group: dict[str, Any],
         round_index: int,
@@ -349,7 +360,7 @@ class SST(AdamWCore):
             state["moments"] = dict(zip("suv", self._fresh_moments(s, u, v), strict=True))
         state["step"] += 1
         U, s, V, indices = state["U"], state["s"], state["V"], state["indices"]
-        G = p.grad.reshape(p.shape[0], -1).to(dtype)
+        G = grad_of(p).reshape(p.shape[0], -1).to(dtype)
         GV = G @ V
         grads = (torch.einsum("ik,ik->k", U, GV), GV[:, indices], G.mT @ U[:, indices])
         u, v = U[:, indices], V[:, indices]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
@@ -16,8 +16,11 @@ from .targets import ParamSpec, PruneTarget
 
 __all__ = ["LayerwisePruner"]
 
+#: the statistic a subclass collects of each layer's inputs
+StatisticT = TypeVar("StatisticT", bound=InputStatistic)
 
-class LayerwisePruner(Pruner):
+
+class LayerwisePruner(Pruner, Generic[StatisticT]):
     """Prunes ``nn.Linear`` layers one at a time, each from a statistic of its inputs on calibration data.
 
     Every step (see :meth:`Pruner.prune`) goes through the blocks in order
@@ -65,12 +68,12 @@ class LayerwisePruner(Pruner):
         self.progress = progress
         self.blocks = group_by_block(model, self.targets)
 
-    def _statistic(self, target: PruneTarget) -> InputStatistic:
+    def _statistic(self, target: PruneTarget) -> StatisticT:
         """A fresh statistic of the inputs of ``target``'s layer."""
         raise NotImplementedError
 
     def _prune_layer(
-        self, target: PruneTarget, statistic: InputStatistic, goal: _Goal
+        self, target: PruneTarget, statistic: StatisticT, goal: _Goal
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The new weights of ``target`` and its boolean mask (``True``: kept) for ``goal``."""
         raise NotImplementedError

@@ -182,7 +182,7 @@ def sparsegpt_prune(
     return W.to(weight.dtype), kept
 
 
-class SparseGPTPruner(LayerwisePruner):
+class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
     """SparseGPT (Frantar and Alistarh, 2023): per-layer OBS on the inputs' Hessian (:func:`sparsegpt_prune`).
 
     Each ``nn.Linear`` is pruned to keep its outputs on the calibration data:

@@ -40,12 +40,20 @@ class PruneTarget:
     def parameter(self) -> nn.Parameter:
         """The parameter holding the values: ``name_orig`` once reparametrised, else ``name``."""
         key = f"{self.name}_orig" if self.is_reparametrized else self.name
-        return self.module._parameters[key]
+        parameter = self.module._parameters[key]
+        assert parameter is not None, f"{self.qualname} is registered as None"
+        return parameter
+
+    def _mask_buffer(self) -> torch.Tensor:
+        """The buffer ``name_mask`` of a reparametrised weight."""
+        buffer = self.module._buffers[f"{self.name}_mask"]
+        assert buffer is not None, f"{self.qualname}'s mask is registered as None"
+        return buffer
 
     def mask(self) -> torch.Tensor:
         """Boolean mask of the weights still in the model (all ``True`` before any pruning)."""
         if self.is_reparametrized:
-            return self.module._buffers[f"{self.name}_mask"] != 0
+            return self._mask_buffer() != 0
         return torch.ones_like(self.parameter, dtype=torch.bool)
 
     def weight(self) -> torch.Tensor:
@@ -58,7 +66,7 @@ class PruneTarget:
         parameter = self.parameter
         parameter.copy_(weight.reshape(parameter.shape).masked_fill(~mask, 0))
         if self.is_reparametrized:
-            buffer = self.module._buffers[f"{self.name}_mask"]
+            buffer = self._mask_buffer()
             buffer.copy_(mask)
             setattr(self.module, self.name, parameter * buffer)
         else:
@@ -66,7 +74,7 @@ class PruneTarget:
 
     def snapshot(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Copies of the stored values and mask (``None`` when not reparametrised), for :meth:`restore`."""
-        mask = self.module._buffers[f"{self.name}_mask"] if self.is_reparametrized else None
+        mask = self._mask_buffer() if self.is_reparametrized else None
         return self.parameter.detach().clone(), None if mask is None else mask.clone()
 
     @torch.no_grad()
@@ -77,7 +85,7 @@ class PruneTarget:
             torch_prune.remove(self.module, self.name)
         self.parameter.copy_(values)
         if mask is not None:
-            buffer = self.module._buffers[f"{self.name}_mask"]
+            buffer = self._mask_buffer()
             buffer.copy_(mask)
             setattr(self.module, self.name, self.parameter * buffer)
 
@@ -166,7 +174,7 @@ def _reparametrized_weights(model: nn.Module) -> Iterable[tuple[torch.Tensor, to
     for module in model.modules():
         for key, mask in module._buffers.items():
             parameter = module._parameters.get(f"{key.removesuffix('_mask')}_orig")
-            if key.endswith("_mask") and parameter is not None:
+            if key.endswith("_mask") and parameter is not None and mask is not None:
                 yield parameter, mask
 
 

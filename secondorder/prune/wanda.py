@@ -50,7 +50,7 @@ def wanda_scores(weight: torch.Tensor, input_norms: torch.Tensor) -> torch.Tenso
     return weight.abs().to(input_norms.dtype) * input_norms
 
 
-class WandaPruner(LayerwisePruner):
+class WandaPruner(LayerwisePruner[InputNormStatistic]):
     """Wanda (Sun et al., 2023): remove the weights of lowest ``|W_ij| · ‖X_j‖₂`` in each output row.
 
     ``‖X_j‖₂`` is the norm of input feature ``j`` over every calibration token that
