@@ -309,6 +309,10 @@ def families(task: str) -> dict[str, list[dict]]:
             {"lr": lr, "damp": damp, **window}
             for lr, damp in ((0.02, 0.03), (0.05, 0.1), (0.1, 0.3))
         ]
+        grid["MFAC grafted (adam), absolute damping"] = [
+            {"lr": lr, "damp": damp, "graft": "adam", "momentum": 0.0, **window}
+            for lr, damp in itertools.product((3e-3, 1e-2, 3e-2), (0.03, 0.1, 0.3))
+        ]
     return grid
 
 
