@@ -28,19 +28,39 @@ class RunResult:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of every tensor in the optimiser's per-parameter state, nested ones included,
-    and of MFAC's gradient window, which lives beside that state."""
+    each storage counted once, and of whatever MFAC's gradient window holds outside that
+    state (its spare row). The window's rows are in the state, so adding the window's
+    ``nbytes`` to the state's would count them twice."""
+    optimizer.state_dict()  # MFAC refreshes its state's references to the live buffers
+    storages: dict[int, int] = {}
 
-    def size(value) -> int:
+    def visit(value) -> None:
         if isinstance(value, torch.Tensor):
-            return value.numel() * value.element_size()
-        if isinstance(value, dict):
-            return sum(size(v) for v in value.values())
-        if isinstance(value, (list, tuple)):
-            return sum(size(v) for v in value)
-        return 0
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        elif isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                visit(v)
 
-    window = getattr(optimizer, "window", None)
-    return sum(size(state) for state in optimizer.state.values()) + (window.nbytes if window else 0)
+    for state in optimizer.state.values():
+        visit(state)
+    outside = 0
+    try:
+        window = getattr(optimizer, "window", None)
+    except RuntimeError:  # MFAC before its first gradient
+        window = None
+    if window is not None:
+        shared = {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+            for t in window.state_dict().values()
+            if isinstance(t, torch.Tensor)
+        }
+        outside = window.nbytes - sum(shared.values())
+        storages.update(shared)
+    return sum(storages.values()) + max(outside, 0)
 
 
 @torch.no_grad()

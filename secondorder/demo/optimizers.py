@@ -18,10 +18,10 @@ TITLE = "Optimisers on the digits CNN"
 OPTIMIZERS = {
     "AdamW": lambda params: torch.optim.AdamW(params, lr=9e-3),
     "SGD+momentum": lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9),
-    # MFAC's defaults (grafted onto Adam's step norms, ρ = 1e4, 64 gradients) at this
-    # problem's learning rate
-    "MFAC": lambda params: MFAC(params, lr=1e-2),
-    # the paper's M-FAC, ungrafted, at its best absolute damping on this CNN
+    # grafted onto Adam's step norms (MFAC's default); an absolute damping beat the
+    # default relative one on this CNN (held-out 0.075 against 0.084)
+    "MFAC": lambda params: MFAC(params, lr=1e-2, damp=0.03),
+    # the paper's M-FAC, ungrafted, at its best damping on this CNN
     "MFAC plain": lambda params: MFAC(params, lr=0.05, damp=0.1, graft=None),
     # keeping 1% of each gradient with error feedback (EFCP)
     "MFAC sparse 1%": lambda params: MFAC(params, lr=0.03, relative_damp=1e3, density=0.01),
@@ -29,12 +29,14 @@ OPTIMIZERS = {
 
 #: what the comparison found, for the report (docs/benchmarks.md, "The MFAC optimiser")
 FINDINGS = (
-    "Where M-FAC helps: on the tiny Llama of the low-rank section, grafted M-FAC (the "
-    "defaults) matched tuned AdamW (2.048 ± 0.066 against 2.051 ± 0.022 nats/byte held-out, "
-    "3 seeds), where plain M-FAC, tuned as well, lost by 0.33. Where it does not: on this "
-    "CNN and on the logistic regression of the digits, tuned SGD with momentum and AdamW "
-    "reach a lower held-out loss than grafted M-FAC (0.084 ± 0.007 against 0.077 ± 0.036 "
-    "and 0.076 ± 0.014 here), at about the same step time and 65 times AdamW's state."
+    "Where M-FAC helps: on this CNN, tuned and over 5 seeds, plain M-FAC reached the lowest "
+    "held-out loss of every optimiser (0.066 ± 0.021, against 0.077 ± 0.036 for SGD with "
+    "momentum and 0.076 ± 0.014 for AdamW; its accuracy, 0.974, within a standard deviation "
+    "of theirs), and grafted M-FAC matched tuned AdamW on the tiny Llama of the low-rank "
+    "section at 300 steps (2.048 ± 0.066 against 2.051 ± 0.022 nats/byte). Where it does "
+    "not: AdamW stays ahead on the logistic regression (0.185 against 0.215 to 0.236 for "
+    "grafted M-FAC), GaLore beats both on the Llama (1.916), and the window holds 65 times "
+    "AdamW's state here."
 )
 
 
