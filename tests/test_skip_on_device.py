@@ -236,3 +236,36 @@ def test_a_skipped_first_step_of_a_claimed_first_parameter_is_not_its_first_step
     optimizer.step()
     assert int(optimizer.state[weight]["step"]) == 1
     assert int(optimizer.state[weight]["skipped_steps"]) == 1
+
+
+def test_a_subclass_that_does_not_mask_its_claimed_steps_is_decided_on_the_host():
+    """An AdamWCore subclass written without the policy in mind (docs/architecture.md's
+    signSGD on matrices) writes its claimed parameters directly: under skip_on_device its
+    steps are decided on the host, so a NaN step still changes nothing."""
+    from secondorder.optim.adamw_core import AdamWCore, decoupled_decay
+
+    class SignMatrices(AdamWCore):
+        def __init__(self, params, **kw):
+            adamw = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
+            super().__init__(params, {"lr": 0.1, "correct_bias": True, **adamw}, **kw)
+
+        def _claims(self, p, index):
+            return p.dim() >= 2
+
+        def _step_claimed(self, p, group, index):
+            decoupled_decay(p, group)
+            p.add_(p.grad.sign(), alpha=-group["lr"])
+
+    model = mlp()
+    optimizer = SignMatrices(model.parameters(), nonfinite="skip_on_device")
+    step(model, optimizer, 0)
+    before = snapshot(model, optimizer)
+    model.zero_grad()
+    backward(model, 1)
+    model[0].weight.grad[0, 0] = float("nan")
+    optimizer.step()
+    after = snapshot(model, optimizer)
+    for state in (before["optimizer"]["state"], after["optimizer"]["state"]):
+        state[0].pop("skipped_steps", None)
+    assert_identical(after, before)
+    assert int(skipped(optimizer)) == 1

@@ -341,6 +341,10 @@ class AdamWCore(torch.optim.Optimizer):
         "_verdict": lambda: None,
         "_mirrors": dict,
     }
+    #: whether :meth:`_finish_claimed` writes through ``self._verdict`` (masked writes, for
+    #: ``nonfinite="skip_on_device"``); if not, a step with claimed parameters is decided
+    #: on the host under that policy, so a subclass that knows nothing of it stays correct
+    _masks_claimed_steps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -398,8 +402,10 @@ class AdamWCore(torch.optim.Optimizer):
     def _finish_claimed(
         self, p: torch.Tensor, group: dict[str, Any], index: int, prepared: Any
     ) -> None:
-        """The rest of a claimed step, once every gradient has passed its check (under
-        ``nonfinite="skip_on_device"``, every write of it through ``self._verdict``)."""
+        """The rest of a claimed step, once every gradient has passed its check. A subclass
+        that sets ``_masks_claimed_steps`` makes every write of it through ``self._verdict``
+        when that is not ``None`` (``nonfinite="skip_on_device"``: :class:`write_back` with
+        the verdict, :meth:`_increment`, ``self._verdict.keep``)."""
         self._step_claimed(p, group, index)
 
     def _schedule(self, p: torch.Tensor, index: int) -> tuple[torch.Tensor, int, int] | None:
@@ -532,6 +538,7 @@ class AdamWCore(torch.optim.Optimizer):
             if self._claims(p, index):
                 proxy, prepared = self._prepare_claimed(p, group, index)
                 claimed.append((p, group, index, prepared))
+                host = host or not self._masks_claimed_steps
                 if proxy is not None:
                     proxies[p] = proxy
                 if prepared is not None:

@@ -156,6 +156,7 @@ class ProjectedAdam(AdamWCore):
 
     #: the bases kept between steps are rebuilt, not copied, by ``deepcopy`` and ``pickle``
     _transient: ClassVar[dict[str, Callable[[], Any]]] = {**AdamWCore._transient, "_bases": dict}
+    _masks_claimed_steps = True
 
     def __init__(
         self,

@@ -163,6 +163,8 @@ class SST(AdamWCore):
             count of skipped steps.
     """
 
+    _masks_claimed_steps = True
+
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]] | nn.Module,
