@@ -1,7 +1,8 @@
-"""Host synchronisations per MFAC step, counted by instrumenting the calls that make them.
+"""Host synchronisations per optimiser step, counted by instrumenting the calls that make them.
 
-    python benchmarks/host_syncs.py            # the table of docs/benchmarks.md
+    python benchmarks/host_syncs.py            # the tables of docs/benchmarks.md
     python benchmarks/host_syncs.py --where    # and where each one comes from
+    python benchmarks/host_syncs.py --part projected   # one of them (mfac, projected)
 
 On a GPU, reading a tensor's value on the host waits for every kernel queued before it:
 ``Tensor.item``, ``tolist``, ``cpu``, ``numpy``, and ``bool``/``float``/``int``/``index``
@@ -16,6 +17,12 @@ the syncs of every further step, and reports steady-state steps and the steps wh
 small system is refactored separately (with the rank-2 update, every ``num_grads``
 updates; below the rank-2 threshold, every step is a refactorisation, and the steady
 state). ``tests/test_host_syncs.py`` fails if a steady-state step gains a sync.
+
+The projected part does the same for GaLoreAdamW, DCTAdamW, NaturalGaLore and SST on the
+same MLP (its two matrices at rank 4, refreshed every 4 steps; DCTAdamW also with its
+default, a refresh every step), under ``nonfinite="raise"`` and ``"skip_on_device"``:
+the first step, steady steps, refresh steps (SST: round boundaries) and, for
+``"skip_on_device"``, the steps that read the count of skipped steps, apart.
 """
 
 from __future__ import annotations
@@ -174,6 +181,94 @@ def syncs_per_step(settings: dict, factor_update: str, num_grads: int = 8, steps
     return counted
 
 
+GAP = 4  # refreshes every 4 steps in the projected part
+
+#: name → (build the optimiser for a model, whether call i of step() refreshes)
+PROJECTED: dict[str, tuple] = {}
+
+
+def _projected_groups(net: torch.nn.Module, gap: int) -> list[dict]:
+    params = list(net.parameters())
+    return [
+        {"params": [p for p in params if p.dim() < 2]},
+        {"params": [p for p in params if p.dim() >= 2], "rank": 4, "update_proj_gap": gap},
+    ]
+
+
+def _projected_configs() -> dict[str, tuple]:
+    from secondorder.nn import to_spectral
+    from secondorder.optim import SST, DCTAdamW, GaLoreAdamW, NaturalGaLore
+
+    def every(gap: int, phase: int = 0):
+        return lambda i: i % gap == phase
+
+    return {
+        "GaLoreAdamW": (lambda n, **k: GaLoreAdamW(_projected_groups(n, GAP), **k), every(GAP)),
+        "DCTAdamW (refresh every step, its default)": (
+            lambda n, **k: DCTAdamW(_projected_groups(n, 1), **k),
+            lambda i: False,  # every step refreshes: that is the steady state
+        ),
+        "DCTAdamW": (lambda n, **k: DCTAdamW(_projected_groups(n, GAP), **k), every(GAP)),
+        "NaturalGaLore": (
+            lambda n, **k: NaturalGaLore(_projected_groups(n, GAP), history=4, **k),
+            every(GAP),
+        ),
+        "SST": (lambda n, **k: SST(_projected_groups(n, GAP), **k), every(GAP)),
+        "SST, spectral mode": (  # a round ends on its last step
+            lambda n, **k: SST(to_spectral(n, 4), update_proj_gap=GAP, **k),
+            every(GAP, GAP - 1),
+        ),
+    }
+
+
+@dataclasses.dataclass
+class ProjectedSteps:
+    """The syncs of each counted step of a projected optimiser, by kind of step."""
+
+    first: list[list[Sync]]  # the first step (the state is created)
+    steady: list[list[Sync]]
+    refresh: list[list[Sync]]  # a new basis (SST: a round boundary)
+    report: list[list[Sync]]  # skip_on_device: steady steps that read the skip count
+    poisoned: list[list[Sync]] = dataclasses.field(default_factory=list)  # NaN gradients
+
+
+def projected_syncs_per_step(
+    name: str, nonfinite: str, steps: int = 3 * GAP + 2, report_every: int = 7, poison=()
+) -> ProjectedSteps:
+    """The syncs of each of ``steps`` steps of the projected optimiser ``name`` (of
+    :data:`PROJECTED`) under ``nonfinite``, reading the skip count every ``report_every``
+    steps; the steps in ``poison`` get a NaN gradient (and are listed apart: after a skip
+    the refreshes come a step later than the step numbers say)."""
+    if not PROJECTED:
+        PROJECTED.update(_projected_configs())
+    build, refreshes = PROJECTED[name]
+    net = model()
+    extra = {"skip_report_every": report_every} if nonfinite == "skip_on_device" else {}
+    optimizer = build(net, lr=0.01, nonfinite=nonfinite, **extra)
+    gen = torch.Generator().manual_seed(1)
+    counted = ProjectedSteps([], [], [], [])
+    for i in range(steps):
+        inputs = torch.randn(16, 20, generator=gen)
+        targets = torch.randint(0, 5, (16,), generator=gen)
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(inputs), targets).backward()
+        if i in poison:
+            next(p for p in net.parameters() if p.grad is not None).grad[0] = float("nan")
+        with counting_syncs() as syncs:
+            optimizer.step()
+        if i in poison:
+            counted.poisoned.append(syncs)
+        elif i == 0:
+            counted.first.append(syncs)
+        elif refreshes(i):
+            counted.refresh.append(syncs)
+        elif extra and (i + 1) % report_every == 0:
+            counted.report.append(syncs)
+        else:
+            counted.steady.append(syncs)
+    return counted
+
+
 def _describe(steps: list[list[Sync]]) -> str:
     if not steps:
         return "-"
@@ -188,12 +283,7 @@ def _sources(steps: list[list[Sync]]) -> str:
     return "; ".join(f"{n}x {what}" if n > 1 else what for what, n in sources.items())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--where", action="store_true", help="list where each sync comes from")
-    args = parser.parse_args()
+def _mfac_table(where: bool) -> None:
     print(f"# torch {torch.__version__}, MFAC(num_grads=8) on a 20-32-5 MLP, {sys.platform}\n")
     header = [
         "configuration",
@@ -203,7 +293,7 @@ def main() -> None:
         "steady step, rank-2 policy",
         "refactor step, rank-2 policy",
     ]
-    if args.where:
+    if where:
         header.append("where (first step; steady step)")
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
@@ -218,9 +308,51 @@ def main() -> None:
             _describe(rank2.steady),
             _describe(rank2.refactor),
         ]
-        if args.where:
+        if where:
             cells.append(f"{_sources(refactoring.first)}; {_sources(rank2.steady)}")
         print("| " + " | ".join(cells) + " |")
+
+
+def _projected_table(where: bool) -> None:
+    if not PROJECTED:
+        PROJECTED.update(_projected_configs())
+    print(
+        f"\n# torch {torch.__version__}, the same MLP, matrices at rank 4 refreshed every {GAP} "
+        f"steps, skip_report_every=7, {sys.platform}\n"
+    )
+    header = ["optimiser", "nonfinite", "first step", "steady step", "refresh step"]
+    header.append("steady step reading the skip count")
+    if where:
+        header.append("where (steady step; refresh step)")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in PROJECTED:
+        for nonfinite in ("raise", "skip_on_device"):
+            steps = projected_syncs_per_step(name, nonfinite)
+            cells = [
+                name,
+                f"`{nonfinite}`",
+                _describe(steps.first),
+                _describe(steps.steady),
+                _describe(steps.refresh),
+                _describe(steps.report),
+            ]
+            if where:
+                cells.append(f"{_sources(steps.steady) or '-'}; {_sources(steps.refresh) or '-'}")
+            print("| " + " | ".join(cells) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--where", action="store_true", help="list where each sync comes from")
+    parser.add_argument("--part", choices=("all", "mfac", "projected"), default="all")
+    args = parser.parse_args()
+    if args.part in ("all", "mfac"):
+        _mfac_table(args.where)
+    if args.part in ("all", "projected"):
+        _projected_table(args.where)
 
 
 if __name__ == "__main__":

@@ -41,4 +41,5 @@ class NondeterminismError(RuntimeError):
 
 class SkippedStepWarning(UserWarning):
     """An optimiser built with ``nonfinite="skip"`` skipped steps whose gradients held NaN or
-    Inf (issued at the 1st, 10th, 100th... skip: counted, never silent)."""
+    Inf (issued at the 1st, 10th, 100th... skip: counted, never silent); with
+    ``nonfinite="skip_on_device"``, the count read every ``skip_report_every`` steps grew."""

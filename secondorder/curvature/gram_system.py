@@ -32,7 +32,7 @@ import torch
 from .._checks import check_damping, check_positive_int
 from .ldl import ldl_replace_row, ldl_row_error, ldl_solve
 
-__all__ = ["FACTOR_UPDATES", "GramSystem", "NonFiniteRow", "rank2_is_faster"]
+__all__ = ["FACTOR_UPDATES", "GramSystem", "NonFiniteRow", "Proposal", "rank2_is_faster"]
 
 # The n × n system is small; it is always solved in float64.
 SMALL_DTYPE = torch.float64
@@ -53,6 +53,28 @@ _RANK2_THRESHOLD: dict[str, int | None] = {"cuda": 256, "cpu": 512}
 
 class NonFiniteRow(ValueError):
     """The inserted row (or a number checked with it) is NaN or Inf; nothing was changed."""
+
+
+class Proposal:
+    """An insertion :meth:`GramSystem.propose` has begun: what :meth:`GramSystem.settle`
+    commits and :meth:`GramSystem.withdraw` undoes, and the 0-d tensors to read in between."""
+
+    def __init__(
+        self,
+        slot: int,
+        row: torch.Tensor,
+        column: torch.Tensor,
+        old_row: torch.Tensor,
+        saved: tuple[int, int, int, float],
+    ) -> None:
+        self.slot = slot
+        self.row, self.column = row, column  # views of the Gram matrix, written
+        self.old_row = old_row  # what they held (the system's workspace)
+        self.saved = saved  # the ring's bookkeeping and the damping before
+        self.reads: list[torch.Tensor] = []
+        self.chol: torch.Tensor | None = None  # a refactorisation's Cholesky factor
+        self.new_damp = False  # whether the last read is the new relative damping
+        self.update: tuple[torch.Tensor, torch.Tensor] | None = None  # an O(n²) update's L, D
 
 
 def rank2_is_faster(num_grads: int, device: torch.device) -> bool:
@@ -265,7 +287,26 @@ class GramSystem:
         whenever the row holds one) or ``check`` (a 0-d tensor, if given) is not finite
         (unless ``check_finite=False``), and ``torch.linalg.LinAlgError`` if the new ``K`` is
         not numerically positive definite; either way the system is as it was. Both
-        verdicts are read in one host synchronisation, before anything is committed."""
+        verdicts are read in one host synchronisation, before anything is committed.
+
+        :meth:`propose`, a read of its ``reads`` and :meth:`settle`: an owner that reads
+        other numbers too (an optimiser's verdict on the gradients, other windows') calls
+        those itself, so that one synchronisation serves them all."""
+        proposal = self.propose(slot, gram_row, check, check_finite=check_finite)
+        self.settle(proposal, self._read(*proposal.reads))
+
+    def propose(
+        self,
+        slot: int,
+        gram_row: torch.Tensor,
+        check: torch.Tensor | None = None,
+        *,
+        check_finite: bool = True,
+    ) -> Proposal:
+        """:meth:`insert` up to its host read: the Gram row is written and the new factor
+        computed on the device, nothing is read. The returned proposal's ``reads`` (0-d
+        tensors) are to be read on the host and handed to :meth:`settle`, or the proposal
+        given up with :meth:`withdraw`; nothing else may change the system in between."""
         n = gram_row.shape[0]
         filling = n > self.num_stored
         if filling:
@@ -285,24 +326,51 @@ class GramSystem:
             and self.updates_since_refactor + 1 >= self.refactor_every
         )
         checks = ([entry] if check is None else [entry, check]) if check_finite else []
+        proposal = Proposal(slot, row, column, old_row, saved)
+        if filling or due or self.factor_update == "refactor":
+            chol, info, damp = self._cholesky()
+            proposal.chol, proposal.new_damp = chol, damp is not None
+            proposal.reads = [*checks, info, *([] if damp is None else [damp])]
+        else:
+            L, D = ldl_replace_row(self.factor, self.pivots, slot, row - old_row)
+            proposal.update = (L, D)
+            proposal.reads = [*checks, ldl_row_error(L, D, self.matrix(), slot)]
+        return proposal
+
+    def settle(self, proposal: Proposal, values: list[float]) -> None:
+        """Commit a :meth:`propose`'d insertion given the values of its ``reads``, or raise
+        (:class:`NonFiniteRow`, ``torch.linalg.LinAlgError``) with the system as it was. An
+        O(n²) update that fails its accuracy check is replaced by a refactorisation, which
+        reads the host again."""
+        values = list(values)
         try:
-            if filling or due or self.factor_update == "refactor":
-                chol, info, damp = self._cholesky()
-                values = self._read(*checks, info, *([] if damp is None else [damp]))
-                if damp is not None:
+            if proposal.update is None:
+                if proposal.new_damp:
                     self.damp = values.pop()
                 *values, failed = values
                 _check_finite(values)
                 if failed:
                     raise torch.linalg.LinAlgError("K is not positive definite")
-                self._commit_cholesky(chol)
-            else:
-                self._update_factor(slot, row - old_row, checks)
+                assert proposal.chol is not None  # a refactorisation's proposal
+                self._commit_cholesky(proposal.chol)
+                return
+            *values, error = values
+            _check_finite(values)
+            if error <= self.check_tol:  # False for NaN
+                self._set_factor(*proposal.update)
+                self.updates_since_refactor += 1
+                return
+            self.num_failed_checks += 1
+            self.refactor()
         except (torch.linalg.LinAlgError, NonFiniteRow):
-            row.copy_(old_row)
-            column.copy_(old_row)
-            self.num_stored, self.next_position, self.updates_since_refactor, self.damp = saved
+            self.withdraw(proposal)
             raise
+
+    def withdraw(self, proposal: Proposal) -> None:
+        """Give up a :meth:`propose`'d insertion: the system is as it was before it."""
+        proposal.row.copy_(proposal.old_row)
+        proposal.column.copy_(proposal.old_row)
+        self.num_stored, self.next_position, self.updates_since_refactor, self.damp = proposal.saved
 
     def replace(self, slots: list[int], gram: torch.Tensor) -> None:
         """The rows in ``slots`` (all rows in use) were all changed and their Gram matrix is now
@@ -372,18 +440,6 @@ class GramSystem:
         self._fresh = chol  # split into L and D when asked for (_split_fresh)
         self.updates_since_refactor = 0
         self.num_refactors += 1
-
-    def _update_factor(self, slot: int, delta: torch.Tensor, checks: list[torch.Tensor]) -> None:
-        L, D = ldl_replace_row(self.factor, self.pivots, slot, delta)
-        row_error = ldl_row_error(L, D, self.matrix(), slot)
-        *values, error = self._read(*checks, row_error)
-        _check_finite(values)
-        if error <= self.check_tol:  # False for NaN
-            self._set_factor(L, D)
-            self.updates_since_refactor += 1
-            return
-        self.num_failed_checks += 1
-        self.refactor()
 
     def solve(self, t: torch.Tensor) -> torch.Tensor:
         """``K⁻¹ t`` in float64, with one step of iterative refinement."""

@@ -30,9 +30,21 @@ from .._checks import check_damping, check_finite, check_positive_int, ensure_fi
 from .._distributed import all_reduce_sum, rank_and_world
 from ..errors import NonFiniteError, NotPositiveDefiniteError
 from .fisher_operators import FisherOperator, InverseFisherOperator
-from .gram_system import GramSystem, NonFiniteRow
+from .gram_system import GramSystem, NonFiniteRow, Proposal
 
-__all__ = ["SlidingWindow", "SlidingWindowMFAC"]
+__all__ = ["PendingUpdate", "SlidingWindow", "SlidingWindowMFAC"]
+
+
+class PendingUpdate:
+    """A gradient :meth:`SlidingWindow.begin_update` has written: ``reads`` are the 0-d
+    tensors whose values :meth:`SlidingWindow.finish_update_solve` needs."""
+
+    def __init__(self, proposal: Proposal, gram_row: torch.Tensor) -> None:
+        self.proposal, self.gram_row = proposal, gram_row
+
+    @property
+    def reads(self) -> list[torch.Tensor]:
+        return self.proposal.reads
 
 
 class SlidingWindow(InverseFisherOperator, ABC):
@@ -288,15 +300,38 @@ class SlidingWindow(InverseFisherOperator, ABC):
                 self._check_finite(x, "gradient")
             except torch.linalg.LinAlgError:
                 self._restore_row(slot)
-                accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
-                rounding = torch.finfo(accumulation).eps * float(gram_row.abs().max())
-                raise NotPositiveDefiniteError(
-                    f"adding this gradient makes n·damp·I + G Gᵀ singular in floating point: "
-                    f"n·damp = {n * self.damp:.3g} is below the rounding of the dot products "
-                    f"(about eps·‖g‖² = {rounding:.3g}), as happens when gradients repeat. Use "
-                    "a larger damp, or dtype=torch.float64; the window is unchanged"
-                ) from None
+                raise self._singular(n, gram_row) from None
         raise AssertionError("unreachable: an unverified insertion cannot fail its check")
+
+    def _singular(self, n: int, gram_row: torch.Tensor) -> NotPositiveDefiniteError:
+        accumulation = kernels.reference.accumulation_dtype(self.storage_dtype, self.dtype)
+        rounding = torch.finfo(accumulation).eps * float(gram_row.abs().max())
+        return NotPositiveDefiniteError(
+            f"adding this gradient makes n·damp·I + G Gᵀ singular in floating point: "
+            f"n·damp = {n * self.damp:.3g} is below the rounding of the dot products "
+            f"(about eps·‖g‖² = {rounding:.3g}), as happens when gradients repeat. Use "
+            "a larger damp, or dtype=torch.float64; the window is unchanged"
+        )
+
+    # ---------------------------------------------------------------- an update in two halves
+    def finish_update_solve(self, pending: PendingUpdate, values: list[float]) -> torch.Tensor:
+        """Commit a :meth:`begin_update` given the values of its ``reads`` and return ``F⁻¹ g``
+        with the new window (as ``update_solve``). Raises
+        :class:`~secondorder.errors.NotPositiveDefiniteError` with the window unchanged if
+        the new system cannot be factored."""
+        slot = pending.proposal.slot
+        try:
+            self._system.settle(pending.proposal, values)
+        except torch.linalg.LinAlgError:
+            self._restore_row(slot)
+            raise self._singular(pending.gram_row.shape[0], pending.gram_row) from None
+        self._commit_row(slot)
+        return self._solve_inserted(slot)
+
+    def cancel_update(self, pending: PendingUpdate) -> None:
+        """Give up a :meth:`begin_update`: the window is as it was before it."""
+        self._system.withdraw(pending.proposal)
+        self._restore_row(pending.proposal.slot)
 
     def _solve_inserted(self, slot: int) -> torch.Tensor:
         """``F⁻¹ c_s = n Cᵀ K⁻¹ e_s`` for the row just inserted in ``slot``."""
@@ -536,6 +571,20 @@ class SlidingWindowMFAC(SlidingWindow):
         """
         x = self._vector(g, "gradient", check_finite=False)
         return self._solve_inserted(self._insert(x, x))
+
+    def begin_update(self, g: torch.Tensor) -> PendingUpdate:
+        """The first half of :meth:`update` (or of ``update_solve``), for an owner that has
+        checked ``g`` for NaN and Inf itself and reads its verdict in the same host
+        synchronisation as the window's: ``g`` is written into its slot and the small
+        system's new factor computed, nothing is read. Read the returned update's ``reads``
+        (0-d tensors) and hand their values to :meth:`finish_update_solve`, or give it up
+        with :meth:`cancel_update`; nothing else may change the window in between."""
+        x = self._vector(g, "gradient", check_finite=False)
+        slot, n = self._system.next_slot()
+        dots = self._write_row(slot, x, n)
+        gram_row = all_reduce_sum(dots, self.process_group)
+        proposal = self._system.propose(slot, gram_row, check_finite=False)
+        return PendingUpdate(proposal, gram_row)
 
     def transform_(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the gradients held by ``fn`` of them, in place, keeping their order.

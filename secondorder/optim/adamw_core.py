@@ -30,7 +30,7 @@ torch's dtype cast.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,13 +40,25 @@ from .._checks import check_finite, check_positive_int
 from .._common import statistics_dtype
 from .._distributed import all_reduce_sum, local, row_shard
 from ..errors import NonFiniteError
-from ._nonfinite import check_nonfinite_policy, skip_step
+from ._nonfinite import (
+    COUNTERS,
+    DeviceVerdict,
+    check_nonfinite_policy,
+    device_skip_count,
+    device_verdict,
+    read_skip_count,
+    report_skips,
+    skip_step,
+)
 from ._state import load_state_dict_exactly, tag_rank_local, untag_rank_local
 
 __all__ = [
     "AdamWCore",
     "AdamWSettings",
+    "Prepared",
     "adam_moments",
+    "add_scaled",
+    "apply_adam",
     "check_shapes",
     "decoupled_decay",
     "grad_of",
@@ -99,21 +111,70 @@ def learning_rate(group: dict[str, Any]) -> float:
 
 
 def adam_moments(
-    state: dict[str, Any], g: torch.Tensor, group: dict[str, Any]
-) -> tuple[float, torch.Tensor]:
+    state: dict[str, Any],
+    g: torch.Tensor,
+    group: dict[str, Any],
+    verdict: DeviceVerdict | None = None,
+) -> tuple[float | torch.Tensor, torch.Tensor]:
     """Count the step and update ``state``'s moments with ``g``; return AdamW's step size and
-    denominator, so that the update is ``-step_size · exp_avg / denom``."""
+    denominator, so that the update is ``-step_size · exp_avg / denom`` (:func:`apply_adam`).
+
+    A step counter that is a tensor (``nonfinite="skip_on_device"``) is counted on the
+    device and the bias corrections computed there, in float64 with the operations Python
+    applies to the int (``x ** 0.5`` as a ``pow``, ``lr / x`` as a division), so that the
+    step size, a 0-d float64 tensor then, has the bits of the float it would be. With a
+    ``verdict``, the moments and the counter are left as they were if it found NaN or Inf."""
     beta1, beta2 = group["betas"]
-    state["step"] += 1
+    step = state["step"]
     exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    exp_avg.lerp_(g, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    if not isinstance(step, torch.Tensor):
+        state["step"] = step = step + 1
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        if not group["correct_bias"]:
+            return learning_rate(group), exp_avg_sq.sqrt().add_(group["eps"])
+        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
+        return learning_rate(group) / (1 - beta1**step), denom
+    taken = (step + 1).to(torch.float64)  # the count if the step is taken
+    if verdict is None:
+        step.add_(1)
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    else:
+        verdict.increment(step)
+        verdict.keep(exp_avg, exp_avg.lerp(g, 1 - beta1))
+        verdict.keep(exp_avg_sq, exp_avg_sq.mul(beta2).addcmul_(g, g, value=1 - beta2))
     if not group["correct_bias"]:
         return learning_rate(group), exp_avg_sq.sqrt().add_(group["eps"])
-    step = state["step"]
-    bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-    return learning_rate(group) / (1 - beta1**step), denom
+    half = torch.full((), 0.5, dtype=torch.float64, device=step.device)
+    bias_correction2_sqrt = torch.pow(1 - beta2**taken, half)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(exp_avg_sq.dtype)).add_(group["eps"])
+    lr = torch.full((), learning_rate(group), dtype=torch.float64, device=step.device)
+    return torch.div(lr, 1 - beta1**taken), denom
+
+
+def apply_adam(
+    target: torch.Tensor,
+    exp_avg: torch.Tensor,
+    denom: torch.Tensor,
+    step_size: float | torch.Tensor,
+) -> None:
+    """``target ← target − step_size · exp_avg / denom``; a tensor ``step_size`` (on the
+    device) gives the bits a float would on a CPU."""
+    if isinstance(step_size, torch.Tensor):
+        target.addcdiv_(exp_avg * (-step_size).to(exp_avg.dtype), denom)
+    else:
+        target.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def add_scaled(target: torch.Tensor, update: torch.Tensor, alpha: float | torch.Tensor) -> None:
+    """``target ← target + alpha · update`` (one rounding, as ``add_(update, alpha=...)``,
+    for a float or a 0-d tensor ``alpha``)."""
+    if isinstance(alpha, torch.Tensor):
+        target.addcmul_(update, alpha.to(update.dtype))
+    else:
+        target.add_(update, alpha=alpha)
 
 
 def decoupled_decay(target: torch.Tensor, group: dict[str, Any]) -> None:
@@ -138,17 +199,29 @@ def real_view(t: torch.Tensor) -> torch.Tensor:
 
 class write_back:
     """``p`` itself, or for a low-precision ``p`` a copy in ``dtype`` that is written back
-    (rounded once) when the block exits without an error."""
+    (rounded once) when the block exits without an error. With a ``verdict``
+    (``nonfinite="skip_on_device"``) the block always works on a copy, written back only
+    if the verdict found no NaN or Inf (``torch.where`` on the device)."""
 
-    def __init__(self, p: torch.Tensor, dtype: torch.dtype) -> None:
+    def __init__(
+        self, p: torch.Tensor, dtype: torch.dtype, verdict: DeviceVerdict | None = None
+    ) -> None:
         self.p = p
-        self.target = p if p.dtype == dtype else p.to(dtype)
+        self.verdict = verdict
+        if verdict is not None:
+            self.target = p.to(dtype, copy=True)
+        else:
+            self.target = p if p.dtype == dtype else p.to(dtype)
 
     def __enter__(self) -> torch.Tensor:
         return self.target
 
     def __exit__(self, *exc: object) -> None:
-        if self.target is not self.p and exc[0] is None:
+        if exc[0] is not None:
+            return
+        if self.verdict is not None:
+            self.verdict.keep(self.p, self.target)
+        elif self.target is not self.p:
             self.p.copy_(self.target)
 
 
@@ -165,8 +238,10 @@ def _graph_task_id() -> int | None:
 
 
 def check_gradients(
-    params: list[torch.Tensor], proxies: dict[torch.Tensor, torch.Tensor] | None = None
-) -> None:
+    params: list[torch.Tensor],
+    proxies: dict[torch.Tensor, torch.Tensor] | None = None,
+    reads: Sequence[torch.Tensor] = (),
+) -> list[float]:
     """Raise before anything changes if a gradient is sparse or holds NaN or Inf.
 
     One reduction over all gradients of a device and one host synchronisation: their
@@ -177,7 +252,12 @@ def check_gradients(
     projection) that NaN or Inf in it would make non-finite, smaller to reduce; a proxy
     that overflowed from a finite gradient is refused too. For FSDP2 gradients the verdict
     is agreed over their group, so that a NaN in one rank's rows stops every rank instead of
-    leaving the others waiting in a collective."""
+    leaving the others waiting in a collective.
+
+    ``reads`` are 0-d tensors that the caller needs on the host this step (a Fisher
+    window's verdict on its updated factor, say): they come back in the same
+    synchronisation as the verdict of their device, and their values are returned, in
+    order."""
     proxies = proxies or {}
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in params:
@@ -185,11 +265,24 @@ def check_gradients(
         if grad.is_sparse:
             raise RuntimeError("this optimiser does not support sparse gradients")
         by_device.setdefault(grad.device, []).append(p)
-    for group in by_device.values():
-        checked = [proxies[p] if p in proxies else local(grad_of(p)) for p in group]
-        suspects = ~torch.isfinite(torch.stack(torch._foreach_norm(checked, 2)))
+    values: list[float] = [0.0] * len(reads)
+    devices = list(by_device)
+    devices += [r.device for r in reads if r.device not in devices]
+    for device in dict.fromkeys(devices):
+        group = by_device.get(device, [])
+        mine = [i for i, r in enumerate(reads) if r.device == device]
+        numbers = [reads[i].reshape(1).to(torch.float64) for i in mine]
+        if group:
+            checked = [proxies[p] if p in proxies else local(grad_of(p)) for p in group]
+            suspects = ~torch.isfinite(torch.stack(torch._foreach_norm(checked, 2)))
+            numbers.insert(0, suspects.any().reshape(1).to(torch.float64))
+        read = torch.cat(numbers).tolist()  # the one synchronisation of this device
+        for i, value in zip(mine, read[len(read) - len(mine) :], strict=True):
+            values[i] = value
+        if not group:
+            continue
         bad = None
-        if bool(suspects.any()):
+        if read[0]:
             flagged = ((group[i], checked[i]) for i in suspects.nonzero()[:, 0].tolist())
             bad = next((p for p, t in flagged if not bool(torch.isfinite(t).all())), None)
         shards = {shard.group for shard in map(row_shard, group) if shard is not None}
@@ -199,8 +292,28 @@ def check_gradients(
                 raise NonFiniteError("a gradient holds NaN or Inf in the rows of another rank")
         if bad is not None:
             what = f"the gradient of a parameter of shape {tuple(bad.shape)}"
-            check_finite(local(bad.grad), what)
+            check_finite(local(grad_of(bad)), what)
             raise NonFiniteError(f"{what} overflows (to Inf) once projected; nothing was changed")
+    return values
+
+
+class Prepared:
+    """What :meth:`AdamWCore._prepare_claimed` hands on to :meth:`AdamWCore._finish_claimed`
+    besides its own data: 0-d tensors to ``read`` in the synchronisation of the gradients'
+    verdict (their ``values`` are filled in before finishing), whether the step ``needs_host``
+    under ``nonfinite="skip_on_device"`` (a refresh, a round boundary), and how to
+    ``cancel`` what preparing began if the step is refused."""
+
+    def __init__(self, *, needs_host: bool = False) -> None:
+        self.needs_host = needs_host
+        self.reads: list[torch.Tensor] = []
+        self.values: list[float] = []
+        self.on_cancel: Callable[[], None] | None = None  # undoes what preparing began
+
+    def cancel(self) -> None:
+        """The step was refused: undo what preparing began (``on_cancel``, if any)."""
+        if self.on_cancel is not None:
+            self.on_cancel()
 
 
 class AdamWCore(torch.optim.Optimizer):
@@ -224,9 +337,13 @@ class AdamWCore(torch.optim.Optimizer):
             accumulated, and free that gradient, so full gradients never coexist. See
             :meth:`step` for the contract.
         accumulation_steps: with ``layerwise``, update on every this many backward passes.
-        nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed) or
-            ``"skip"`` (the step is skipped, counted and warned about, as GradScaler does;
-            see :mod:`secondorder.optim._nonfinite`).
+        nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed),
+            ``"skip"`` (the step is skipped, counted and warned about, as GradScaler does)
+            or ``"skip_on_device"`` (the same skip, decided on the device without a host
+            synchronisation, as GradScaler with a fused AdamW); see
+            :mod:`secondorder.optim._nonfinite`.
+        skip_report_every: with ``nonfinite="skip_on_device"``, read the count of skipped
+            steps on the host every this many steps (one synchronisation) and warn if it grew.
     """
 
     #: attributes rebuilt rather than copied by ``copy.deepcopy`` and ``pickle``: name → factory
@@ -234,7 +351,13 @@ class AdamWCore(torch.optim.Optimizer):
         "_hooks": list,
         "_stepped": list,
         "_graph_task": lambda: None,
+        "_verdict": lambda: None,
+        "_mirrors": dict,
     }
+    #: whether :meth:`_finish_claimed` writes through ``self._verdict`` (masked writes, for
+    #: ``nonfinite="skip_on_device"``); if not, a step with claimed parameters is decided
+    #: on the host under that policy, so a subclass that knows nothing of it stays correct
+    _masks_claimed_steps: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -244,14 +367,24 @@ class AdamWCore(torch.optim.Optimizer):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         nonfinite: str = "raise",
+        skip_report_every: int = 100,
     ) -> None:
         self.nonfinite = check_nonfinite_policy(nonfinite)
-        if layerwise and nonfinite == "skip":
+        if layerwise and nonfinite != "raise":
             raise ValueError(
-                "nonfinite='skip' cannot be combined with layerwise=True: the parameters whose "
-                "hooks ran before the bad gradient are already updated, so the step cannot be "
-                "skipped whole"
+                f"nonfinite={nonfinite!r} cannot be combined with layerwise=True: the parameters "
+                "whose hooks ran before the bad gradient are already updated, so the step cannot "
+                "be skipped whole"
             )
+        self.skip_report_every = check_positive_int(skip_report_every, "skip_report_every")
+        # nonfinite="skip_on_device": the skip count last read on the host, the steps since
+        self._reported_skips = 0
+        self._unreported_steps = 0
+        # the verdict of the step being taken on the device (None: decided on the host)
+        self._verdict: DeviceVerdict | None = None
+        # host copies of device step counters that schedule refreshes: exact, or too high by
+        # the steps skipped on the device since they were read (see _sync_schedule)
+        self._mirrors: dict[torch.Tensor, int] = {}
         self.layerwise = layerwise
         self.accumulation_steps = check_positive_int(accumulation_steps, "accumulation_steps")
         self._backward_counts: dict[torch.Tensor, int] = {}
@@ -271,18 +404,28 @@ class AdamWCore(torch.optim.Optimizer):
 
     def _prepare_claimed(
         self, p: torch.Tensor, group: dict[str, Any], index: int
-    ) -> tuple[torch.Tensor | None, Any]:
-        """The part of a claimed step that changes nothing, run before the gradients are
-        checked: ``(proxy, prepared)``. ``proxy`` (``None``: the gradient itself) is checked
-        for NaN and Inf in place of the gradient (see :func:`check_gradients`), and
-        ``prepared`` is handed to :meth:`_finish_claimed`. The default prepares nothing."""
+    ) -> tuple[torch.Tensor | None, Prepared | None]:
+        """The part of a claimed step that changes nothing (or that :meth:`Prepared.cancel`
+        undoes), run before the gradients are checked: ``(proxy, prepared)``. ``proxy``
+        (``None``: the gradient itself) is checked for NaN and Inf in place of the gradient
+        (see :func:`check_gradients`), and ``prepared`` (a :class:`Prepared`, or ``None``) is
+        handed to :meth:`_finish_claimed`. The default prepares nothing."""
         return None, None
 
     def _finish_claimed(
         self, p: torch.Tensor, group: dict[str, Any], index: int, prepared: Any
     ) -> None:
-        """The rest of a claimed step, once every gradient has passed its check."""
+        """The rest of a claimed step, once every gradient has passed its check. A subclass
+        that sets ``_masks_claimed_steps`` makes every write of it through ``self._verdict``
+        when that is not ``None`` (``nonfinite="skip_on_device"``: :class:`write_back` with
+        the verdict, :meth:`_increment`, ``self._verdict.keep``)."""
         self._step_claimed(p, group, index)
+
+    def _schedule(self, p: torch.Tensor, index: int) -> tuple[torch.Tensor, int, int] | None:
+        """``(counter, period, phase)`` if a claimed ``p`` has a step that needs the host
+        (a refresh) whenever its device step ``counter`` satisfies ``counter % period ==
+        phase`` before the step; ``None`` if not (the default)."""
+        return None
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a bad setting of ``group`` (nothing has changed yet)."""
@@ -359,7 +502,11 @@ class AdamWCore(torch.optim.Optimizer):
         """One update of every parameter that has a gradient.
 
         Every gradient is checked before anything changes: NaN or Inf raises
-        :class:`~secondorder.errors.NonFiniteError` and leaves weights and state as they were.
+        :class:`~secondorder.errors.NonFiniteError` and leaves weights and state as they were
+        (``nonfinite="skip"``: the step returns, counted and warned about). With
+        ``nonfinite="skip_on_device"`` the verdict stays on the device and every write of
+        the step is masked by it, with no host synchronisation (but on the steps listed in
+        :mod:`secondorder.optim._nonfinite`, decided on the host as ``"skip"`` decides).
 
         In ``layerwise`` mode the parameters are updated by hooks during ``backward()``
         (each on every ``accumulation_steps``-th backward pass that reached it, after which
@@ -391,28 +538,169 @@ class AdamWCore(torch.optim.Optimizer):
             for p in group["params"]
             if p.grad is not None
         ]
+        if not work:
+            return loss
+        on_device = self.nonfinite == "skip_on_device"
+        if on_device:
+            self._sync_schedule(work)
+        # a parameter's first step creates its state: decided on the host under every policy
+        host = not on_device or any("step" not in self.state[p] for p, _, _ in work)
         plain: dict[int, list[torch.Tensor]] = {}
-        claimed, proxies = [], {}
+        claimed, proxies, reads = [], {}, []
         for p, group, index in work:
             if self._claims(p, index):
                 proxy, prepared = self._prepare_claimed(p, group, index)
                 claimed.append((p, group, index, prepared))
+                host = host or not self._masks_claimed_steps
                 if proxy is not None:
                     proxies[p] = proxy
+                if prepared is not None:
+                    reads += prepared.reads
+                    host = host or prepared.needs_host
             else:
                 plain.setdefault(index, []).append(p)
-        try:
-            check_gradients([p for p, _, _ in work], proxies)
-        except NonFiniteError as error:
-            if self.nonfinite == "raise":
+        params = [p for p, _, _ in work]
+        if host:
+            try:
+                values = check_gradients(params, proxies, reads)
+            except NonFiniteError as error:
+                self._cancel(claimed)
+                if self.nonfinite == "raise":
+                    raise
+                skip_step(self, error)
+                self._count_step()
+                return loss
+            except BaseException:
+                self._cancel(claimed)
                 raise
-            skip_step(self, error)
-            return loss
-        for p, group, index, prepared in claimed:
-            self._finish_claimed(p, group, index, prepared)
-        for index, params in plain.items():
-            self._adamw_steps(params, self.param_groups[index])
+            for *_, prepared in claimed:
+                if prepared is not None and prepared.reads:
+                    prepared.values, values = (
+                        values[: len(prepared.reads)],
+                        values[len(prepared.reads) :],
+                    )
+        else:
+            if any(p.grad.is_sparse for p in params):
+                self._cancel(claimed)
+                raise RuntimeError("this optimiser does not support sparse gradients")
+            self._verdict = device_verdict(
+                [proxies[p] if p in proxies else local(p.grad) for p in params],
+                {shard.group for shard in map(row_shard, params) if shard is not None},
+            )
+        try:
+            for position, (p, group, index, prepared) in enumerate(claimed):
+                try:
+                    self._finish_claimed(p, group, index, prepared)
+                except BaseException:
+                    self._cancel(claimed[position + 1 :])
+                    raise
+            for index, group_params in plain.items():
+                self._adamw_steps(group_params, self.param_groups[index])
+            if self._verdict is not None:
+                count = device_skip_count(self, self.param_groups[0]["params"][0].device)
+                count.add_(self._verdict.on(count.device))
+        finally:
+            self._verdict = None
+        self._count_step()
         return loss
+
+    @staticmethod
+    def _cancel(claimed: list[tuple[Any, ...]]) -> None:
+        """Undo what preparing began, in reverse order, for a refused step."""
+        for *_, prepared in reversed(claimed):
+            if prepared is not None:
+                prepared.cancel()
+
+    # ----------------------------------------------------------------- step counters
+    def _new_counter(self, device: torch.device, *, scheduled: bool = False) -> int | torch.Tensor:
+        """A step counter at zero: an int, or under ``nonfinite="skip_on_device"`` a 0-d int64
+        tensor on ``device`` (``scheduled``: with a host copy, see :meth:`_count`)."""
+        if self.nonfinite != "skip_on_device":
+            return 0
+        counter = torch.zeros((), dtype=torch.int64, device=device)
+        if scheduled:
+            self._mirrors[counter] = 0
+        return counter
+
+    def _count(self, counter: int | torch.Tensor) -> int:
+        """A step counter's value on the host: the int, or the host copy of a device counter
+        (exact where :meth:`_sync_schedule` read it for a step that may need the host)."""
+        if not isinstance(counter, torch.Tensor):
+            return counter
+        if counter not in self._mirrors:
+            self._read_counters([counter])
+        return self._mirrors[counter]
+
+    def _increment(self, holder: dict[str, Any], key: str) -> None:
+        """``holder[key] += 1``: on the device unless the verdict found NaN or Inf."""
+        value = holder[key]
+        if not isinstance(value, torch.Tensor):
+            holder[key] = value + 1
+            return
+        if self._verdict is None:
+            value.add_(1)
+        else:
+            self._verdict.increment(value)
+        self._advanced(value)
+
+    def _advanced(self, counter: int | torch.Tensor) -> None:
+        """A device ``counter`` was counted this step (maybe not, if skipped): its host copy
+        goes up by one, exact or too high."""
+        if isinstance(counter, torch.Tensor) and counter in self._mirrors:
+            self._mirrors[counter] += 1
+
+    def _reset_counter(self, holder: dict[str, Any], key: str, device: torch.device) -> None:
+        """``holder[key] = 0`` (in place for a device counter, on a step decided on the host)."""
+        value = holder.get(key)
+        if isinstance(value, torch.Tensor):
+            value.zero_()
+            self._mirrors[value] = 0
+        else:
+            holder[key] = self._new_counter(device, scheduled=True)
+
+    def _read_counters(self, counters: list[torch.Tensor]) -> None:
+        """Read device counters into their host copies: one synchronisation per device."""
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for counter in counters:
+            by_device.setdefault(counter.device, []).append(counter)
+        for group in by_device.values():
+            for counter, value in zip(group, torch.stack(group).tolist(), strict=True):
+                self._mirrors[counter] = value
+
+    def _sync_schedule(self, work: list[tuple[torch.Tensor, dict[str, Any], int]]) -> None:
+        """Before a step under ``nonfinite="skip_on_device"``: if the host copy of a counter
+        that schedules a refresh is unknown or says one may be due, read every such counter
+        (one synchronisation), so that the refresh happens at the step count it would under
+        ``"raise"``, on the host (which keeps the copy exact there).
+
+        Why that is enough: a step masked on the device adds one to the copy whether or not
+        it was taken, so the copy ``c`` is never below the counter ``t``; and no due value
+        lies in ``[t, c)``. A read makes ``c = t``; a step decided on the host keeps it; a
+        masked step starts from a ``c`` that is not due (else it would have been read), so
+        a due value in ``[t', c + 1)`` would lie in ``[t, c)``. Hence when ``t`` is due,
+        ``c = t`` is due too, and read."""
+        schedules = [
+            schedule
+            for p, _, index in work
+            if self._claims(p, index)
+            for schedule in (self._schedule(p, index),)
+            if schedule is not None and isinstance(schedule[0], torch.Tensor) and schedule[1] > 1
+        ]
+        if any(
+            counter not in self._mirrors or self._mirrors[counter] % period == phase
+            for counter, period, phase in schedules
+        ):
+            self._read_counters([counter for counter, _, _ in schedules])
+
+    def _count_step(self) -> None:
+        """Under ``nonfinite="skip_on_device"``, read and report the skip count every
+        ``skip_report_every`` steps."""
+        if self.nonfinite != "skip_on_device":
+            return
+        self._unreported_steps += 1
+        if self._unreported_steps >= self.skip_report_every:
+            self._reported_skips = report_skips(self, self._reported_skips, self.skip_report_every)
+            self._unreported_steps = 0
 
     def _adopt_unfrozen(self) -> None:
         """``layerwise``: step the parameters unfrozen since their group's hooks were
@@ -481,13 +769,15 @@ class AdamWCore(torch.optim.Optimizer):
         operation for all parameters of a dtype instead of one per parameter); on a CPU one
         parameter at a time, each kept in cache through all of its operations, which is 2x
         faster there than a foreach pass per operation over every parameter
-        (docs/benchmarks.md, "One optimiser step")."""
+        (docs/benchmarks.md, "One optimiser step"). Under ``nonfinite="skip_on_device"``
+        one parameter at a time everywhere (the bias corrections of its device counter are
+        tensors, which the foreach kernels take only from the host)."""
         batches: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for p in params:
             weight = real_view(local(p))
             batches.setdefault((weight.device, weight.dtype), []).append(p)
         for (device, weight_dtype), batch in batches.items():
-            if not uses_foreach(device):
+            if not uses_foreach(device) or self.nonfinite == "skip_on_device":
                 for p in batch:
                     self._adamw_step(p, group)
                 continue
@@ -533,13 +823,13 @@ class AdamWCore(torch.optim.Optimizer):
         dtype = statistics_dtype(weight.dtype)
         grad = real_view(local(grad_of(p))).to(dtype)
         if "exp_avg" not in state:
-            state["step"] = 0
+            state["step"] = self._new_counter(grad.device)
             state["exp_avg"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
-        step_size, denom = adam_moments(state, grad, group)
-        with write_back(weight, dtype) as target:
+        step_size, denom = adam_moments(state, grad, group, self._verdict)
+        with write_back(weight, dtype, self._verdict) as target:
             decoupled_decay(target, group)
-            target.addcdiv_(state["exp_avg"], denom, value=-step_size)
+            apply_adam(target, state["exp_avg"], denom, step_size)
 
     # ----------------------------------------------------------------- state
     def _shard_ranks(self, saved_groups: list[dict[str, Any]]) -> dict[Any, int]:
@@ -566,12 +856,19 @@ class AdamWCore(torch.optim.Optimizer):
         """As ``torch.optim.Optimizer.load_state_dict``, but checked first: a state dict
         that does not fit (another number of groups or parameters, a group setting the
         optimiser refuses, state of another shape) raises ``ValueError`` and changes
-        nothing. Every state tensor keeps its saved dtype."""
+        nothing. Every state tensor keeps its saved dtype. Step counters saved under another
+        ``nonfinite`` policy take this one's form (ints, or device tensors under
+        ``"skip_on_device"``)."""
         ranks = self._shard_ranks(state_dict["param_groups"])
         state_dict = {**state_dict, "state": untag_rank_local(state_dict["state"], ranks)}
         self._check_loadable(state_dict)
         load_state_dict_exactly(self, state_dict)
         self._backward_counts.clear()
+        self._mirrors.clear()
+        for p, state in self.state.items():
+            _convert_counters(state, p.device, self.nonfinite == "skip_on_device")
+        self._reported_skips = read_skip_count(self) if self.param_groups[0]["params"] else 0
+        self._unreported_steps = 0
         for index in range(len(self.param_groups)):
             self._group_changed(index)
 
@@ -609,6 +906,19 @@ class AdamWCore(torch.optim.Optimizer):
             check_shapes(
                 saved, dict.fromkeys(("exp_avg", "exp_avg_sq"), real_view(local(p)).shape), p
             )
+
+
+def _convert_counters(state: dict[str, Any], device: torch.device, on_device: bool) -> None:
+    """Put every step counter of ``state`` (nested dicts too, a Fisher window's aside) in the
+    form of the policy: a 0-d int64 tensor on ``device``, or an int."""
+    for key, value in state.items():
+        if key in COUNTERS and isinstance(value, torch.Tensor):
+            state[key] = value.to(device=device, dtype=torch.int64) if on_device else int(value)
+        elif key in COUNTERS and isinstance(value, int):
+            if on_device:
+                state[key] = torch.full((), value, dtype=torch.int64, device=device)
+        elif isinstance(value, dict) and key != "fisher":
+            _convert_counters(value, device, on_device)
 
 
 def check_shapes(saved: dict[str, Any], shapes: dict[str, Any], p: torch.Tensor) -> None:

@@ -201,13 +201,43 @@ class NaturalGaLore(GaLoreAdamW):
                 f"the saved Fisher window of a weight is incomplete: {error}"
             ) from None
 
+    def _prepare_claimed(
+        self, p: torch.Tensor, group: dict[str, Any], index: int
+    ) -> tuple[torch.Tensor | None, Any]:
+        """Between refreshes, also begin the window's update with ``X P`` (the proxy checked
+        for NaN and Inf in the same read): its factor's verdict comes back in the step's one
+        host synchronisation, which this optimiser then needs on every step (under
+        ``nonfinite="skip_on_device"`` too, where the step is decided on the host)."""
+        proxy, prepared = super()._prepare_claimed(p, group, index)
+        prepared.needs_host = True
+        if prepared.refresh:
+            return proxy, prepared
+        low = prepared.low
+        assert low is not None  # X P, between refreshes
+        window = self._window(p, self.state[p], group, low)
+        pending = window.begin_update(low.reshape(-1))
+        prepared.reads = list(pending.reads)
+        prepared.pending = pending
+        prepared.on_cancel = lambda: window.cancel_update(pending)
+        return proxy, prepared
+
     def _precondition(
-        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], low: torch.Tensor
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        low: torch.Tensor,
+        prepared: Any,
     ) -> torch.Tensor:
         window = self._window(p, state, group, low)
-        natural = window.update_solve(low.reshape(-1)).view_as(low)
+        pending = getattr(prepared, "pending", None)
+        if pending is None:  # a refresh step: X P in the new basis, read on its own
+            natural = window.update_solve(low.reshape(-1))
+        else:
+            prepared.on_cancel = None  # settled (or undone by settling) from here on
+            natural = window.finish_update_solve(pending, prepared.values)
         state["fisher"] = window.state_dict()
-        return natural
+        return natural.view_as(low)
 
     def _rotate(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], R: torch.Tensor

@@ -209,7 +209,9 @@ class MFAC(torch.optim.Optimizer):
         eps: the grafting optimiser's ``ε``.
         nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed) or
             ``"skip"`` (the step is skipped, counted in ``state[first parameter]
-            ["skipped_steps"]`` and warned about, as ``torch.amp.GradScaler`` does).
+            ["skipped_steps"]`` and warned about, as ``torch.amp.GradScaler`` does). Not
+            ``"skip_on_device"``, which the AdamW-core optimisers offer (see
+            :mod:`secondorder.optim._nonfinite` for why).
 
     Under FSDP2 (parameters sharded by ``fully_shard``) no ``process_group`` is needed: each
     rank's window covers the rows of every weight that FSDP2 gave it, the dot products are
@@ -236,7 +238,15 @@ class MFAC(torch.optim.Optimizer):
         eps: float = 1e-8,
         nonfinite: str = "raise",
     ) -> None:
-        self.nonfinite = check_nonfinite_policy(nonfinite)
+        if nonfinite == "skip_on_device":
+            raise ValueError(
+                "MFAC does not support nonfinite='skip_on_device': inserting a gradient into "
+                "its window advances the ring's bookkeeping on the host and updates the n × n "
+                "factor with decisions taken there (refactor or not), which a mask on the "
+                "device cannot undo; and its step already reads the host once (the window's "
+                "verdict), so nonfinite='skip' skips at no extra cost"
+            )
+        self.nonfinite = check_nonfinite_policy(nonfinite, ("raise", "skip"))
         if damp is None and relative_damp is None:
             relative_damp = DEFAULT_RELATIVE_DAMP
         settings = WindowSettings(

@@ -69,7 +69,10 @@ from .._distributed import (
 )
 from .adamw_core import (
     AdamWCore,
+    Prepared,
     adam_moments,
+    add_scaled,
+    check_gradients,
     check_shapes,
     decoupled_decay,
     grad_of,
@@ -150,8 +153,9 @@ class ProjectedAdam(AdamWCore):
         lr, betas, eps, weight_decay: as for AdamW (decoupled weight decay).
         correct_bias: Adam's bias correction (GaLore's flag).
         rank, update_proj_gap, scale, proj_type, on_refresh: defaults for the groups.
-        layerwise, accumulation_steps, nonfinite: see
-            :class:`~secondorder.optim.adamw_core.AdamWCore`.
+        layerwise, accumulation_steps, nonfinite, skip_report_every: see
+            :class:`~secondorder.optim.adamw_core.AdamWCore` (``nonfinite="skip_on_device"``
+            masks a DCT refresh on the device; an SVD refresh decides on the host).
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
         **extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's
@@ -160,6 +164,7 @@ class ProjectedAdam(AdamWCore):
 
     #: the bases kept between steps are rebuilt, not copied, by ``deepcopy`` and ``pickle``
     _transient: ClassVar[dict[str, Callable[[], Any]]] = {**AdamWCore._transient, "_bases": dict}
+    _masks_claimed_steps = True
 
     def __init__(
         self,
@@ -179,6 +184,7 @@ class ProjectedAdam(AdamWCore):
         layerwise: bool = False,
         accumulation_steps: int = 1,
         nonfinite: str = "raise",
+        skip_report_every: int = 100,
         process_group: torch.distributed.ProcessGroup | None = None,
         **extra_defaults: Any,
     ) -> None:
@@ -205,6 +211,7 @@ class ProjectedAdam(AdamWCore):
             layerwise=layerwise,
             accumulation_steps=accumulation_steps,
             nonfinite=nonfinite,
+            skip_report_every=skip_report_every,
         )
 
     # ----------------------------------------------------------------- settings
@@ -269,7 +276,15 @@ class ProjectedAdam(AdamWCore):
 
     # ----------------------------------------------------------------- stepping
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        self._finish_claimed(p, group, index, self._prepare_claimed(p, group, index)[1])
+        """The whole step of one weight whose gradient is checked (a ``layerwise`` hook)."""
+        _, prepared = self._prepare_claimed(p, group, index)
+        if prepared.reads:
+            prepared.values = check_gradients([], reads=prepared.reads)
+        self._finish_claimed(p, group, index, prepared)
+
+    def _schedule(self, p: torch.Tensor, index: int) -> tuple[torch.Tensor, int, int] | None:
+        step, config = self.state[p].get("step"), self._configs[index]
+        return None if step is None or config is None else (step, config.update_proj_gap, 0)
 
     def _prepare_claimed(
         self, p: torch.Tensor, group: dict[str, Any], index: int
@@ -285,8 +300,12 @@ class ProjectedAdam(AdamWCore):
         rows, cols = p.shape[0], math.prod(p.shape[1:])
         side = config.side(rows, cols)
         prepared = _Projection(config, grad, side, cols if side == "right" else rows)
-        prepared.refresh = state.get("step", 0) % config.update_proj_gap == 0
+        gap = config.update_proj_gap
+        prepared.refresh = gap == 1 or self._count(state.get("step", 0)) % gap == 0
         if prepared.refresh:
+            # a refresh on a schedule is decided on the host (after the read of the counters
+            # that found it due): masked, it would leave the count due, and the host copy past
+            prepared.needs_host = gap > 1 or not self.projector.refreshes_on_device
             return None, prepared
         shard = row_shard(p)
         basis = self._basis(p, state["basis"], prepared.size, grad.dtype)
@@ -305,22 +324,31 @@ class ProjectedAdam(AdamWCore):
         self, p: torch.Tensor, group: dict[str, Any], index: int, prepared: _Projection
     ) -> None:
         """The projected step for a matrix (or conv) weight ``p`` (this rank's rows of it
-        when FSDP2 shards ``p``): a refresh if due, then Adam in the projected space."""
+        when FSDP2 shards ``p``): a refresh if due, then Adam in the projected space. Under
+        ``nonfinite="skip_on_device"`` every write goes through the step's verdict: a
+        refresh on the device (DCT) keeps the old columns and moments if it found NaN or Inf."""
         state = self.state[p]
-        if not state:
-            state["step"] = 0
+        verdict = self._verdict
+        if "step" not in state:
+            state["step"] = self._new_counter(p.device, scheduled=True)
         config, grad, side, size = prepared.config, prepared.grad, prepared.side, prepared.size
         dtype = grad.dtype
         if prepared.refresh:
             shard = row_shard(p)
             X = orient(as_matrix(grad), side)
             choice, low = self._refresh(p, X, side, size, config.rank, shard)
+            before = {key: state.get(key) for key in ("basis", "exp_avg", "exp_avg_sq")}
             if "basis" in state and config.on_refresh == "rotate":
                 R = rotation(
                     self.projector.basis(state["basis"], size, dtype),
                     self.projector.basis(choice, size, dtype),
                 )
                 self._rotate(p, state, group, R)
+            if verdict is not None:  # the old basis and moments unless the step is taken
+                choice = torch.where(verdict.on(choice.device), before["basis"], choice)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if before[key] is not None and state[key] is not before[key]:
+                        state[key] = torch.where(verdict.on(p.device), before[key], state[key])
             state["basis"] = choice
             split = self._split_group(p, config) is not None
             basis = self.projector.basis(choice, size, dtype)
@@ -328,17 +356,18 @@ class ProjectedAdam(AdamWCore):
         else:  # _prepare_claimed projected the gradient
             assert prepared.low is not None and prepared.basis is not None
             low, mine = prepared.low, prepared.basis
-        low = self._precondition(p, state, group, low)
+        low = self._precondition(p, state, group, low, prepared)
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros(low.shape, dtype=low.dtype, device=low.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        step_size, denom = adam_moments(state, low, group)
+        step_size, denom = adam_moments(state, low, group, verdict)
+        self._advanced(state["step"])
         N = state["exp_avg"] / denom
         # N Pᵀ oriented back, formed in the weight's own layout (a contiguous update)
         update = (N @ mine.mT if side == "right" else mine @ N.mT).reshape(local(p).shape)
-        with write_back(local(p), dtype) as target:
+        with write_back(local(p), dtype, verdict) as target:
             decoupled_decay(target, group)
-            target.add_(update, alpha=-step_size * config.scale)
+            add_scaled(target, update, -step_size * config.scale)
 
     def _basis(
         self, p: torch.Tensor, choice: torch.Tensor, size: int, dtype: torch.dtype
@@ -388,7 +417,12 @@ class ProjectedAdam(AdamWCore):
         return shard.group
 
     def _precondition(
-        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], low: torch.Tensor
+        self,
+        p: torch.Tensor,
+        state: dict[str, Any],
+        group: dict[str, Any],
+        low: torch.Tensor,
+        prepared: _Projection,
     ) -> torch.Tensor:
         """Transform the projected gradient before Adam sees it; the identity here."""
         return low
@@ -402,11 +436,13 @@ class ProjectedAdam(AdamWCore):
             state["exp_avg_sq"] = state["exp_avg_sq"] @ R.square()
 
 
-class _Projection:
+class _Projection(Prepared):
     """What :meth:`ProjectedAdam._prepare_claimed` hands to :meth:`ProjectedAdam._finish_claimed`."""
 
     def __init__(self, config: LowRankConfig, grad: torch.Tensor, side: Side, size: int) -> None:
+        super().__init__()
         self.config, self.grad, self.side, self.size = config, grad, side, size
         self.refresh = False
         self.low: torch.Tensor | None = None  # X P, between refreshes
         self.basis: torch.Tensor | None = None  # this rank's rows of P, between refreshes
+        self.pending: Any = None  # a Fisher window's update begun for this step (Natural GaLore)

@@ -61,6 +61,9 @@ class Projector(ABC):
     name: str = ""
     #: whether :meth:`refresh_row_shard` can refresh from a rank's rows of ``X`` alone
     refreshes_row_shards: bool = False
+    #: whether :meth:`refresh` runs on the device without reading the host (so that
+    #: ``nonfinite="skip_on_device"`` can mask it instead of deciding on the host)
+    refreshes_on_device: bool = False
 
     @abstractmethod
     def refresh(self, oriented: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +190,7 @@ class DCTProjector(Projector):
         return device.type == "cpu" and size >= _FFT_FROM_SIZE_ON_CPU
 
     refreshes_row_shards = True
+    refreshes_on_device = True  # a product, a top-k and a gather
 
     def _transform(self, oriented: torch.Tensor) -> torch.Tensor:
         """``S = X Q``, by FFT or matmul."""

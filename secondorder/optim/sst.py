@@ -68,7 +68,9 @@ from ..nn import SpectralLinear, refactor, spectral_factors
 from ..nn import to_spectral as _to_spectral
 from .adamw_core import (
     AdamWCore,
+    Prepared,
     adam_moments,
+    apply_adam,
     check_shapes,
     decoupled_decay,
     grad_of,
@@ -155,9 +157,14 @@ class SST(AdamWCore):
             round (0 turns it off). The first bias-corrected Adam steps of freshly sampled
             unit vectors move every entry by about ``±lr``, and without this the loss jumps
             at every round boundary (docs/benchmarks.md, "SST's round boundaries").
-        nonfinite: ``"raise"`` or ``"skip"`` a step with a NaN or Inf gradient (see
-            :class:`~secondorder.optim.adamw_core.AdamWCore`).
+        nonfinite: ``"raise"``, ``"skip"`` or ``"skip_on_device"`` (skip without a host
+            synchronisation; round boundaries are decided on the host) a step with a NaN or
+            Inf gradient (see :mod:`secondorder.optim._nonfinite`).
+        skip_report_every: with ``"skip_on_device"``, steps between host reads of the
+            count of skipped steps.
     """
+
+    _masks_claimed_steps = True
 
     def __init__(
         self,
@@ -174,6 +181,7 @@ class SST(AdamWCore):
         seed: int = 0,
         rewarmup_steps: int = 10,
         nonfinite: str = "raise",
+        skip_report_every: int = 100,
     ) -> None:
         if not 0 <= uniform_mix <= 1:
             raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
@@ -201,7 +209,7 @@ class SST(AdamWCore):
             "update_proj_gap": update_proj_gap,
             "uniform_mix": uniform_mix,
         }
-        super().__init__(params, defaults, nonfinite=nonfinite)
+        super().__init__(params, defaults, nonfinite=nonfinite, skip_report_every=skip_report_every)
         for index, layer in enumerate(self._layers):
             group = next(g for g in self.param_groups if g.get("spectral_layer") == index)
             self._start_round(layer, group, index)
@@ -272,6 +280,31 @@ class SST(AdamWCore):
             moments = saved.get("moments", {}).get(name, {})
             check_shapes(moments, {"exp_avg": shape, "exp_avg_sq": shape}, p)
 
+    def _schedule(self, p: torch.Tensor, index: int) -> tuple[torch.Tensor, int, int] | None:
+        """A round boundary needs the host (the re-SVD, the sampling): drop-in, when the
+        weight's step count is a multiple of ``update_proj_gap``; spectral, on the step
+        that ends the layer's round."""
+        group = self.param_groups[index]
+        if group.get("spectral_layer") is None:
+            step = self.state[p].get("step")
+            return None if step is None else (step, group["update_proj_gap"], 0)
+        if p is not group["params"][0]:
+            return None
+        gap = group["update_proj_gap"]
+        return self.state[p]["round_step"], gap, gap - 1
+
+    def _prepare_claimed(
+        self, p: torch.Tensor, group: dict[str, Any], index: int
+    ) -> tuple[torch.Tensor | None, Prepared]:
+        """Nothing to prepare; under ``nonfinite="skip_on_device"``, a round boundary is
+        decided on the host."""
+        schedule = self._schedule(p, index)
+        due = False
+        if schedule is not None:
+            counter, period, phase = schedule
+            due = self._count(counter) % period == phase
+        return None, Prepared(needs_host=due)
+
     def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
         layer = group.get("spectral_layer")
         if layer is None:
@@ -289,33 +322,38 @@ class SST(AdamWCore):
         moments: tuple[dict[str, Any], ...],
         group: dict[str, Any],
         round_index: int,
-        round_step: int,
+        round_step: int | torch.Tensor,
     ) -> None:
         """AdamW on ``s`` and on the sampled ``u, v`` (enhanced gradients); clamp; renormalise.
 
-        ``round_step`` counts from 0 in each round; from the second round on, the first
+        ``round_step`` counts from 0 in each round (a device counter under
+        ``nonfinite="skip_on_device"``); from the second round on, the first
         ``rewarmup_steps`` steps are scaled down linearly (see the class docstring)."""
-        warmup = 1.0
+        warmup: float | torch.Tensor = 1.0
         if round_index > 0 and self.rewarmup_steps:
-            warmup = min(1.0, (round_step + 1) / self.rewarmup_steps)
+            if isinstance(round_step, torch.Tensor):  # a device counter: the same float64
+                warmup = ((round_step + 1).to(torch.float64) / self.rewarmup_steps).clamp(max=1.0)
+            else:
+                warmup = min(1.0, (round_step + 1) / self.rewarmup_steps)
+        verdict = self._verdict
         for index, (tensor, grad, state) in enumerate(zip(factors, grads, moments, strict=True)):
-            step_size, denom = adam_moments(state, grad.to(state["exp_avg"].dtype), group)
-            step_size *= warmup
-            with write_back(tensor, state["exp_avg"].dtype) as target:
+            step_size, denom = adam_moments(state, grad.to(state["exp_avg"].dtype), group, verdict)
+            step_size = step_size * warmup
+            with write_back(tensor, state["exp_avg"].dtype, verdict) as target:
                 if index == 0:
                     decoupled_decay(target, group)  # (1 - lr·wd) s  ⇔  (1 - lr·wd) W
-                target.addcdiv_(state["exp_avg"], denom, value=-step_size)
+                apply_adam(target, state["exp_avg"], denom, step_size)
                 if index == 0:
                     target.clamp_(min=0)
                 else:
                     target.div_(torch.linalg.vector_norm(target, dim=0).clamp_min(1e-30))
 
-    @staticmethod
-    def _fresh_moments(*tensors: torch.Tensor) -> list[dict[str, Any]]:
+    def _fresh_moments(self, *tensors: torch.Tensor) -> list[dict[str, Any]]:
         moments = []
         for t in tensors:
             zeros = torch.zeros(t.shape, dtype=statistics_dtype(t.dtype), device=t.device)
-            moments.append({"step": 0, "exp_avg": zeros, "exp_avg_sq": zeros.clone()})
+            step = self._new_counter(t.device)
+            moments.append({"step": step, "exp_avg": zeros, "exp_avg_sq": zeros.clone()})
         return moments
 
     def _sample(
@@ -344,32 +382,40 @@ class SST(AdamWCore):
             )
         state = self.state[p]
         dtype = statistics_dtype(p.dtype)
-        if not state:
-            state["step"] = 0
-        if state["step"] % config.update_proj_gap == 0:
+        if "step" not in state:
+            state["step"] = self._new_counter(p.device, scheduled=True)
+        step = self._count(state["step"])  # exact on a round boundary (decided on the host)
+        if step % config.update_proj_gap == 0:
             if "U" in state:
                 U, s, V = refactor(state["U"], state["s"], state["V"])
             else:
                 U, s, V = spectral_factors(p.detach().reshape(p.shape[0], -1).to(dtype))
-            round_index = state["step"] // config.update_proj_gap
+            round_index = step // config.update_proj_gap
             indices = self._sample(
                 s, config.rank, config.uniform_mix, self._ordinal(p), round_index
             )
             state.update(U=U, s=s, V=V, indices=indices)
             u, v = U[:, indices], V[:, indices]
             state["moments"] = dict(zip("suv", self._fresh_moments(s, u, v), strict=True))
-        state["step"] += 1
+        # the round is the host's (a boundary is decided there); the step in it the device's
+        round_index = step // config.update_proj_gap
+        round_step: int | torch.Tensor = step % config.update_proj_gap
+        if isinstance(state["step"], torch.Tensor):
+            round_step = torch.remainder(state["step"], config.update_proj_gap)
+        self._increment(state, "step")
         U, s, V, indices = state["U"], state["s"], state["V"], state["indices"]
         G = grad_of(p).reshape(p.shape[0], -1).to(dtype)
         GV = G @ V
         grads = (torch.einsum("ik,ik->k", U, GV), GV[:, indices], G.mT @ U[:, indices])
         u, v = U[:, indices], V[:, indices]
         moments = tuple(state["moments"][name] for name in "suv")
-        round_step = (state["step"] - 1) % config.update_proj_gap
-        round_index = (state["step"] - 1) // config.update_proj_gap
         self._spectral_step((s, u, v), grads, moments, group, round_index, round_step)
         U[:, indices], V[:, indices] = u, v
-        p.copy_(((U * s) @ V.mT).reshape(p.shape))
+        weight = ((U * s) @ V.mT).reshape(p.shape)
+        if self._verdict is None:
+            p.copy_(weight)
+        else:
+            self._verdict.keep(p, weight)
 
     # ----------------------------------------------------------------- spectral mode
     def _layer_step(self, layer: SpectralLinear, group: dict[str, Any], ordinal: int) -> None:
@@ -379,8 +425,9 @@ class SST(AdamWCore):
         state = self.state[s]
         round_index = state["rounds"] - 1  # _start_round has counted the current one
         self._spectral_step((s, u, v), grads, moments, group, round_index, state["round_step"])
-        state["round_step"] += 1
-        if state["round_step"] == group["update_proj_gap"]:
+        self._increment(state, "round_step")
+        # the last step of a round is decided on the host: the count is exact there
+        if self._count(state["round_step"]) == group["update_proj_gap"]:
             layer.refactor()
             self._start_round(layer, group, ordinal)
 
@@ -396,4 +443,5 @@ class SST(AdamWCore):
         tensors = (layer.s, layer.u, layer.v)
         for tensor, fresh in zip(tensors, self._fresh_moments(*tensors), strict=True):
             self.state[tensor].update(fresh)
-        state.update(rounds=rounds + 1, round_step=0)
+        state["rounds"] = rounds + 1
+        self._reset_counter(state, "round_step", layer.s.device)
