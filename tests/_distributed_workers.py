@@ -148,6 +148,7 @@ def sharded_sparse_mfac(rank: int) -> None:
         damp=damp,
         density=density,
         process_group=dist.group.WORLD,
+        graft=None,  # the paper's M-FAC, as the oracle below
     )
     reference = model().double()
     params = list(reference.parameters())
@@ -329,7 +330,9 @@ def fsdp_sparse_mfac(rank: int) -> None:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer)
     fully_shard(net)
-    optimizer = MFAC(net.parameters(), lr=lr, num_grads=num_grads, damp=damp, density=density)
+    optimizer = MFAC(
+        net.parameters(), lr=lr, num_grads=num_grads, damp=damp, density=density, graft=None
+    )
     reference = wide_model().double()
     params = list(reference.parameters())
     groups = []  # the flat coordinates of each rank's rows, in the order its window holds them
