@@ -276,10 +276,19 @@ def families(task: str) -> dict[str, list[dict]]:
     if task == "llama1000":
         shorter = best_settings("llama300")
         if shorter:
-            return {
+            grid = {
                 family: [{**best, "lr": best["lr"] * factor} for factor in (1 / 3, 1.0, 3.0)]
                 for family, best in shorter.items()
             }
+            # grafted M-FAC stayed 0.04 behind AdamW there: three more points near its pick
+            grafted = grid.get("MFAC grafted (adam)")
+            if grafted:
+                best = shorter["MFAC grafted (adam)"]
+                grafted += [
+                    {**best, "lr": lr, "relative_damp": rho}
+                    for lr, rho in ((3e-3, 1e3), (5e-3, 1e4), (3e-3, 1e4))
+                ]
+            return grid
     rates = LEARNING_RATES["llama" if task.startswith("llama") else task]
     window = {"num_grads": 64}
     # Adam's first moment is in the grafted norm, so M-FAC's own momentum on top is swept:
