@@ -12,7 +12,7 @@ DESCRIPTION = (
 # The names the demo modules define, spelled here so that --help does not import torch;
 # tests/test_cli.py checks that they agree.
 SECTIONS = ("optimizers", "curvature", "lowrank", "pruning")
-DIAGNOSE_OPTIMIZERS = ("AdamW", "SGD+momentum", "MFAC", "MFAC sparse 1%")
+DIAGNOSE_OPTIMIZERS = ("AdamW", "SGD+momentum", "MFAC", "MFAC plain", "MFAC sparse 1%")
 LOWRANK_OPTIMIZERS = ("AdamW", "GaLoreAdamW", "NaturalGaLore", "DCTAdamW", "SST")
 
 
