@@ -38,3 +38,12 @@ def test_mfac_state_is_its_window_once_plus_its_vectors(settings, vectors):
     optimizer, d = _stepped(lambda p: MFAC(p, num_grads=4, **settings))
     steps = 4 * 4  # one float32 step count per parameter tensor
     assert optimizer_state_bytes(optimizer) == optimizer.window.nbytes + vectors * 4 * d + steps
+
+
+def test_mfac_state_refers_to_the_live_sparse_error_buffer_between_saves():
+    """A new error buffer each step would leave the state holding the previous one alive
+    (d numbers more than the window's nbytes) until the next state_dict()."""
+    optimizer, _ = _stepped(lambda p: MFAC(p, num_grads=4, density=0.25), steps=5)
+    record = next(iter(optimizer.state.values()))
+    held = next(v for v in record.values() if isinstance(v, dict))["window"]["error"]
+    assert held.data_ptr() == optimizer.window._error.data_ptr()

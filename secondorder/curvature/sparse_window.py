@@ -211,7 +211,9 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         x = self._vector(g, "gradient", check_finite=False)
         values, indices, error, total = self._compress(x)
         slot = self._insert((values, indices), x, total)
-        self._error = error
+        # in place: an owner's state (MFAC's) may hold the buffer, and a new one each step
+        # would keep the old alive there
+        self._error.copy_(error)
         return slot
 
     # ---------------------------------------------------------------- sparse rows
