@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -124,6 +125,12 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str)
             )
         )
     dist.destroy_process_group()
+    # The process group outlives destroy_process_group (DDP keeps it): if the interpreter
+    # finalised now, a gloo thread freeing the last collective's tensors could abort this
+    # process (see _init_and_run in tests/_distributed_workers.py). The result is written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def run(world: int, args: argparse.Namespace) -> dict:

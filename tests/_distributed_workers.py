@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,32 +16,48 @@ STEPS = 7
 SAVE_AT = 4
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(worker: Callable, *args, timeout_s: float | None = None) -> None:
-    """Run ``worker(rank, *args)`` on WORLD gloo processes; a failure in any re-raises here.
-    ``timeout_s`` bounds each collective (torch's default is 30 minutes)."""
-    port = free_port()
-    torch.multiprocessing.spawn(
-        _init_and_run, args=(port, worker, args, timeout_s), nprocs=WORLD, join=True
-    )
+    """Run ``worker(rank, *args)`` on WORLD gloo processes; a failure in any re-raises here
+    with its traceback. ``timeout_s`` bounds each collective (torch's default is 30 minutes).
+
+    The ranks meet through a file store in a fresh folder, not a TCP store on a port found
+    free beforehand: another process could take that port before rank 0 binds it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gloo-") as folder:
+        store = f"file://{Path(folder) / 'store'}"
+        torch.multiprocessing.spawn(
+            _init_and_run, args=(store, worker, args, timeout_s), nprocs=WORLD, join=True
+        )
 
 
 def _init_and_run(
-    rank: int, port: int, worker: Callable, args: tuple, timeout_s: float | None = None
+    rank: int, store: str, worker: Callable, args: tuple, timeout_s: float | None = None
 ) -> None:
+    """One rank: the worker, then a teardown that never lets the interpreter shut down
+    around gloo's threads.
+
+    A worker that passes ends its process with ``os._exit(0)`` instead of returning. After
+    these workers the gloo process group outlives ``destroy_process_group`` (building a DDP
+    model is enough: torch keeps a reference, and ``gc.collect()`` does not free it), so
+    its threads still run when the interpreter finalises. Such a thread drops its
+    reference to the last work it ran after ``wait()`` has returned in Python; freeing that
+    work frees the tensors of the collectives it still points to (a barrier points to those
+    in flight when it was issued), and a tensor with a Python object takes the GIL. During
+    finalisation taking the GIL ends the thread (``pthread_exit``), whose unwinding through
+    a ``noexcept`` destructor calls ``std::terminate``: "terminate called without an active
+    exception", SIGABRT, and a failed test after a passing worker. ``os._exit`` skips the
+    finalisation (and with it that race); nothing here needs ``atexit`` handlers.
+
+    A worker that raises leaves through torch's spawn wrapper, which writes the traceback
+    to a file that the parent reads before it looks at the exit status: the failure is
+    reported as the worker's own error even if this process then aborts in finalisation.
+    """
     from datetime import timedelta
 
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
     timeout = None if timeout_s is None else timedelta(seconds=timeout_s)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=timeout)
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=WORLD, timeout=timeout)
     try:
         worker(rank, *args)
         # Both ranks finish before either closes its connections: a rank that tears down
@@ -48,6 +65,9 @@ def _init_and_run(
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # passed: the only way out of this function that is not an exception
 
 
 def model(seed: int = 0) -> torch.nn.Module:

@@ -36,19 +36,13 @@ def test_ddp_example_runs_under_torchrun(tmp_path):
     import sys
     from pathlib import Path
 
-    from _distributed_workers import free_port
-
     root = Path(__file__).resolve().parents[1]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    # --standalone: the rendezvous store binds a port the system picks as it listens (a
+    # port found free beforehand could be taken by another process in between)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    example = [str(root / "examples" / "ddp_mfac.py"), "--epochs", "1"]
     result = subprocess.run(
-        [
-            *torchrun,
-            "--master_port",
-            str(free_port()),
-            str(root / "examples" / "ddp_mfac.py"),
-            "--epochs",
-            "1",
-        ],
+        [*torchrun, "--nproc_per_node", "2", *example],
         capture_output=True,
         text=True,
         timeout=300,
