@@ -38,59 +38,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import platform
-import time
 from collections.abc import Callable, Iterator
 
 import torch
 from baselines import sequential_recurrence, sequential_solve, woodbury_from_scratch
 from peers import load_dense_core_mfac
+from timing import timed, timed_side_by_side
 
 from secondorder import kernels
+from secondorder._workloads.report import markdown_table
 from secondorder.curvature import DenseMFAC, SlidingWindowMFAC, SparseSlidingWindowMFAC
 from secondorder.curvature.ldl import ldl_factor, ldl_replace_row, ldl_row_error
 from secondorder.curvature.sparse_window import top_k_indices
-
-
-def timed_side_by_side(
-    fns: dict[str, Callable[[], object]],
-    *,
-    budget: float = 4.0,
-    max_rounds: int = 50,
-    warmup: bool = True,
-) -> dict[str, float]:
-    """Best wall time of each function, calling them in turn, round after round, for
-    ``budget`` seconds (at least ``min(3, max_rounds)`` rounds), after one untimed round
-    if ``warmup``. The best, as timeit reports, since on a shared machine other jobs only
-    ever add time; in turn, so that a slow spell hits every function alike."""
-    if warmup:
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min(3, max_rounds) or (
-        time.perf_counter() - start < budget and rounds < max_rounds
-    ):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    return {name: min(values) for name, values in times.items()}
-
-
-def timed(
-    fn: Callable[[], object], *, budget: float = 2.0, max_repeats: int = 50, warmup: bool = True
-) -> float:
-    """Best wall time of ``fn`` alone: :func:`timed_side_by_side` of one function."""
-    return timed_side_by_side({"fn": fn}, budget=budget, max_rounds=max_repeats, warmup=warmup)[
-        "fn"
-    ]
-
-
-def table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def full_window(
@@ -194,7 +153,7 @@ def bench_bandwidth(
         "update_solve (ms)",
         "step / floor",
     ]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def bench_window(sizes: list[tuple[int, int]], damp: float) -> str:
@@ -257,7 +216,7 @@ def bench_window(sizes: list[tuple[int, int]], damp: float) -> str:
         "naive Woodbury (ms)",
         "naive / best",
     ]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def bench_factor(sizes: list[int]) -> str:
@@ -279,7 +238,7 @@ def bench_factor(sizes: list[int]) -> str:
         )
         print(rows[-1], flush=True)
     header = ["n", "refactor (ms)", "rank-2 + check (ms)", "refactor / rank-2"]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
@@ -324,7 +283,7 @@ def bench_dense(sizes: list[tuple[int, int]], damp: float) -> str:
         "speed-up",
         "relative difference of F⁻¹x",
     ]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def bench_static(sizes: list[tuple[int, int]], damp: float) -> str:
@@ -386,7 +345,7 @@ def bench_static(sizes: list[tuple[int, int]], damp: float) -> str:
         "ours: error of F⁻¹x",
         "peer: error of F⁻¹x",
     ]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def bench_accuracy(damps: list[float], n: int = 64, d: int = 2000) -> str:
@@ -423,7 +382,7 @@ def bench_accuracy(damps: list[float], n: int = 64, d: int = 2000) -> str:
         "update_solve, bf16 window",
         "update_solve, fp16 window",
     ]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def format_bytes(n: float) -> str:
@@ -463,7 +422,7 @@ def bench_sparse_memory(num_grads: int, dims: list[int], densities: list[float])
         "sparse, bf16 values",
         "smaller by",
     ]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def largest_dim(fits: Callable[[int], bool]) -> int:
@@ -503,7 +462,7 @@ def bench_capacity(num_grads: int = 1024, budgets_gb: tuple[int, ...] = (24, 80,
         ]
     )
     header = [f"window (num_grads = {num_grads})"] + [f"{b} GB" for b in budgets_gb]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def filled_sparse_window(
@@ -540,7 +499,7 @@ def bench_sparse_step(n: int, d: int, densities: list[float], damp: float) -> tu
         ]
         for name, window in windows.items()
     ]
-    steps_table = table(
+    steps_table = markdown_table(
         [
             f"window (n = {n}, d = {d:.0e})",
             "update_solve (ms)",
@@ -582,7 +541,7 @@ def bench_sparse_step(n: int, d: int, densities: list[float], damp: float) -> tu
         [name, f"{seconds * 1e3:.2f}", f"{seconds / whole:.0%}"]
         for name, seconds in part_times.items()
     ]
-    parts_table = table(
+    parts_table = markdown_table(
         [f"part of a sparse {densities[0]:.0%} step", "ms", "of the whole step"], part_rows
     )
     return steps_table, parts_table
