@@ -51,36 +51,34 @@ def num_samples(targets: Any, inputs: Any = None) -> int:
 
 def per_sample(
     loss: Callable[[Any, Any, Any], torch.Tensor], inputs: Any, targets: Any
-) -> tuple[Callable[[Any, list[Any], list[Any]], torch.Tensor], tuple[Any, ...], tuple[Any, ...]]:
+) -> tuple[Callable[[Any, list[Any]], torch.Tensor], list[Any], list[int | None]]:
     """``loss(state, inputs, targets)`` of a batch, made a function of one sample to ``vmap``.
 
-    Returns ``(sample_loss, args, in_dims)``: ``vmap(f(sample_loss), in_dims=(None, *in_dims))
-    (state, *args)`` runs ``f(sample_loss)`` on each sample, and ``sample_loss`` calls
-    ``loss`` on a batch of that one sample. Every tensor with a batch dimension is split;
-    other leaves (numbers, strings, 0-d tensors) are shared by all samples.
+    Returns ``(sample_loss, leaves, in_dims)``, the batch's leaves (tensors and other values,
+    inputs' then targets') and how ``vmap`` splits them: ``vmap(transform(sample_loss),
+    in_dims=(None, in_dims))(state, leaves)`` runs ``transform(sample_loss)`` on each
+    sample, and ``sample_loss`` calls ``loss`` on a batch of that one sample. Every tensor
+    with a batch dimension is split; other leaves (numbers, strings, 0-d tensors) are
+    shared by all samples.
 
     Raises:
         ValueError: the tensors do not share one batch size.
     """
-    flat, specs = zip(*(pytree.tree_flatten(as_pytree(t)) for t in (inputs, targets)), strict=True)
-    dims = tuple([0 if _has_batch_dim(leaf) else None for leaf in leaves] for leaves in flat)
-    sizes = {leaf.shape[0] for leaves in flat for leaf in leaves if _has_batch_dim(leaf)}
-    if len(sizes) > 1:
-        shapes = [tuple(leaf.shape) for leaves in flat for leaf in leaves if _has_batch_dim(leaf)]
+    leaves, spec = pytree.tree_flatten(as_pytree((inputs, targets)))
+    in_dims = [0 if _has_batch_dim(leaf) else None for leaf in leaves]
+    split = [leaf for leaf, dim in zip(leaves, in_dims, strict=True) if dim == 0]
+    if len({leaf.shape[0] for leaf in split}) > 1:
         raise ValueError(
             "every tensor in a batch's inputs and targets must have the batch dimension first, "
-            f"with one size; got shapes {shapes}"
+            f"with one size; got shapes {[tuple(leaf.shape) for leaf in split]}"
         )
 
-    def batch_of_one(leaves: list[Any], leaf_dims: list[int | None], spec: Any) -> Any:
-        return pytree.tree_unflatten(
-            [x.unsqueeze(0) if d == 0 else x for x, d in zip(leaves, leaf_dims, strict=True)], spec
-        )
+    def sample_loss(state: Any, sample_leaves: list[Any]) -> torch.Tensor:
+        one = [x.unsqueeze(0) if d == 0 else x for x, d in zip(sample_leaves, in_dims, strict=True)]
+        sample_inputs, sample_targets = pytree.tree_unflatten(one, spec)
+        return loss(state, sample_inputs, sample_targets)
 
-    def sample_loss(state: Any, x: list[Any], y: list[Any]) -> torch.Tensor:
-        return loss(state, batch_of_one(x, dims[0], specs[0]), batch_of_one(y, dims[1], specs[1]))
-
-    return sample_loss, (list(flat[0]), list(flat[1])), dims
+    return sample_loss, leaves, in_dims
 
 
 def loss_reduction(loss_fn: Callable[..., Any]) -> Reduction:

@@ -50,8 +50,8 @@ def sample_gradients(
     def batch_loss(p: Params, x: Any, y: Any) -> torch.Tensor:
         return loss_fn(functional_call(model, p, (x,)), y)
 
-    sample_loss, args, in_dims = per_sample(batch_loss, inputs, targets)
-    return vmap(grad(sample_loss), in_dims=(None, *in_dims))(params, *args)
+    sample_loss, leaves, in_dims = per_sample(batch_loss, inputs, targets)
+    return vmap(grad(sample_loss), in_dims=(None, in_dims))(params, leaves)
 
 
 def per_sample_gradients(

@@ -259,9 +259,9 @@ class CurvatureOperator:
         self.progress = progress
         self._shapes = tuple(p.shape for p in self.params)
         self.dim = sum(p.numel() for p in self.params)
-        for inputs, _ in self.data:  # the first batch: torch.func would fail later, less clearly
-            check_forward_keeps_buffers(model, to_device(inputs, self.device))
-            break
+        first_batch = next(iter(data), None)
+        if first_batch is not None:  # else torch.func fails at the first product, less clearly
+            check_forward_keeps_buffers(model, to_device(first_batch[0], self.device))
         if check_deterministic:
             self.check_deterministic()
 
