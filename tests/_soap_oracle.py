@@ -18,11 +18,10 @@ but equal formula yields a different basis and a different trajectory.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 Basis = torch.Tensor | None  # None: that dim of the working shape is left unrotated
 
@@ -195,27 +194,3 @@ class SoapOracle:
         if t % self.frequency == 0:
             state.bases, state.second = refreshed_bases(state.grams, state.bases, state.second)
         state.first = rotate(first, state.bases, into_eigenbasis=True)
-
-
-def soap_oracle_trajectory(
-    model_factory: Callable[[], nn.Module],
-    batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    steps: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = nn.functional.cross_entropy,
-    **settings: object,
-) -> list[torch.Tensor]:
-    """The parameters (flattened, concatenated) after each of ``steps`` oracle steps.
-
-    Step ``i`` uses ``batches[i % len(batches)]``; ``settings`` are :class:`SoapOracle`'s
-    keywords.
-    """
-    model = model_factory()
-    optimizer = SoapOracle(model.parameters(), **settings)  # type: ignore[arg-type]
-    trajectory = []
-    for i in range(steps):
-        inputs, targets = batches[i % len(batches)]
-        model.zero_grad(set_to_none=True)
-        loss_fn(model(inputs), targets).backward()
-        optimizer.step()
-        trajectory.append(torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()]))
-    return trajectory
