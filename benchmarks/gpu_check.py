@@ -904,7 +904,9 @@ def check_sparsegpt(setting: Setting) -> list[str]:
     def agreement(a: torch.Tensor, b: torch.Tensor) -> str:
         return f"masks {float(((a != 0) == (b != 0)).float().mean()):.2%} equal"
 
-    return compare_layers(ours, module and reference, agreement, setting, "--sparsegpt-ref")
+    return compare_layers(
+        ours, reference if module else None, agreement, setting, "--sparsegpt-ref"
+    )
 
 
 def check_gptq(setting: Setting) -> list[str]:
@@ -937,7 +939,7 @@ def check_gptq(setting: Setting) -> list[str]:
         close = (a - b).abs() <= 1e-5 * b.abs().max()
         return f"weights {float(close.float().mean()):.2%} equal"
 
-    return compare_layers(ours, module and reference, agreement, setting, "--gptq-ref")
+    return compare_layers(ours, reference if module else None, agreement, setting, "--gptq-ref")
 
 
 def pruning_part(report: Report, setting: Setting) -> None:

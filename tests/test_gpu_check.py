@@ -17,6 +17,8 @@ import secondorder.optim
 from secondorder import kernels
 from secondorder.kernels import reference
 
+pytestmark = pytest.mark.slow  # two runs of the script: about 50 s on the development CPU
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 
