@@ -120,25 +120,21 @@ class ObsSweep:
         self.weights = weight.clone()
         self.factor = factor.to(weight.dtype)
         self.block_size = block_size
-        self._start = self._stop = self._done = 0
-        self._errors = weight.new_zeros(weight.shape[0], 0)
+        self._start = self._stop = 0
+        self._block_start = self.weights[:, :0]
 
-    def current(self, start: int, stop: int) -> torch.Tensor:
-        """The weights of columns ``start:stop`` as they stand now, pending lazy updates included.
+    def at_block_start(self, start: int, stop: int) -> torch.Tensor:
+        """The weights of columns ``start:stop`` as they stood when the current block began.
 
-        ``weights`` is up to date left of the block's end; right of it, the updates
-        of the columns of this block already done are applied here (not stored).
+        That is, with the updates of every earlier block (the lazy updates) and
+        none of the columns of this block; ``start`` must lie in the current block.
         """
-        left = self.weights[:, start : min(stop, self._stop)]
+        if not self._start <= start < self._stop:
+            raise ValueError(f"column {start} is not in the block {self._start}:{self._stop}")
+        inside = self._block_start[:, start - self._start : min(stop, self._stop) - self._start]
         if stop <= self._stop:
-            return left.clone()
-        first = max(start, self._stop)
-        done = slice(self._start, self._start + self._done)
-        right = (
-            self.weights[:, first:stop]
-            - self._errors[:, : self._done] @ self.factor[done, first:stop]
-        )
-        return torch.cat([left, right], dim=1)
+            return inside.clone()
+        return torch.cat([inside, self.weights[:, self._stop : stop]], dim=1)
 
     def run(self, decision: ColumnDecision) -> torch.Tensor:
         """Sweep every column, setting each to ``decision.target``; returns the new weights."""
@@ -146,17 +142,16 @@ class ObsSweep:
         cols = W.shape[1]
         for start in range(0, cols, self.block_size):
             stop = min(start + self.block_size, cols)
-            self._start, self._stop, self._done = start, stop, 0
-            self._errors = W.new_zeros(W.shape[0], stop - start)
+            self._start, self._stop = start, stop
+            self._block_start = W[:, start:stop].clone()
             decision.begin_block(self, start, stop)
             W1, U1 = W[:, start:stop], U[start:stop, start:stop]
+            errors = torch.zeros_like(W1)
             for i in range(stop - start):
                 target = decision.target(self, start + i)
                 error = (W1[:, i] - target) / U1[i, i]
                 W1[:, i:].addr_(error, U1[i, i:], alpha=-1)  # the OBS step on the columns i..stop
                 W1[:, i] = target  # exactly (the step leaves rounding)
-                self._errors[:, i] = error
-                self._done = i + 1
-            W[:, stop:].addmm_(self._errors, U[start:stop, stop:], alpha=-1)  # lazy: the rest
-        self._start = self._stop = cols
+                errors[:, i] = error
+            W[:, stop:].addmm_(errors, U[start:stop, stop:], alpha=-1)  # lazy: the rest
         return W

@@ -220,6 +220,11 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
     columns pruned left to right with the OBS step through the Cholesky factor of
     ``H⁻¹``, masks chosen per block of ``block_size`` columns.
 
+    ``prune(..., bits=4)`` also quantizes the kept weights in the same sweep
+    (SparseGPT's joint mode): every kept weight lands on the ``bits``-bit grid of its
+    row and group of columns, the pruned ones stay exactly 0, and the codes and
+    grids are kept in :attr:`quantized` (:class:`~secondorder.quantize.QuantizedWeight`).
+
     Args:
         model: the model; pruned in place.
         data: calibration batches (see :class:`~.layerwise.LayerwisePruner`).
@@ -245,6 +250,47 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
         self.block_size = check_positive_int(block_size, "block_size")
         self.relative_damp = _non_negative(relative_damp, "relative_damp")
         super().__init__(model, data, params=params, progress=progress)
+        #: codes and grids of the weights quantized by ``prune(..., bits=...)``, by name
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self._quantization: dict[str, Any] = {}
+
+    def prune(
+        self,
+        sparsity: float | None = None,
+        *,
+        n_m: tuple[int, int] | None = None,
+        recompute_steps: int | None = None,
+        bits: int | None = None,
+        group_size: int = 128,
+        symmetric: bool = False,
+    ) -> float:
+        """:meth:`Pruner.prune`; with ``bits``, the kept weights are quantized in the same sweep.
+
+        Args:
+            sparsity, n_m, recompute_steps: as for :meth:`Pruner.prune`.
+            bits: bits per kept weight (2 to 8), on grids found as GPTQ's
+                (:class:`~secondorder.quantize.GroupQuantizer`); ``None``: no quantization.
+            group_size: with ``bits``, input columns per grid (``-1``: one per row).
+            symmetric: with ``bits``, grids symmetric about 0.
+
+        Raises:
+            ValueError: on bad settings, or ``bits`` with more than one step.
+        """
+        if bits is not None:
+            from ..quantize.grid import check_quantization  # the grids live with GPTQ
+
+            check_quantization(bits, group_size)
+            if recompute_steps not in (None, 1):
+                raise ValueError("bits quantizes in one sweep: recompute_steps must be 1")
+            self._quantization = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+        before = dict(self.quantized)
+        try:
+            return super().prune(sparsity, n_m=n_m, recompute_steps=recompute_steps)
+        except BaseException:
+            self.quantized = before  # the model is restored: so are its records
+            raise
+        finally:
+            self._quantization = {}
 
     def _plan(self, sparsity: float | None, n_m: tuple[int, int] | None, steps: int) -> list[_Goal]:
         goals = super()._plan(sparsity, n_m, steps)
@@ -271,7 +317,7 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
     def _prune_layer(
         self, target: PruneTarget, statistic: HessianStatistic, goal: _Goal
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return sparsegpt_prune(
+        weight, kept, record = sparsegpt_sweep(
             target.weight().to(self._dtype),
             statistic.hessian(),
             target.mask(),
@@ -279,4 +325,8 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
             n_m=None if goal.sparsity is not None else (goal.n, goal.m),
             block_size=self.block_size,
             relative_damp=self.relative_damp,
+            **self._quantization,
         )
+        if record is not None:
+            self.quantized[target.qualname] = record
+        return weight, kept

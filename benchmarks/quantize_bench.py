@@ -1,0 +1,169 @@
+"""GPTQ against the authors' reference on the same layers; results and commands in docs/benchmarks.md.
+
+    python benchmarks/quantize_bench.py --reference /path/to/IST-DASLab/gptq
+    GPTQ_REFERENCE=/path/to/gptq python benchmarks/quantize_bench.py
+
+The reference is a checkout of IST-DASLab/gptq (its ``gptq.py`` and ``quant.py``);
+without one the comparison is skipped with a message. It runs on the CPU here once
+``torch.cuda.synchronize`` is a no-op, which this script arranges in its own process.
+
+Each layer gets the same weights and calibration inputs on both sides, in float32
+(the reference's dtype): inputs with a few strongly scaled features and correlated
+columns, as linear layers in transformers see. For every setting this prints the
+fraction of quantized weights equal to the reference's, the output error
+``‖(W − Q) Xᵀ‖²`` of each (and of round-to-nearest on the same grids), and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from secondorder._workloads.report import markdown_table
+from secondorder.prune.obs_sweep import HessianStatistic
+from secondorder.quantize import gptq_quantize, minmax_grid, round_to_grid
+
+#: (bits, group_size, act_order): the issue's settings, then act-order with groups at 3 bits
+SETTINGS = [(4, -1, False), (4, 128, False), (4, 128, True), (4, -1, True), (3, 64, False),
+            (3, 64, True)]  # fmt: skip
+#: (rows, cols, tokens, dead inputs) of the layers compared
+LAYERS = [(256, 512, 4096, 0), (512, 344, 4096, 0), (192, 256, 2048, 8)]
+
+
+def load_reference(path: str | None) -> ModuleType | None:
+    """The reference's ``gptq`` module (its ``quant`` beside it), or ``None`` with a message."""
+    if not path or not (Path(path) / "gptq.py").is_file():
+        print(
+            "GPTQ reference not found: pass --reference or set GPTQ_REFERENCE to a checkout of "
+            "IST-DASLab/gptq (gptq.py and quant.py); the comparison is skipped"
+        )
+        return None
+    sys.path.insert(0, str(Path(path).resolve()))
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # the reference calls it once per layer
+    with contextlib.redirect_stdout(io.StringIO()):  # "CUDA extension not installed."
+        import gptq  # type: ignore[import-not-found]
+    return gptq
+
+
+def layer_data(
+    rows: int, cols: int, tokens: int, dead: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weights ``[rows, cols]`` and inputs ``[tokens, cols]``: correlated, a few features 20x
+    the rest, and ``dead`` features zero on every token."""
+    gen = torch.Generator().manual_seed(seed)
+    mixing = torch.eye(cols) + 0.3 * torch.randn(cols, cols, generator=gen) / cols**0.5
+    scales = torch.ones(cols)
+    scales[torch.randperm(cols, generator=gen)[: cols // 64]] = 20.0
+    inputs = (torch.randn(tokens, cols, generator=gen) @ mixing) * scales
+    inputs[:, torch.randperm(cols, generator=gen)[:dead]] = 0
+    weights = torch.randn(rows, cols, generator=gen) / cols**0.5
+    return weights, inputs
+
+
+def reference_gptq(module: ModuleType, weights, inputs, bits, group_size, act_order, block):
+    """The reference's quantized weights and its time (s)."""
+    layer = nn.Linear(weights.shape[1], weights.shape[0], bias=False)
+    layer.weight.data = weights.clone()
+    quantizer = module.Quantizer()
+    quantizer.configure(bits, perchannel=True, sym=False, mse=False)
+    runner = module.GPTQ(layer)
+    runner.quantizer = quantizer
+    runner.add_batch(inputs.unsqueeze(0), None)
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        runner.fasterquant(blocksize=block, percdamp=0.01, groupsize=group_size, actorder=act_order)
+    return layer.weight.data.clone(), time.perf_counter() - start
+
+
+def ours(weights, inputs, bits, group_size, act_order, block):
+    """Our quantized weights and time (s), calibration not timed (as for the reference)."""
+    statistic = HessianStatistic(inputs.shape[1], inputs.device, torch.float32)
+    statistic.add(inputs)
+    start = time.perf_counter()
+    record = gptq_quantize(
+        weights, statistic.hessian(), bits=bits, group_size=group_size, act_order=act_order,
+        block_size=block,
+    )  # fmt: skip
+    return record.dequantize(), time.perf_counter() - start
+
+
+def round_to_nearest(weights: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Round-to-nearest on min-max grids of the original weights, per row and group."""
+    size = weights.shape[1] if group_size == -1 else group_size
+    parts = []
+    for group in weights.split(size, dim=1):
+        scale, zero = minmax_grid(group, bits, symmetric=False)
+        codes = round_to_grid(group, scale[:, None], zero[:, None], bits)
+        parts.append(scale[:, None] * (codes - zero[:, None]))
+    return torch.cat(parts, dim=1)
+
+
+def same_grid_point(mine: torch.Tensor, reference: torch.Tensor) -> float:
+    """Fraction of weights equal up to float32 rounding (1e-4 relative): the same grid point.
+
+    Two sides that find a group's grid on weights that differ in the last bits get
+    scales a few ulps apart; a different code is a whole grid step apart.
+    """
+    close = torch.isclose(mine, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+    return float(close.float().mean())
+
+
+def output_error(weights: torch.Tensor, quantized: torch.Tensor, inputs: torch.Tensor) -> float:
+    return float(((weights - quantized).double() @ inputs.double().T).square().sum())
+
+
+def compare(module: ModuleType, block: int) -> None:
+    header = ["layer", "bits", "group", "act-order", "equal weights", "error (ours / ref.)",
+              "RTN / ref.", "time ours (s)", "time ref. (s)"]  # fmt: skip
+    rows = []
+    for seed, (n_rows, cols, tokens, dead) in enumerate(LAYERS):
+        weights, inputs = layer_data(n_rows, cols, tokens, dead, seed)
+        for bits, group_size, act_order in SETTINGS:
+            reference, ref_time = reference_gptq(
+                module, weights, inputs, bits, group_size, act_order, block
+            )
+            mine, our_time = ours(weights, inputs, bits, group_size, act_order, block)
+            equal = same_grid_point(mine, reference)
+            ref_error = output_error(weights, reference, inputs)
+            rtn_error = output_error(weights, round_to_nearest(weights, bits, group_size), inputs)
+            rows.append([
+                f"{n_rows}x{cols}" + (f", {dead} dead inputs" if dead else ""), str(bits), str(group_size), "yes" if act_order else "no",
+                f"{equal:.4f}", f"{output_error(weights, mine, inputs) / ref_error:.4f}",
+                f"{rtn_error / ref_error:.2f}", f"{our_time:.3f}", f"{ref_time:.3f}",
+            ])  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
+    print()
+    print(markdown_table(header, rows))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--reference",
+        default=os.environ.get("GPTQ_REFERENCE"),
+        help="checkout of IST-DASLab/gptq (default: $GPTQ_REFERENCE)",
+    )
+    parser.add_argument("--block-size", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    module = load_reference(args.reference)
+    if module is not None:
+        compare(module, args.block_size)
+
+
+if __name__ == "__main__":
+    main()
