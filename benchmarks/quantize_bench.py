@@ -11,7 +11,9 @@ Each layer gets the same weights and calibration inputs on both sides, in float3
 (the reference's dtype): inputs with a few strongly scaled features and correlated
 columns, as linear layers in transformers see. For every setting this prints the
 fraction of quantized weights equal to the reference's, the output error
-``‖(W − Q) Xᵀ‖²`` of each (and of round-to-nearest on the same grids), and their ratio.
+``‖(W − Q) Xᵀ‖²`` of each (and of round-to-nearest on the same grids), their ratio, and
+the time of one layer's quantization on each side (calibration excluded; the fastest of
+``--repeats`` alternating runs).
 """
 
 from __future__ import annotations
@@ -34,9 +36,11 @@ from secondorder._workloads.report import markdown_table
 from secondorder.prune.obs_sweep import HessianStatistic
 from secondorder.quantize import gptq_quantize, minmax_grid, round_to_grid
 
-#: (bits, group_size, act_order): the issue's settings, then act-order with groups at 3 bits
-SETTINGS = [(4, -1, False), (4, 128, False), (4, 128, True), (4, -1, True), (3, 64, False),
-            (3, 64, True)]  # fmt: skip
+#: (bits, group_size, act_order, symmetric): the issue's settings, act-order with groups
+#: at 3 bits, and symmetric grids
+SETTINGS = [(4, -1, False, False), (4, 128, False, False), (4, 128, True, False),
+            (4, -1, True, False), (3, 64, False, False), (3, 64, True, False),
+            (4, 128, False, True)]  # fmt: skip
 #: (rows, cols, tokens, dead inputs) of the layers compared
 LAYERS = [(256, 512, 4096, 0), (512, 344, 4096, 0), (192, 256, 2048, 8)]
 
@@ -71,12 +75,14 @@ def layer_data(
     return weights, inputs
 
 
-def reference_gptq(module: ModuleType, weights, inputs, bits, group_size, act_order, block):
+def reference_gptq(
+    module: ModuleType, weights, inputs, bits, group_size, act_order, symmetric, block
+):
     """The reference's quantized weights and its time (s)."""
     layer = nn.Linear(weights.shape[1], weights.shape[0], bias=False)
     layer.weight.data = weights.clone()
     quantizer = module.Quantizer()
-    quantizer.configure(bits, perchannel=True, sym=False, mse=False)
+    quantizer.configure(bits, perchannel=True, sym=symmetric, mse=False)
     runner = module.GPTQ(layer)
     runner.quantizer = quantizer
     runner.add_batch(inputs.unsqueeze(0), None)
@@ -86,24 +92,26 @@ def reference_gptq(module: ModuleType, weights, inputs, bits, group_size, act_or
     return layer.weight.data.clone(), time.perf_counter() - start
 
 
-def ours(weights, inputs, bits, group_size, act_order, block):
+def ours(weights, inputs, bits, group_size, act_order, symmetric, block):
     """Our quantized weights and time (s), calibration not timed (as for the reference)."""
     statistic = HessianStatistic(inputs.shape[1], inputs.device, torch.float32)
     statistic.add(inputs)
     start = time.perf_counter()
     record = gptq_quantize(
         weights, statistic.hessian(), bits=bits, group_size=group_size, act_order=act_order,
-        block_size=block,
+        symmetric=symmetric, block_size=block,
     )  # fmt: skip
     return record.dequantize(), time.perf_counter() - start
 
 
-def round_to_nearest(weights: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+def round_to_nearest(
+    weights: torch.Tensor, bits: int, group_size: int, symmetric: bool
+) -> torch.Tensor:
     """Round-to-nearest on min-max grids of the original weights, per row and group."""
     size = weights.shape[1] if group_size == -1 else group_size
     parts = []
     for group in weights.split(size, dim=1):
-        scale, zero = minmax_grid(group, bits, symmetric=False)
+        scale, zero = minmax_grid(group, bits, symmetric)
         codes = round_to_grid(group, scale[:, None], zero[:, None], bits)
         parts.append(scale[:, None] * (codes - zero[:, None]))
     return torch.cat(parts, dim=1)
@@ -123,22 +131,27 @@ def output_error(weights: torch.Tensor, quantized: torch.Tensor, inputs: torch.T
     return float(((weights - quantized).double() @ inputs.double().T).square().sum())
 
 
-def compare(module: ModuleType, block: int) -> None:
-    header = ["layer", "bits", "group", "act-order", "equal weights", "error (ours / ref.)",
+def compare(module: ModuleType, block: int, repeats: int) -> None:
+    header = ["layer", "bits", "group", "act-order", "grid", "equal weights", "error (ours / ref.)",
               "RTN / ref.", "time ours (s)", "time ref. (s)"]  # fmt: skip
     rows = []
     for seed, (n_rows, cols, tokens, dead) in enumerate(LAYERS):
         weights, inputs = layer_data(n_rows, cols, tokens, dead, seed)
-        for bits, group_size, act_order in SETTINGS:
-            reference, ref_time = reference_gptq(
-                module, weights, inputs, bits, group_size, act_order, block
-            )
-            mine, our_time = ours(weights, inputs, bits, group_size, act_order, block)
+        for bits, group_size, act_order, symmetric in SETTINGS:
+            setting = (bits, group_size, act_order, symmetric)
+            ref_time = our_time = float("inf")
+            for _ in range(repeats):  # alternating, so that both see the same load
+                reference, seconds = reference_gptq(module, weights, inputs, *setting, block)
+                ref_time = min(ref_time, seconds)
+                mine, seconds = ours(weights, inputs, *setting, block)
+                our_time = min(our_time, seconds)
             equal = same_grid_point(mine, reference)
             ref_error = output_error(weights, reference, inputs)
-            rtn_error = output_error(weights, round_to_nearest(weights, bits, group_size), inputs)
+            rtn = round_to_nearest(weights, bits, group_size, symmetric)
+            rtn_error = output_error(weights, rtn, inputs)
             rows.append([
                 f"{n_rows}x{cols}" + (f", {dead} dead inputs" if dead else ""), str(bits), str(group_size), "yes" if act_order else "no",
+                "symmetric" if symmetric else "asymmetric",
                 f"{equal:.4f}", f"{output_error(weights, mine, inputs) / ref_error:.4f}",
                 f"{rtn_error / ref_error:.2f}", f"{our_time:.3f}", f"{ref_time:.3f}",
             ])  # fmt: skip
@@ -158,11 +171,12 @@ def main() -> None:
     )
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5, help="times: the fastest of this many")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     module = load_reference(args.reference)
     if module is not None:
-        compare(module, args.block_size)
+        compare(module, args.block_size, args.repeats)
 
 
 if __name__ == "__main__":
