@@ -209,3 +209,16 @@ def test_argument_errors():
         gptq_quantize(W, H, block_size=0)
     with pytest.raises(NotPositiveDefiniteError, match="raise relative_damp"):
         gptq_quantize(W, -H, relative_damp=0.0)
+
+
+def test_block_size_matters_only_to_groups_that_start_inside_a_block():
+    X = correlated_inputs(32, 80, seed=8)
+    W = torch.randn(6, 32, generator=torch.Generator().manual_seed(8), dtype=f64)
+    H = hessian_of(X)
+
+    def codes(group_size, block_size):
+        return gptq_quantize(W, H, bits=3, group_size=group_size, block_size=block_size).codes
+
+    assert torch.equal(codes(16, 4), codes(16, 8))  # every group starts a block
+    assert torch.equal(codes(16, 8), codes(16, 16))
+    assert not torch.equal(codes(8, 8), codes(8, 16))  # the second group of each block differs

@@ -59,7 +59,7 @@ def dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tenso
     return scale * (codes.to(scale.dtype) - zero)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class QuantizedWeight:
     """A quantized ``[rows, cols]`` weight: integer codes and the grid of each row and group.
 
