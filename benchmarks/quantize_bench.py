@@ -1,7 +1,8 @@
 """GPTQ against the authors' reference on the same layers; results and commands in docs/benchmarks.md.
 
-    python benchmarks/quantize_bench.py --reference /path/to/IST-DASLab/gptq
-    GPTQ_REFERENCE=/path/to/gptq python benchmarks/quantize_bench.py
+    python benchmarks/quantize_bench.py --reference /path/to/IST-DASLab/gptq \
+        --sparsegpt-reference /path/to/IST-DASLab/sparsegpt
+    GPTQ_REFERENCE=/path/to/gptq SPARSEGPT_REFERENCE=... python benchmarks/quantize_bench.py
 
 The reference is a checkout of IST-DASLab/gptq (its ``gptq.py`` and ``quant.py``);
 without one the comparison is skipped with a message. It runs on the CPU here once
@@ -14,12 +15,17 @@ fraction of quantized weights equal to the reference's, the output error
 ``‖(W − Q) Xᵀ‖²`` of each (and of round-to-nearest on the same grids), their ratio, and
 the time of one layer's quantization on each side (calibration excluded; the fastest of
 ``--repeats`` alternating runs).
+
+With IST-DASLab/sparsegpt as well, SparseGPT's joint mode (``sparsegpt_prune(...,
+bits=4, group_size=-1)``) is compared with the reference's ``--wbits 4`` (4-bit
+asymmetric grids per output row) at 50% and 2:4 on the same layers.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import io
 import os
 import sys
@@ -34,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from secondorder._workloads.report import markdown_table
 from secondorder.prune.obs_sweep import HessianStatistic
+from secondorder.prune.sparsegpt import sparsegpt_sweep
 from secondorder.quantize import gptq_quantize, minmax_grid, round_to_grid
 
 #: (bits, group_size, act_order, symmetric): the issue's settings, act-order with groups
@@ -45,19 +52,21 @@ SETTINGS = [(4, -1, False, False), (4, 128, False, False), (4, 128, True, False)
 LAYERS = [(256, 512, 4096, 0), (512, 344, 4096, 0), (192, 256, 2048, 8)]
 
 
-def load_reference(path: str | None) -> ModuleType | None:
-    """The reference's ``gptq`` module (its ``quant`` beside it), or ``None`` with a message."""
-    if not path or not (Path(path) / "gptq.py").is_file():
+def load_reference(path: str | None, name: str, repository: str, flag: str) -> ModuleType | None:
+    """The module ``name`` of a reference checkout (with the ``quant`` beside it), or ``None``."""
+    if not path or not (Path(path) / f"{name}.py").is_file():
         print(
-            "GPTQ reference not found: pass --reference or set GPTQ_REFERENCE to a checkout of "
-            "IST-DASLab/gptq (gptq.py and quant.py); the comparison is skipped"
+            f"{repository} not found: pass {flag} (a checkout holding {name}.py and quant.py); "
+            "its comparison is skipped"
         )
         return None
     sys.path.insert(0, str(Path(path).resolve()))
-    torch.cuda.synchronize = lambda *args, **kwargs: None  # the reference calls it once per layer
+    sys.modules.pop("quant", None)  # each reference imports its own quant.py
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # the references call it per layer
     with contextlib.redirect_stdout(io.StringIO()):  # "CUDA extension not installed."
-        import gptq  # type: ignore[import-not-found]
-    return gptq
+        module = importlib.import_module(name)
+    sys.path.pop(0)
+    return module
 
 
 def layer_data(
@@ -160,6 +169,41 @@ def compare(module: ModuleType, block: int, repeats: int) -> None:
     print(markdown_table(header, rows))
 
 
+def reference_joint(module: ModuleType, weights, inputs, pattern: dict, block: int):
+    """SparseGPT's reference pruning and quantizing (4 bits, per row) in one sweep."""
+    layer = nn.Linear(weights.shape[1], weights.shape[0], bias=False)
+    layer.weight.data = weights.clone()
+    runner = module.SparseGPT(layer)
+    runner.quantizer = module.Quantizer()
+    runner.quantizer.configure(4, perchannel=True, sym=False, mse=False)
+    runner.add_batch(inputs.unsqueeze(0), None)
+    n_m = pattern.get("n_m")
+    options = {"sparsity": 0, "prunen": n_m[1] - n_m[0], "prunem": n_m[1]} if n_m else pattern
+    with contextlib.redirect_stdout(io.StringIO()):
+        runner.fasterprune(blocksize=block, percdamp=0.01, **options)
+    return layer.weight.data.clone()
+
+
+def compare_joint(module: ModuleType, block: int) -> None:
+    """Joint pruning and 4-bit quantization against SparseGPT's reference (its ``--wbits 4``)."""
+    header = ["layer", "pattern", "equal weights", "error (ours / ref.)"]
+    rows = []
+    for seed, (n_rows, cols, tokens, dead) in enumerate(LAYERS):
+        weights, inputs = layer_data(n_rows, cols, tokens, dead, seed)
+        statistic = HessianStatistic(cols, inputs.device, torch.float32)
+        statistic.add(inputs)
+        for pattern in ({"sparsity": 0.5}, {"n_m": (2, 4)}):
+            reference = reference_joint(module, weights, inputs, pattern, block)
+            mine, _, _ = sparsegpt_sweep(
+                weights, statistic.hessian(), **pattern, block_size=block, bits=4, group_size=-1
+            )
+            ratio = output_error(weights, mine, inputs) / output_error(weights, reference, inputs)
+            name = "50%" if "sparsity" in pattern else "2:4"
+            rows.append([f"{n_rows}x{cols}" + (f", {dead} dead inputs" if dead else ""), name,
+                         f"{same_grid_point(mine, reference):.4f}", f"{ratio:.4f}"])  # fmt: skip
+    print(markdown_table(header, rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -169,14 +213,24 @@ def main() -> None:
         default=os.environ.get("GPTQ_REFERENCE"),
         help="checkout of IST-DASLab/gptq (default: $GPTQ_REFERENCE)",
     )
+    parser.add_argument(
+        "--sparsegpt-reference",
+        default=os.environ.get("SPARSEGPT_REFERENCE"),
+        help="checkout of IST-DASLab/sparsegpt, for the joint mode (default: $SPARSEGPT_REFERENCE)",
+    )
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5, help="times: the fastest of this many")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    module = load_reference(args.reference)
-    if module is not None:
-        compare(module, args.block_size, args.repeats)
+    gptq = load_reference(args.reference, "gptq", "IST-DASLab/gptq", "--reference")
+    if gptq is not None:
+        compare(gptq, args.block_size, args.repeats)
+    sparsegpt = load_reference(
+        args.sparsegpt_reference, "sparsegpt", "IST-DASLab/sparsegpt", "--sparsegpt-reference"
+    )
+    if sparsegpt is not None:
+        compare_joint(sparsegpt, args.block_size)
 
 
 if __name__ == "__main__":
