@@ -102,7 +102,7 @@ class QuantizedWeight:
 
 
 class GroupQuantizer:
-    """The per-column decision of GPTQ: round each column onto the grid of its group.
+    """Rounds each column, as the sweep reaches it, onto the grid of its group (GPTQ's decision).
 
     Columns are taken in the sweep's order, in groups of ``group_size`` (``-1``:
     one group of all columns). A group's grid is the min-max grid
