@@ -50,10 +50,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from host_syncs import counting_syncs
-from host_syncs import model as small_mlp
 from timing import peak_bytes, synchronize, timed, timed_side_by_side
 from torch import nn
+
+from secondorder._workloads.host_syncs import counting_syncs
+from secondorder._workloads.host_syncs import model as small_mlp
 
 NEEDS_CUDA = "needs CUDA"
 
