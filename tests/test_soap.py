@@ -46,7 +46,9 @@ def test_rank_keeps_the_top_eigenvectors_of_the_smaller_side_only():
     Q = torch.linalg.eigh(gram).eigenvectors.flip(1)[:, :2]
     assert set(state) >= {"basis_0", "gram_0"} and "basis_1" not in state
     assert state["basis_0"].shape == (4, 2) and state["exp_avg"].shape == (2, 16)
-    torch.testing.assert_close(after, _expected(start, grads, Q, SETTINGS), rtol=1e-6, atol=1e-9)  # eigh in float32, as the reference
+    torch.testing.assert_close(
+        after, _expected(start, grads, Q, SETTINGS), rtol=1e-6, atol=1e-9
+    )  # eigh in float32, as the reference
 
 
 def test_dct_basis_needs_no_eigendecomposition(monkeypatch):
@@ -60,7 +62,9 @@ def test_dct_basis_needs_no_eigendecomposition(monkeypatch):
     gram = grads[0] @ grads[0].mT
     energy = (full.mT @ gram @ full).diagonal()
     torch.testing.assert_close(basis, full[:, torch.topk(energy, 3).indices])
-    torch.testing.assert_close(after, _expected(start, grads, basis, SETTINGS), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        after, _expected(start, grads, basis, SETTINGS), rtol=1e-10, atol=1e-12
+    )
 
 
 def test_low_rank_state_is_smaller_than_full_soap_and_adamw():
@@ -122,6 +126,8 @@ def test_a_refresh_permutes_the_second_moment_and_carries_the_first():
     for Q in (new_left, new_right):
         torch.testing.assert_close(Q.mT @ Q, torch.eye(Q.shape[1], dtype=F64), atol=1e-6, rtol=0)
     m_after = new_left @ state["exp_avg"] @ new_right.mT
-    torch.testing.assert_close(m_after, 0.95 * m_before + 0.05 * grad, atol=1e-6, rtol=1e-6)  # float32 QR
+    torch.testing.assert_close(
+        m_after, 0.95 * m_before + 0.05 * grad, atol=1e-6, rtol=1e-6
+    )  # float32 QR
     torch.testing.assert_close(state["exp_avg_sq"].flatten().sort().values,
                                v_expected.flatten().sort().values)  # fmt: skip
