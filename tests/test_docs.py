@@ -26,6 +26,10 @@ DOCS = ROOT / "docs"
 GUIDES = sorted((DOCS / "guides").glob("*.md"))
 TORCHRUN = re.compile(r"# torchrun --nproc_per_node (?P<processes>\d+)\b")
 NOT_DOCUMENTED = {"cli", "demo"}  # the console script and the demo: documented by --help
+# Appended to a script for several processes: a rank that finished leaves without
+# finalising the interpreter around gloo's threads, which can abort a process that passed
+# ("terminate called without an active exception"; see _distributed_workers._init_and_run).
+LEAVE_WITHOUT_FINALISING = "\nimport os, sys\nsys.stdout.flush()\nos._exit(0)\n"
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -34,7 +38,7 @@ def python_blocks(path: Path) -> list[str]:
 
 def run_under_torchrun(block: str, processes: int, name: str, directory: Path) -> None:
     script = directory / "script.py"
-    script.write_text(block)
+    script.write_text(block + LEAVE_WITHOUT_FINALISING)
     # --standalone: the rendezvous store binds a port the system picks as it listens
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
     result = subprocess.run(
