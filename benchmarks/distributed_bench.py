@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from timing import timed
+from timing import format_bytes, timed
 from torch.nn.parallel import DistributedDataParallel
 
-from secondorder._checks import format_bytes
 from secondorder._workloads.report import markdown_table
 from secondorder.optim import MFAC
 

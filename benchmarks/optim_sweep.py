@@ -40,8 +40,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from timing import format_bytes
 
-from secondorder._checks import format_bytes
 from secondorder._workloads import language_model as lm
 from secondorder._workloads.data import Split, TextCorpus, load_digits, load_stdlib_corpus
 from secondorder._workloads.models import digits_cnn

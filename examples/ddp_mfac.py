@@ -17,7 +17,6 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from secondorder._checks import format_bytes
 from secondorder._workloads.data import load_digits
 from secondorder._workloads.models import digits_cnn
 from secondorder._workloads.training import evaluate
@@ -75,7 +74,7 @@ def main() -> None:
     )
     if rank == 0:
         print(
-            f"gradient window per rank: {format_bytes(shard)} (one process would hold {format_bytes(full)})"
+            f"gradient window per rank: {shard / 2**20:.1f} MiB (one process would hold {full / 2**20:.1f} MiB)"
         )
     dist.barrier()  # no rank closes its connections while another still uses them
     dist.destroy_process_group()

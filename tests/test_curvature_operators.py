@@ -238,3 +238,53 @@ def test_shuffling_dataloader_is_caught_and_generators_refused():
     )
     with pytest.raises(TypeError, match="re-iterable"):
         GGNOperator(model, loss_fn, None, iter([(inputs, targets)]))
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["checked", "unchecked"])
+@pytest.mark.parametrize("op_name", list(OPERATORS))
+def test_batch_norm_in_train_mode_is_refused_before_any_product(op_name, check):
+    """A forward pass that updates running statistics is refused at construction, whether or
+    not the determinism check runs, and the model's buffers are left as they were."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).to(f64).train()
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    data = make_data((4,), "cross_entropy")
+    loss_fn = nn.functional.cross_entropy
+    with pytest.raises(NondeterminismError, match=r"model\.eval\(\)") as error:
+        OPERATORS[op_name](model, loss_fn, None, data, check_deterministic=check)
+    assert "model.eval()" in str(error.value) and "1.running_mean" in str(error.value)
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, before[name])
+    op = OPERATORS[op_name](model.eval(), loss_fn, None, data, check_deterministic=check)
+    expected = DENSE[op_name](model, loss_fn, list(model.parameters()), data)
+    torch.testing.assert_close(op.to_dense(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("op_name", list(OPERATORS))
+def test_sum_reduced_loss_gives_the_matrix_of_the_summed_loss(op_name):
+    """``reduction="sum"`` on batches of 7 and 2: the matrix of the loss summed over all nine
+    samples, N times that of the mean; ``loss_and_gradient`` likewise."""
+    make_model, shape = MODELS["mlp"]
+    model = make_model()
+    data = make_data(shape, "cross_entropy", sizes=(7, 2))
+    params = list(model.parameters())
+    summed = OPERATORS[op_name](model, nn.CrossEntropyLoss(reduction="sum"), None, data)
+    mean = OPERATORS[op_name](model, nn.CrossEntropyLoss(), None, data)
+    expected = 9 * DENSE[op_name](model, nn.functional.cross_entropy, params, data)
+    torch.testing.assert_close(summed.to_dense(), expected, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(mean.to_dense(), expected / 9, rtol=1e-10, atol=1e-12)
+    loss, gradient = summed.loss_and_gradient()
+    mean_loss, mean_gradient = mean.loss_and_gradient()
+    torch.testing.assert_close(loss, 9 * mean_loss)
+    torch.testing.assert_close(gradient, 9 * mean_gradient)
+    if op_name == "ef":
+        torch.testing.assert_close(summed.diagonal(), expected.diagonal())
+
+
+def test_unreduced_or_unknown_loss_reduction_is_refused():
+    model = tiny_mlp()
+    data = make_data((4,), "cross_entropy")
+    for loss_fn in (nn.CrossEntropyLoss(reduction="none"), nn.MSELoss(reduction="avg")):
+        for cls in OPERATORS.values():
+            with pytest.raises(ValueError, match="reduction"):
+                cls(model, loss_fn, None, data)

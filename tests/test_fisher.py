@@ -1,3 +1,6 @@
+from collections import UserDict
+from collections.abc import Mapping
+
 import pytest
 import torch
 from _curvature_oracles import (
@@ -111,3 +114,53 @@ def test_fisher_merge_bad_input():
         fisher_merge([a, b], [{"nope": ones[0]}, {"nope": ones[0]}])
     with pytest.raises(ValueError, match="weights"):
         fisher_merge([a, b], [ones, ones], weights=[1.0, -1.0])
+
+
+class _TwoInputs(nn.Module):
+    """A model of a dict of two tensors, or of a tuple of them (the same layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left, self.right = nn.Linear(4, 3), nn.Linear(2, 3)
+
+    def forward(self, x):
+        a, b = (x["a"], x["b"]) if isinstance(x, Mapping) else x
+        return self.left(a) + torch.tanh(self.right(b))
+
+
+def _as_container(kind, a, b):
+    return {"dict": {"a": a, "b": b}, "tuple": (a, b), "userdict": UserDict(a=a, b=b)}[kind]
+
+
+@pytest.mark.parametrize("kind", ["dict", "tuple", "userdict"])
+def test_pytree_inputs_match_a_per_sample_loop(kind):
+    """Per-sample gradients, the exact diagonal and the operator on inputs that are not one
+    tensor, against one ``grad`` per sample (batches of 3 and 2)."""
+    model, loss_fn = _TwoInputs().to(f64).eval(), nn.functional.cross_entropy
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 4, generator=gen, dtype=f64), torch.randn(5, 2, generator=gen, dtype=f64)
+    y = torch.randint(0, 3, (5,), generator=gen)
+    data = [(_as_container(kind, a[s], b[s]), y[s]) for s in (slice(0, 3), slice(3, 5))]
+    params = list(model.parameters())
+    rows = []
+    for i in range(5):
+        sample = _as_container(kind, a[i : i + 1], b[i : i + 1])
+        loss = loss_fn(model(sample), y[i : i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)]))
+    expected = torch.stack(rows)
+    grads = per_sample_gradients(model, loss_fn, params, data[0])
+    torch.testing.assert_close(torch.cat([g.reshape(3, -1) for g in grads], 1), expected[:3])
+    dense = expected.T @ expected / 5
+    diagonal = empirical_fisher_diagonal(model, loss_fn, None, data, progress=False)
+    torch.testing.assert_close(torch.cat([d.reshape(-1) for d in diagonal]), dense.diagonal())
+    op = EmpiricalFisherOperator(model, loss_fn, None, data)
+    torch.testing.assert_close(op.to_dense(), dense, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(op.diagonal(), dense.diagonal())
+
+
+def test_pytree_inputs_without_a_common_batch_dimension_are_refused():
+    model, loss_fn = _TwoInputs().to(f64).eval(), nn.functional.cross_entropy
+    inputs = {"a": torch.randn(3, 4, dtype=f64), "b": torch.randn(2, 2, dtype=f64)}
+    with pytest.raises(ValueError, match="batch dimension"):
+        per_sample_gradients(model, loss_fn, None, (inputs, torch.zeros(3, dtype=torch.long)))

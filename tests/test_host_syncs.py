@@ -8,26 +8,21 @@ verdict, NaturalGaLore's windows' verdicts in the same read) and none under
 ``"skip_on_device"`` (NaturalGaLore: still its one), a skipped step too. A step that gains
 one fails here."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-from secondorder.errors import SkippedStepWarning
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from host_syncs import (
+from secondorder._workloads.host_syncs import (
     CONFIGS,
     GAP,
     PROJECTED,
-    _projected_configs,
     counting_syncs,
+    projected_configs,
     projected_syncs_per_step,
     syncs_per_step,
 )
+from secondorder.errors import SkippedStepWarning
 
-PROJECTED.update(_projected_configs())
+PROJECTED.update(projected_configs())
 
 
 def test_the_counter_sees_reads_from_python_and_from_inside_torch():
@@ -83,7 +78,7 @@ def test_a_steady_projected_step_makes_none_on_the_device(name):
         assert all(_is_the_verdict(sync) for sync in syncs), syncs
     for syncs in steps.report:  # (nothing to read if no step was ever masked)
         assert expected <= len(syncs) <= expected + 1, syncs
-        assert all("read_skip_count" in sync.where for sync in syncs[expected:]), syncs
+        assert all("finish_step" in sync.where for sync in syncs[expected:]), syncs
 
 
 @pytest.mark.parametrize("name", [n for n in PROJECTED if n != "NaturalGaLore"])

@@ -807,16 +807,38 @@ def test_natural_galore_relative_damping_is_scale_free():
 
 @pytest.mark.parametrize("correct_bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_both_ways_of_stepping_plain_parameters_agree_bit_for_bit(monkeypatch, correct_bias, dtype):
-    """The core steps the parameters of a group one at a time (CPU) or with foreach kernels
+def test_both_ways_of_stepping_plain_parameters_agree_bit_for_bit(correct_bias, dtype):
+    """``functional.adamw`` steps a list one tensor at a time (CPU) or with foreach kernels
     (GPU): the same bits either way, with parameters that miss a step (their step counts
     differ) and bf16 weights updated from float32 moments; and, for float32 with bias
-    correction, the bits of torch.optim.AdamW."""
-    from secondorder.optim import adamw_core
+    correction, the bits of torch.optim.AdamW, as GaLoreAdamW's plain groups give them."""
+    from secondorder.optim.functional import adamw
 
     torch.manual_seed(0)
     weights = [torch.randn(5, 3).to(dtype), torch.randn(7).to(dtype), torch.randn(2, 2).to(dtype)]
     kwargs = {"lr": 0.01, "betas": (0.8, 0.95), "eps": 1e-7, "weight_decay": 0.1}
+
+    class Functional(torch.optim.Optimizer):
+        def __init__(self, params, foreach):
+            super().__init__(params, kwargs)
+            self.foreach = foreach
+
+        @torch.no_grad()
+        def step(self):
+            group, lists = self.param_groups[0], ([], [], [], [], [])
+            for p in (p for p in group["params"] if p.grad is not None):
+                state = self.state[p]
+                if not state:
+                    zeros = torch.zeros(p.shape)
+                    state.update(step=0, exp_avg=zeros, exp_avg_sq=zeros.clone())
+                state["step"] += 1
+                for values, item in zip(lists, (p, p.grad.float(), state["exp_avg"],
+                                                state["exp_avg_sq"], state["step"]), strict=True):  # fmt: skip
+                    values.append(item)
+            beta1, beta2 = group["betas"]
+            adamw(*lists, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                  weight_decay=group["weight_decay"], correct_bias=correct_bias,
+                  foreach=self.foreach)  # fmt: skip
 
     def run(make):
         params = [torch.nn.Parameter(w.clone()) for w in weights]
@@ -829,12 +851,10 @@ def test_both_ways_of_stepping_plain_parameters_agree_bit_for_bit(monkeypatch, c
             optimizer.step()
         return params
 
-    results = {}
-    for foreach in (False, True):
-        monkeypatch.setattr(adamw_core, "uses_foreach", lambda device, foreach=foreach: foreach)
-        results[foreach] = run(lambda p: GaLoreAdamW(p, correct_bias=correct_bias, **kwargs))
-    for a, b in zip(results[False], results[True], strict=True):
-        assert torch.equal(a, b)
+    results = {foreach: run(lambda p, f=foreach: Functional(p, f)) for foreach in (False, True)}
+    results["galore"] = run(lambda p: GaLoreAdamW(p, correct_bias=correct_bias, **kwargs))
+    for a, b, c in zip(results[False], results[True], results["galore"], strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
     if correct_bias and dtype == torch.float32:
         reference = run(lambda p: torch.optim.AdamW(p, foreach=False, **kwargs))
         for a, b in zip(results[True], reference, strict=True):

@@ -242,18 +242,19 @@ def test_a_subclass_that_does_not_mask_its_claimed_steps_is_decided_on_the_host(
     """An AdamWCore subclass written without the policy in mind (docs/architecture.md's
     signSGD on matrices) writes its claimed parameters directly: under skip_on_device its
     steps are decided on the host, so a NaN step still changes nothing."""
-    from secondorder.optim.adamw_core import AdamWCore, decoupled_decay
+    from secondorder.optim.adamw_core import AdamWCore
+    from secondorder.optim.functional import decoupled_decay_
 
     class SignMatrices(AdamWCore):
         def __init__(self, params, **kw):
             adamw = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0}
-            super().__init__(params, {"lr": 0.1, "correct_bias": True, **adamw}, **kw)
+            super().__init__(params, {"lr": 0.1, **adamw}, **kw)
 
-        def _claims(self, p, index):
+        def _claims(self, p, group):
             return p.dim() >= 2
 
-        def _step_claimed(self, p, group, index):
-            decoupled_decay(p, group)
+        def _apply(self, p, group, prepared):
+            decoupled_decay_(p, group["lr"], group["weight_decay"])
             p.add_(p.grad.sign(), alpha=-group["lr"])
 
     model = mlp()

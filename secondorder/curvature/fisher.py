@@ -1,13 +1,26 @@
 r"""Per-sample gradients, the exact diagonal of the empirical Fisher, and Fisher merging.
 
-For a loss that is a mean over samples, ``L = (1/N) Σ_i ℓ_i``, the per-sample
-loss ``ℓ_i`` is ``loss_fn`` evaluated on the batch holding sample ``i`` alone, and
-the empirical Fisher (EF) is
+The per-sample loss ``ℓ_i`` is ``loss_fn`` on the batch holding sample ``i`` alone,
+and the empirical Fisher (EF) of ``L = c Σ_i ℓ_i`` over ``N`` samples is
 
-    F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ,
+    F = c Σ_i ∇ℓ_i ∇ℓ_iᵀ,
 
-whose diagonal ``(1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` is computed exactly here from the
-per-sample gradients (``vmap`` of ``grad`` over the samples of each batch).
+with ``c = 1/N`` when ``loss_fn`` averages over its batch (``reduction="mean"``,
+torch's default) and ``c = 1`` when it sums (``reduction="sum"``). The diagonal
+``c Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` is computed exactly here from the per-sample gradients
+(``vmap`` of ``grad`` over the samples of each batch).
+
+Two conventions differ from curvlinops' ``EFLinearOperator`` (both are legitimate;
+know which one you compare):
+
+- ``ℓ_i`` is ``loss_fn`` on a batch of one, so with a mean-reduced loss it is also a
+  mean over the sample's outputs: for ``MSELoss`` or ``BCEWithLogitsLoss`` on ``C``
+  outputs, curvlinops' mean-reduced EF is ``C`` times this one (it sums over outputs).
+- For sequence outputs (``[B, T, C]``) a sample is a sequence: one gradient per sequence,
+  of the loss of all its tokens, where curvlinops takes one per token.
+
+Inputs and targets are pytrees (a tensor, or dicts, lists and tuples of tensors with the
+batch dimension first); a ``UserDict`` reaches the model as a plain ``dict``.
 """
 
 from __future__ import annotations
@@ -23,37 +36,52 @@ from torch.func import functional_call, grad, vmap
 from .._common import LossFn, Params
 from .._progress import progress as progress_bar
 from ._params import resolve_params
+from ._samples import loss_reduction, num_samples, per_sample
+from ._stateless import check_forward_keeps_buffers
 
 __all__ = ["empirical_fisher_diagonal", "fisher_merge", "per_sample_gradients"]
 
 
 def sample_gradients(
-    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: torch.Tensor
+    model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
 ) -> Params:
     """``∇ℓ_i`` for every sample of the batch: ``{name: [B, *shape]}`` (a pure function)."""
 
-    def sample_loss(p: Params, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return loss_fn(functional_call(model, p, (x.unsqueeze(0),)), y.unsqueeze(0))
+    def batch_loss(p: Params, x: Any, y: Any) -> torch.Tensor:
+        return loss_fn(functional_call(model, p, (x,)), y)
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, inputs, targets)
+    sample_loss, leaves, in_dims = per_sample(batch_loss, inputs, targets)
+    return vmap(grad(sample_loss), in_dims=(None, in_dims))(params, leaves)
 
 
 def per_sample_gradients(
     model: nn.Module,
     loss_fn: LossFn,
     params: Iterable[torch.Tensor] | None,
-    batch: tuple[torch.Tensor, torch.Tensor],
+    batch: tuple[Any, Any],
 ) -> list[torch.Tensor]:
     """The gradient of each sample's loss, one ``[B, *p.shape]`` tensor per parameter ``p``.
 
-    ``ℓ_i = loss_fn(model(x_i[None]), y_i[None])``; with a mean-reduced ``loss_fn``
-    the batch loss is the mean of the ``ℓ_i``, so the mean of the returned
-    gradients over the batch is the ordinary gradient. ``params`` are tensors of
-    ``model.parameters()`` (``None``: all that require grad). The model should be
-    in eval mode (no dropout, no batch statistics): each sample is run alone.
+    ``ℓ_i`` is ``loss_fn`` on the batch of sample ``i`` alone; with a mean-reduced
+    ``loss_fn`` the batch loss is the mean of the ``ℓ_i``, so the mean of the returned
+    gradients over the batch is the ordinary gradient (with a sum-reduced one, their sum).
+
+    Args:
+        model: the model, in eval mode: each sample is run alone, so it must not mix
+            samples (no batch statistics) nor draw random numbers (no dropout).
+        loss_fn: ``loss_fn(outputs, targets)``.
+        params: tensors of ``model.parameters()``; ``None``: all that require grad.
+        batch: ``(inputs, targets)``, each a tensor or a pytree of tensors (dict, list,
+            tuple, ``UserDict``) with the batch dimension first.
+
+    Raises:
+        NondeterminismError: the forward pass writes to the model's buffers (batch norm
+            in train mode: call ``model.eval()``).
+        ValueError: the tensors of the batch do not share one batch size.
     """
     names, tensors = resolve_params(model, params)
     inputs, targets = batch
+    check_forward_keeps_buffers(model, inputs)
     with torch.no_grad():
         grads = sample_gradients(
             model, loss_fn, {n: t.detach() for n, t in zip(names, tensors, strict=True)},
@@ -66,28 +94,43 @@ def empirical_fisher_diagonal(
     model: nn.Module,
     loss_fn: LossFn,
     params: Iterable[torch.Tensor] | None,
-    data: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    data: Iterable[tuple[Any, Any]],
     *,
     progress: bool = True,
 ) -> list[torch.Tensor]:
-    """``diag F = (1/N) Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` over all samples of ``data``, exactly; one tensor per param.
+    """``diag F = c Σ_i ∇ℓ_i ⊙ ∇ℓ_i`` over all samples of ``data``, exactly; one tensor per param.
 
-    ``data`` is an iterable of ``(inputs, targets)`` batches; ``N`` counts
-    samples, so a short last batch weighs what its samples weigh.
+    ``c = 1/N`` for a mean-reduced ``loss_fn`` (``N`` counts samples, so a short last
+    batch weighs what its samples weigh) and ``c = 1`` for a sum-reduced one (its
+    ``reduction`` attribute, see the module's docstring).
+
+    Args:
+        model, loss_fn, params: as :func:`per_sample_gradients`.
+        data: an iterable of ``(inputs, targets)`` batches, as ``per_sample_gradients``'s.
+        progress: show a progress bar over the batches.
+
+    Raises:
+        NondeterminismError: the forward pass writes to the model's buffers (batch norm
+            in train mode: call ``model.eval()``).
+        ValueError: ``data`` holds no samples, or ``loss_fn``'s reduction is neither
+            ``"mean"`` nor ``"sum"``.
     """
+    reduction = loss_reduction(loss_fn)
     names, tensors = resolve_params(model, params)
     detached = {n: t.detach() for n, t in zip(names, tensors, strict=True)}
     total = [torch.zeros_like(t) for t in tensors]
     count = 0
-    with torch.no_grad():
-        for inputs, targets in progress_bar(data, desc="EF diagonal", enabled=progress):
+    for inputs, targets in progress_bar(data, desc="EF diagonal", enabled=progress):
+        if count == 0:
+            check_forward_keeps_buffers(model, inputs)
+        with torch.no_grad():
             grads = sample_gradients(model, loss_fn, detached, inputs, targets)
             for acc, name in zip(total, names, strict=True):
                 acc.add_(grads[name].square().sum(0))
-            count += len(targets)
+        count += num_samples(targets, inputs)
     if count == 0:
         raise ValueError("data holds no samples")
-    return [t / count for t in total]
+    return total if reduction == "sum" else [t / count for t in total]
 
 
 def fisher_merge(

@@ -1,24 +1,32 @@
 r"""Curvature matrices of a model's loss as matrix-free linear operators, on ``torch.func``.
 
 Every operator here is a symmetric ``D × D`` matrix, ``D`` the number of
-entries of ``params``, of the loss averaged over the ``N`` samples of ``data``:
+entries of ``params``, of the loss over the ``N`` samples of ``data``, their mean or
+their sum as ``loss_fn`` reduces its batch:
 
-    L(θ) = (1/N) Σ_i ℓ_i(θ).
+    L(θ) = c Σ_i ℓ_i(θ),   c = 1/N (reduction="mean", torch's default) or 1 ("sum").
 
 ``data`` is any re-iterable of ``(inputs, targets)`` batches (a list, a
-``DataLoader``) and ``loss_fn(outputs, targets)`` averages over its batch
-(``reduction="mean"``, torch's default), so batch ``b`` of ``B_b`` samples,
-with loss ``L_b``, enters with weight ``B_b / N``: a short last batch weighs
-what its samples weigh, not what a full batch weighs.
+``DataLoader``). The reduction is read from ``loss_fn.reduction`` (torch's loss
+modules) or a ``functools.partial``'s ``reduction`` keyword; a plain function is taken
+to average. With a mean, batch ``b`` of ``B_b`` samples, with loss ``L_b``, enters with
+weight ``w_b = B_b / N``: a short last batch weighs what its samples weigh, not what a
+full batch weighs. With a sum, ``w_b = 1``: the batches' summed losses add up to ``L``.
 
-- :class:`HessianOperator`: ``∇²L = Σ_b (B_b/N) ∇²L_b``.
-- :class:`GGNOperator`: the generalised Gauss-Newton ``G = Σ_b (B_b/N) J_bᵀ H_b J_b``,
+- :class:`HessianOperator`: ``∇²L = Σ_b w_b ∇²L_b``.
+- :class:`GGNOperator`: the generalised Gauss-Newton ``G = Σ_b w_b J_bᵀ H_b J_b``,
   ``J_b`` the Jacobian of the model's outputs on batch ``b`` with respect to
   ``params`` and ``H_b`` the Hessian of ``loss_fn`` with respect to those outputs.
   It is the Hessian without the terms in the model's second derivatives, and
   positive semi-definite when the loss is convex in the outputs (cross-entropy, MSE).
-- :class:`EmpiricalFisherOperator`: ``F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ``, ``ℓ_i`` the loss of
-  sample ``i`` alone (``loss_fn`` on a batch of one).
+- :class:`EmpiricalFisherOperator`: ``F = c Σ_i ∇ℓ_i ∇ℓ_iᵀ``, ``ℓ_i`` the loss of
+  sample ``i`` alone (``loss_fn`` on a batch of one; see there for where this
+  differs from curvlinops).
+
+Inputs and targets are pytrees (a tensor, or dicts, lists and tuples of tensors with
+the batch dimension first). The model must be one fixed function during a product:
+a forward pass that writes to its buffers (batch norm in train mode) is refused at
+construction with :class:`NondeterminismError`.
 
 The base class :class:`CurvatureOperator` owns the loop over the data, the
 weighting, the input and output formats and the checks; each subclass gives
@@ -43,6 +51,8 @@ from .._common import LossFn, Params, to_device
 from .._progress import progress as progress_bar
 from ..errors import NondeterminismError
 from ._params import flatten_columns, resolve_params, split_columns
+from ._samples import loss_reduction, num_samples
+from ._stateless import check_forward_keeps_buffers
 from .fisher import empirical_fisher_diagonal, sample_gradients
 
 __all__ = [
@@ -163,13 +173,14 @@ def ggn_product(
 def empirical_fisher_product(
     model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
 ) -> Product:
-    """``v ↦ (1/B) Gᵀ (G v)`` with ``G`` the ``B × D`` per-sample gradients, formed once."""
+    """``v ↦ c Gᵀ (G v)`` with ``G`` the ``B × D`` per-sample gradients, formed once, and
+    ``c = 1/B`` for a mean-reduced ``loss_fn``, ``1`` for a sum-reduced one."""
     grads = sample_gradients(model, loss_fn, params, inputs, targets)
-    num_samples = next(iter(grads.values())).shape[0]
+    scale = 1 if loss_reduction(loss_fn) == "sum" else next(iter(grads.values())).shape[0]
 
     def product(v: Params) -> Params:
         coefficients = sum(grads[n].flatten(1) @ v[n].flatten() for n in v)  # ∇ℓ_i · v
-        return {n: torch.tensordot(coefficients, grads[n], dims=1) / num_samples for n in v}
+        return {n: torch.tensordot(coefficients, grads[n], dims=1) / scale for n in v}
 
     return product
 
@@ -178,7 +189,7 @@ def empirical_fisher_product(
 
 
 class CurvatureOperator:
-    """A symmetric ``D × D`` curvature matrix of ``L = (1/N) Σ_i ℓ_i``, applied without forming it.
+    """A symmetric ``D × D`` curvature matrix of ``L = c Σ_i ℓ_i``, applied without forming it.
 
     ``op @ x`` takes a flat vector ``[D]``, a ``[D, K]`` matrix or a list of
     tensors shaped like ``params`` (ordered as ``params``), and returns the
@@ -189,12 +200,14 @@ class CurvatureOperator:
     Args:
         model: any ``nn.Module`` whose output on a batch of inputs is a tensor;
             it should be deterministic (eval mode: no dropout, no batch statistics).
-        loss_fn: ``loss_fn(outputs, targets)``, the MEAN over the batch.
+        loss_fn: ``loss_fn(outputs, targets)``, the mean over the batch (``c = 1/N``)
+            or, where its ``reduction`` says ``"sum"``, the sum (``c = 1``).
         params: tensors of ``model.parameters()`` to differentiate with respect
             to, in the order of the vector's blocks; ``None``: all that require grad.
             The other parameters and the buffers are held fixed.
-        data: re-iterable of ``(inputs, targets)`` batches, batch dimension first.
-            Tensors are moved to the parameters' device.
+        data: re-iterable of ``(inputs, targets)`` batches, each a tensor or a pytree
+            of tensors with the batch dimension first; tensors in dicts, lists and
+            tuples are moved to the parameters' device.
         chunk_size: at most this many columns go through one vmapped call; memory
             grows with it, about ``chunk_size`` times the activations of one batch.
             ``None``: ``max(1, 2048 // batch size)``, at most 16, so that a call
@@ -209,6 +222,14 @@ class CurvatureOperator:
             :class:`NondeterminismError` if they differ (dropout or batch norm in
             train mode, random augmentation, shuffling).
         progress: show a progress bar over the batches of each product.
+
+    Raises:
+        NondeterminismError: a forward pass on the first batch writes to the model's
+            buffers (batch norm in train mode: call ``model.eval()``), checked whatever
+            ``check_deterministic``; or the determinism check failed.
+        ValueError: ``loss_fn``'s reduction is neither ``"mean"`` nor ``"sum"``, or
+            ``params`` is empty or not the model's.
+        TypeError: ``data`` is an iterator (not re-iterable).
     """
 
     def __init__(
@@ -227,6 +248,7 @@ class CurvatureOperator:
                 "data must be re-iterable (a list of batches or a DataLoader), not an iterator "
                 "or generator: every product makes a new pass over it"
             )
+        self.reduction = loss_reduction(loss_fn)
         self.model = model
         self.loss_fn = loss_fn
         self.names, self.params = resolve_params(model, params)
@@ -237,6 +259,9 @@ class CurvatureOperator:
         self.progress = progress
         self._shapes = tuple(p.shape for p in self.params)
         self.dim = sum(p.numel() for p in self.params)
+        first_batch = next(iter(data), None)
+        if first_batch is not None:  # else torch.func fails at the first product, less clearly
+            check_forward_keeps_buffers(model, to_device(first_batch[0], self.device))
         if check_deterministic:
             self.check_deterministic()
 
@@ -245,7 +270,8 @@ class CurvatureOperator:
         model: nn.Module, loss_fn: LossFn, params: Params, inputs: Any, targets: Any
     ) -> Product:
         """The one method a subclass provides: ``v ↦ A_b v`` for its matrix on one batch
-        (of the batch's mean loss), a pure function like :func:`hessian_product`."""
+        (of the batch's loss as ``loss_fn`` reduces it), a pure function like
+        :func:`hessian_product`."""
         raise NotImplementedError
 
     @property
@@ -304,8 +330,9 @@ class CurvatureOperator:
         """``A @ matrix`` for a ``[D, K]`` matrix: one pass over the data.
 
         The work is laid out by rows, one row per vector (``[K, D]``), so that each chunk
-        of vectors and each chunk of products is a contiguous block: ``Σ_b B_b (A_b V)ᵀ``
-        is accumulated there and returned transposed (a view). With one batch the sum is
+        of vectors and each chunk of products is a contiguous block: ``Σ_b w_b (A_b V)ᵀ``
+        is accumulated there and returned transposed (a view). With a mean, ``B_b`` weighs
+        each batch and the sum is divided by ``N`` at the end; with one batch the sum is
         its product as computed (``B_b / N = 1``), with no scaling pass.
         """
         num_columns = matrix.shape[1]
@@ -314,26 +341,27 @@ class CurvatureOperator:
         rows = matrix.T.contiguous()  # free when the caller's matrix is a transposed [K, D]
         sizes = [p.numel() for p in self.params]
         params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
-        total, first_batch_size, num_samples, num_batches = None, 0, 0, 0
+        total, first_weight, count, num_batches = None, 1, 0, 0
         # torch.func ignores an outer no_grad; it stops the graph back to the model's own tensors.
         # The fused attention kernels have no second derivatives; the math one has.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, targets in self._batches(type(self).__name__):
-                batch_size = _num_samples(targets)
+                batch_size = num_samples(targets, inputs)
+                weight = batch_size if self.reduction == "mean" else 1
                 product, width = self._product_on_batch(params, inputs, targets, batch_size)
                 products = _products_by_rows(product, rows, self.names, self._shapes, sizes, width)
                 if total is None:
-                    total, first_batch_size = products, batch_size
+                    total, first_weight = products, weight
                 else:
-                    if num_batches == 1:
-                        total.mul_(first_batch_size)
-                    total.add_(products, alpha=batch_size)
-                num_samples += batch_size
+                    if num_batches == 1 and first_weight != 1:
+                        total.mul_(first_weight)
+                    total.add_(products, alpha=weight)
+                count += batch_size
                 num_batches += 1
         if total is None:
             raise ValueError("data holds no samples")
-        if num_batches > 1:
-            total.div_(num_samples)
+        if num_batches > 1 and self.reduction == "mean":
+            total.div_(count)
         return total.T
 
     def _product_on_batch(
@@ -356,7 +384,8 @@ class CurvatureOperator:
     # -- loss, gradient and the determinism check ------------------------------------------------
 
     def loss_and_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``L`` and the flat gradient ``∇L`` over all of ``data`` (one pass, one backward a batch)."""
+        """``L`` and the flat gradient ``∇L`` over all of ``data`` (one pass, one backward a batch):
+        the mean of the samples' losses, or their sum for a sum-reduced ``loss_fn``."""
         _, _, loss, gradient = self._loss_and_gradient_pass()
         return loss, gradient
 
@@ -371,16 +400,19 @@ class CurvatureOperator:
         with torch.no_grad():
             for inputs, targets in self._batches("loss and gradient"):
                 grads, loss = grad_and_value(batch_loss)(params, inputs, targets)
-                batch_size = _num_samples(targets)
-                gradient += batch_size * torch.cat([grads[n].reshape(-1) for n in self.names])
+                batch_size = num_samples(targets, inputs)
+                weight = batch_size if self.reduction == "mean" else 1
+                gradient += weight * torch.cat([grads[n].reshape(-1) for n in self.names])
                 sizes.append(batch_size)
                 losses.append(loss.detach())
         if not sizes:
             raise ValueError("data holds no samples")
-        num_samples = sum(sizes)
         stacked = torch.stack(losses)
+        if self.reduction == "sum":
+            return sizes, stacked, stacked.sum(), gradient
+        count = sum(sizes)
         total = (stacked * torch.tensor(sizes, dtype=stacked.dtype, device=stacked.device)).sum()
-        return sizes, stacked, total / num_samples, gradient / num_samples
+        return sizes, stacked, total / count, gradient / count
 
     def check_deterministic(self) -> None:
         """Raise :class:`NondeterminismError` unless two passes over the data agree.
@@ -441,7 +473,7 @@ class CurvatureOperator:
 
 
 class HessianOperator(CurvatureOperator):
-    r"""The Hessian ``∇²L = Σ_b (B_b/N) ∇²L_b`` of the mean loss over ``data``.
+    r"""The Hessian ``∇²L = Σ_b w_b ∇²L_b`` of the loss over ``data`` (mean or sum, see the module).
 
     Per batch: one forward and backward pass, kept, then one reverse pass through it per
     vector. Batches of fewer than 512 samples (or any batch when ``chunk_size`` is
@@ -463,10 +495,10 @@ class HessianOperator(CurvatureOperator):
 
 
 class GGNOperator(CurvatureOperator):
-    r"""The generalised Gauss-Newton ``G = Σ_b (B_b/N) J_bᵀ H_b J_b`` of the mean loss over ``data``.
+    r"""The generalised Gauss-Newton ``G = Σ_b w_b J_bᵀ H_b J_b`` of the loss over ``data``.
 
     ``J_b = ∂f(x_b; θ)/∂θ`` is the Jacobian of the model's outputs on batch
-    ``b`` and ``H_b = ∂²loss_fn(f, y_b)/∂f²`` the Hessian of the batch's mean loss
+    ``b`` and ``H_b = ∂²loss_fn(f, y_b)/∂f²`` the Hessian of the batch's loss
     with respect to those outputs, taken by ``torch.func`` for any ``loss_fn``.
     Arguments as :class:`CurvatureOperator`.
     """
@@ -475,13 +507,25 @@ class GGNOperator(CurvatureOperator):
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
-    r"""The empirical Fisher ``F = (1/N) Σ_i ∇ℓ_i ∇ℓ_iᵀ`` over the samples of ``data``.
+    r"""The empirical Fisher ``F = c Σ_i ∇ℓ_i ∇ℓ_iᵀ`` over the ``N`` samples of ``data``.
 
-    ``ℓ_i = loss_fn(model(x_i[None]), y_i[None])``, so each sample is run on its
-    own (``vmap`` over the batch): the model must not mix samples (no batch
-    statistics). Per batch, the ``B × D`` per-sample gradients are formed once
+    ``c = 1/N`` for a mean-reduced ``loss_fn``, ``1`` for a sum-reduced one.
+    ``ℓ_i = loss_fn(model(x_i[None]), y_i[None])``, ``loss_fn`` on sample ``i`` alone,
+    so each sample is run on its own (``vmap`` over the batch, every tensor of a pytree
+    of inputs split along its first dimension): the model must not mix samples (no
+    batch statistics). Per batch, the ``B × D`` per-sample gradients are formed once
     (memory ``B × D``), then each column costs two matrix-vector products.
     Arguments as :class:`CurvatureOperator`.
+
+    Two conventions differ from curvlinops' ``EFLinearOperator`` (both legitimate):
+
+    - ``ℓ_i`` is ``loss_fn`` on a batch of one, with ``loss_fn``'s own reduction over
+      the sample's outputs. With a mean-reduced ``MSELoss`` or ``BCEWithLogitsLoss``
+      on ``C`` outputs that is a mean over the ``C``, and curvlinops' EF (which sums
+      over outputs) is ``C`` times this one; with cross-entropy or a sum they agree.
+    - For sequence outputs (``[B, T, C]``), a sample is a sequence: one gradient per
+      sequence, of its loss over all ``T`` tokens, where curvlinops takes one
+      gradient per token.
     """
 
     _batch_product = staticmethod(empirical_fisher_product)
@@ -533,9 +577,3 @@ def _products_by_rows(
             [products[n].reshape(count, -1) for n in names], dim=1, out=out[start : start + width]
         )
     return out
-
-
-def _num_samples(targets: Any) -> int:
-    if isinstance(targets, torch.Tensor) and targets.ndim > 0:
-        return targets.shape[0]
-    return len(targets)

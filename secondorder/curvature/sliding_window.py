@@ -415,6 +415,21 @@ class SlidingWindow(InverseFisherOperator, ABC):
         self._system.check_state(state)
         self._check_rows_state(state)
 
+    def grow_from(self, narrower: SlidingWindow) -> None:
+        """Take the gradients of ``narrower``, a window of the same kind over the first
+        ``narrower.dim`` of this window's coordinates: zero in the others (an optimiser's
+        window growing for parameters that join it)."""
+        state = narrower.state_dict()
+        extra = self.dim - state["dim"]
+        if extra < 0 or state["kind"] != self.kind:
+            raise ValueError(f"cannot grow a {state['kind']} window of dim {state['dim']} into "
+                             f"a {self.kind} one of dim {self.dim}")  # fmt: skip
+        self.load_state_dict({**state, "dim": self.dim, **self._widened_rows(state, extra)})
+
+    @abstractmethod
+    def _widened_rows(self, state: dict[str, Any], extra: int) -> dict[str, Any]:
+        """The rows' entries of a window's ``state`` with ``extra`` zero coordinates appended."""
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a window saved by :meth:`state_dict`; the next step is bit-identical.
 
@@ -693,6 +708,10 @@ class SlidingWindowMFAC(SlidingWindow):
 
     def _rows_state(self) -> dict[str, Any]:
         return {"grads": self._grads}
+
+    def _widened_rows(self, state: dict[str, Any], extra: int) -> dict[str, Any]:
+        grads = state["grads"]
+        return {"grads": torch.cat([grads, grads.new_zeros(grads.shape[0], extra)], dim=1)}
 
     def _check_rows_state(self, state: dict[str, Any]) -> None:
         check_saved_tensor(state, "grads", self._grads)

@@ -280,6 +280,17 @@ class SparseSlidingWindowMFAC(SlidingWindow):
             "error": self._error,
         }
 
+    def _widened_rows(self, state: dict[str, Any], extra: int) -> dict[str, Any]:
+        """Each row keeps its entries, padded to this window's ``k`` with zeros at coordinate 0."""
+        rows = {}
+        for name in ("values", "indices"):
+            saved = state[name]
+            rows[name] = torch.cat(
+                [saved, saved.new_zeros(saved.shape[0], self.k - saved.shape[1])], 1
+            )
+        rows["error"] = torch.cat([state["error"], state["error"].new_zeros(extra)])
+        return {**rows, "k": self.k}
+
     def _check_rows_state(self, state: dict[str, Any]) -> None:
         for key, mine in (("density", self.density), ("error_feedback", self.error_feedback)):
             if state.get(key) != mine:

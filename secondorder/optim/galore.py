@@ -3,6 +3,7 @@ r"""GaLore (Zhao et al., 2024) and Natural GaLore: Adam in an SVD-chosen low-ran
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -10,10 +11,10 @@ import torch
 from .._checks import check_damping, check_positive_int
 from .._common import statistics_dtype
 from ..curvature import SlidingWindowMFAC
-from .projected_adam import LowRankConfig, ProjectedAdam
+from .projected_adam import ProjectedAdam
 from .projectors import SVDProjector
 
-__all__ = ["GaLoreAdamW", "NaturalGaLore"]
+__all__ = ["FisherConfig", "GaLoreAdamW", "NaturalGaLore"]
 
 
 class GaLoreAdamW(ProjectedAdam):
@@ -86,13 +87,9 @@ class NaturalGaLore(GaLoreAdamW):
     rescales Adam's ``ε`` (Adam is otherwise invariant to it). While the window fills,
     ``n`` grows, so the two differ by a changing factor there.
 
-    The default is ``damp = 5e-3``, 100 times the reference's, because it trains better:
-    at the reference's damping the Fisher term dominates (``‖a‖²/(n·damp)`` has a median
-    of 26-67 on the tiny Llama) and whitens away the direction consecutive gradients
-    share. Tiny Llama, 300 steps, 3 seeds (``benchmarks/lowrank_bench.py --part
-    natural-damping``, validation nats/byte): GaLoreAdamW 1.938 ± 0.035, ``damp=5e-5``
-    1.979 ± 0.024, ``damp=5e-3`` 1.924 ± 0.010; ``relative_damp`` of 10 to 1e4 lost to
-    both (2.03 to 2.15).
+    The default is ``damp = 5e-3``, 100 times the reference's: at the reference's damping
+    the Fisher term dominates and whitens away the direction consecutive gradients share
+    (docs/benchmarks.md, "Defaults chosen by measurement").
 
     On a refresh of the basis, ``on_refresh="rotate"`` also carries the stored projected
     gradients into the new basis (``a_i ← a_i R`` as ``rows × r`` matrices, ``R = P_oldᵀ
@@ -115,18 +112,18 @@ class NaturalGaLore(GaLoreAdamW):
         relative_damp: if set (per group too), it replaces ``damp`` by ``relative_damp``
             times the mean squared entry of the projected gradients in the window, fixed
             between refactorisations of its small system (as ``MFAC(relative_damp=...)``):
-            a damping that does not depend on the gradients' scale. It lost to ``damp`` in
-            the measurement above; a likely cause (not isolated) is that the damping, and
-            with it the scale of ``F⁻¹a``, jumps at each refactorisation while Adam's
-            second moment adapts over about a thousand steps.
+            a damping that does not depend on the gradients' scale.
         Other arguments as for :class:`GaLoreAdamW`.
     """
 
-    #: a copy rebuilds the windows from the state, as a loaded optimiser does
+    #: the windows are rebuilt from the state (``"fisher"``) by a copy and after a load
     _transient: ClassVar[dict[str, Callable[[], Any]]] = {
         **GaLoreAdamW._transient,
         "_windows": dict,
+        "_pending": dict,
     }
+    _windows: dict[torch.Tensor, SlidingWindowMFAC]
+    _pending: dict[torch.Tensor, Any]  # a window's update begun by _prepare, per weight
 
     def __init__(
         self,
@@ -142,7 +139,6 @@ class NaturalGaLore(GaLoreAdamW):
         relative_damp: float | None = None,
         **options: Any,
     ) -> None:
-        self._windows: dict[torch.Tensor, SlidingWindowMFAC] = {}
         super().__init__(
             params, lr, betas, eps, weight_decay, correct_bias,
             history=history, damp=damp, relative_damp=relative_damp, **options,
@@ -150,10 +146,7 @@ class NaturalGaLore(GaLoreAdamW):
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        check_positive_int(group["history"], "history")
-        check_damping(group["damp"])
-        if group["relative_damp"] is not None:
-            check_damping(group["relative_damp"], "relative_damp")
+        FisherConfig.from_group(group)
 
     def _window(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], like: torch.Tensor
@@ -170,7 +163,6 @@ class NaturalGaLore(GaLoreAdamW):
     def _new_window(
         self, p: torch.Tensor, group: dict[str, Any], dim: int, dtype: torch.dtype
     ) -> SlidingWindowMFAC:
-        config = LowRankConfig.from_group(group)
         return SlidingWindowMFAC(
             dim,
             group["history"],
@@ -179,20 +171,16 @@ class NaturalGaLore(GaLoreAdamW):
             dtype=dtype,
             relative_damp=group["relative_damp"],
             # under FSDP2 with a right projection, each rank holds its rows of the window
-            process_group=None if config is None else self._split_group(p, config),
+            process_group=self._split_group(p, group) if group.get("rank") else None,
         )
 
-    def _check_claimed_state(
-        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
-    ) -> None:
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
         """The projected state, and a window that loads the saved one (then dropped: the
         window is rebuilt from the state on the next step)."""
-        super()._check_claimed_state(p, group, saved)
-        if "fisher" not in saved:
+        super()._check_state(p, group, saved)
+        if "fisher" not in saved or not self._claims(p, group):
             return
-        config = LowRankConfig.from_group(group)
-        assert config is not None  # the group claimed p: it has a rank
-        kept, _, rank = self._projected_shape(p, config)
+        kept, _, rank = self._projected_shape(p, group)
         window = self._new_window(p, group, kept * rank, statistics_dtype(p.dtype))
         try:
             window.load_state_dict(saved["fisher"])
@@ -201,43 +189,45 @@ class NaturalGaLore(GaLoreAdamW):
                 f"the saved Fisher window of a weight is incomplete: {error}"
             ) from None
 
-    def _prepare_claimed(
-        self, p: torch.Tensor, group: dict[str, Any], index: int
-    ) -> tuple[torch.Tensor | None, Any]:
+    def _prepare(self, p: torch.Tensor, group: dict[str, Any]) -> Any:
         """Between refreshes, also begin the window's update with ``X P`` (the proxy checked
         for NaN and Inf in the same read): its factor's verdict comes back in the step's one
         host synchronisation, which this optimiser then needs on every step (under
         ``nonfinite="skip_on_device"`` too, where the step is decided on the host)."""
-        proxy, prepared = super()._prepare_claimed(p, group, index)
+        prepared = super()._prepare(p, group)
         prepared.needs_host = True
         if prepared.refresh:
-            return proxy, prepared
-        low = prepared.low
-        assert low is not None  # X P, between refreshes
-        window = self._window(p, self.state[p], group, low)
-        pending = window.begin_update(low.reshape(-1))
+            return prepared
+        projected = prepared.projected
+        assert projected is not None  # X P, between refreshes
+        window = self._window(p, self.state[p], group, projected)
+        pending = window.begin_update(projected.reshape(-1))
         prepared.reads = list(pending.reads)
-        prepared.pending = pending
-        prepared.on_cancel = lambda: window.cancel_update(pending)
-        return proxy, prepared
+        self._pending[p] = pending
+
+        def cancel() -> None:
+            window.cancel_update(self._pending.pop(p))
+
+        prepared.on_cancel = cancel
+        return prepared
 
     def _precondition(
         self,
         p: torch.Tensor,
         state: dict[str, Any],
         group: dict[str, Any],
-        low: torch.Tensor,
+        projected: torch.Tensor,
         prepared: Any,
     ) -> torch.Tensor:
-        window = self._window(p, state, group, low)
-        pending = getattr(prepared, "pending", None)
+        window = self._window(p, state, group, projected)
+        pending = self._pending.pop(p, None)
         if pending is None:  # a refresh step: X P in the new basis, read on its own
-            natural = window.update_solve(low.reshape(-1))
+            natural = window.update_solve(projected.reshape(-1))
         else:
             prepared.on_cancel = None  # settled (or undone by settling) from here on
             natural = window.finish_update_solve(pending, prepared.values)
         state["fisher"] = window.state_dict()
-        return natural.view_as(low)
+        return natural.view_as(projected)
 
     def _rotate(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], R: torch.Tensor
@@ -250,6 +240,21 @@ class NaturalGaLore(GaLoreAdamW):
         window.transform_(lambda rows: (rows.view(rows.shape[0], -1, rank) @ R).flatten(1))
         state["fisher"] = window.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        self._windows.clear()  # rebuilt from the loaded state on the next step
+
+@dataclass(frozen=True)
+class FisherConfig:
+    """NaturalGaLore's settings of the Fisher window of each projected weight."""
+
+    history: int
+    damp: float
+    relative_damp: float | None
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.history, "history")
+        check_damping(self.damp)
+        if self.relative_damp is not None:
+            check_damping(self.relative_damp, "relative_damp")
+
+    @classmethod
+    def from_group(cls, group: dict[str, Any]) -> FisherConfig:
+        return cls(group["history"], group["damp"], group["relative_damp"])

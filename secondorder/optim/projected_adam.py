@@ -67,17 +67,9 @@ from .._distributed import (
     local,
     row_shard,
 )
-from .adamw_core import (
-    AdamWCore,
-    Prepared,
-    adam_moments,
-    add_scaled,
-    check_gradients,
-    check_shapes,
-    decoupled_decay,
-    grad_of,
-    write_back,
-)
+from .adamw_core import AdamWCore, Prepared
+from .base import check_shapes, learning_rate
+from .functional import add_scaled_, decoupled_decay_, written
 from .projectors import Projector, Side, orient, rotation
 
 __all__ = ["LowRankConfig", "ProjectedAdam"]
@@ -124,12 +116,17 @@ class LowRankConfig:
 
     def side(self, rows: int, cols: int) -> Side:
         """Which side of a ``rows × cols`` matrix is compressed."""
-        if self.proj_type in ("left", "right"):
-            return self.proj_type
-        smaller_is_cols = rows >= cols
-        if self.proj_type == "std":
-            return "right" if smaller_is_cols else "left"
-        return "left" if smaller_is_cols else "right"
+        return compressed_side(self.proj_type, rows, cols)
+
+
+def compressed_side(proj_type: str, rows: int, cols: int) -> Side:
+    """Which side of a ``rows × cols`` matrix GaLore's ``proj_type`` compresses."""
+    if proj_type in ("left", "right"):
+        return proj_type  # type: ignore[return-value]
+    smaller_is_cols = rows >= cols
+    if proj_type == "std":
+        return "right" if smaller_is_cols else "left"
+    return "left" if smaller_is_cols else "right"
 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
@@ -154,7 +151,7 @@ class ProjectedAdam(AdamWCore):
         correct_bias: Adam's bias correction (GaLore's flag).
         rank, update_proj_gap, scale, proj_type, on_refresh: defaults for the groups.
         layerwise, accumulation_steps, nonfinite, skip_report_every: see
-            :class:`~secondorder.optim.adamw_core.AdamWCore` (``nonfinite="skip_on_device"``
+            :class:`~secondorder.optim.base.BaseOptimizer` (``nonfinite="skip_on_device"``
             masks a DCT refresh on the device; an SVD refresh decides on the host).
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
@@ -162,9 +159,10 @@ class ProjectedAdam(AdamWCore):
             ``history``), checked by its :meth:`_validate_group`.
     """
 
-    #: the bases kept between steps are rebuilt, not copied, by ``deepcopy`` and ``pickle``
-    _transient: ClassVar[dict[str, Callable[[], Any]]] = {**AdamWCore._transient, "_bases": dict}
-    _masks_claimed_steps = True
+    #: each weight's basis, kept from one step to the next while its state's choice stays
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {"_bases": dict}
+    _bases: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
+    masks_writes = True
 
     def __init__(
         self,
@@ -181,38 +179,16 @@ class ProjectedAdam(AdamWCore):
         scale: float = 1.0,
         proj_type: ProjType = "std",
         on_refresh: OnRefresh = "rotate",
-        layerwise: bool = False,
-        accumulation_steps: int = 1,
-        nonfinite: str = "raise",
-        skip_report_every: int = 100,
         process_group: torch.distributed.ProcessGroup | None = None,
-        **extra_defaults: Any,
+        **options: Any,
     ) -> None:
         self.projector = projector
         self.process_group = process_group
-        self._configs: list[LowRankConfig | None] = []
-        self._bases: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = {}
-        defaults = {
-            "lr": lr,
-            "betas": tuple(betas),
-            "eps": eps,
-            "weight_decay": weight_decay,
-            "correct_bias": correct_bias,
-            "rank": rank,
-            "update_proj_gap": update_proj_gap,
-            "scale": scale,
-            "proj_type": proj_type,
-            "on_refresh": on_refresh,
-            **extra_defaults,
-        }
-        super().__init__(
-            params,
-            defaults,
-            layerwise=layerwise,
-            accumulation_steps=accumulation_steps,
-            nonfinite=nonfinite,
-            skip_report_every=skip_report_every,
-        )
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "correct_bias": correct_bias, "rank": rank, "update_proj_gap": update_proj_gap,
+                    "scale": scale, "proj_type": proj_type, "on_refresh": on_refresh}  # fmt: skip
+        extra = {k: options.pop(k) for k in list(options) if k not in _BASE_OPTIONS}
+        super().__init__(params, {**defaults, **extra}, **options)
 
     # ----------------------------------------------------------------- settings
     def _validate_group(self, group: dict[str, Any]) -> None:
@@ -239,32 +215,22 @@ class ProjectedAdam(AdamWCore):
                     f"or put this weight in a group without 'rank'"
                 )
 
-    def _group_changed(self, index: int) -> None:
-        self._bases.clear()  # a load brings other bases
-        del self._configs[index:]
-        self._configs.append(LowRankConfig.from_group(self.param_groups[index]))
-
-    def _claims(self, p: torch.Tensor, index: int) -> bool:
-        return self._configs[index] is not None and p.dim() >= 2
-
-    def _claimed_by(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+    def _claims(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         return group.get("rank") is not None and p.dim() >= 2
 
-    def _projected_shape(self, p: torch.Tensor, config: LowRankConfig) -> tuple[int, int, int]:
+    def _projected_shape(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[int, int, int]:
         """``(kept, size, rank)``: ``X P`` (and the moments) is ``kept × rank`` on this rank,
         the basis ``size × rank``."""
         rows, cols = p.shape[0], math.prod(p.shape[1:])
-        side = config.side(rows, cols)
-        if side == "left":  # Pᵀ G summed over the ranks: every rank holds all of it
-            return cols, rows, config.rank
-        return local(p).shape[0], cols, config.rank
+        if compressed_side(group["proj_type"], rows, cols) == "left":
+            return cols, rows, group["rank"]  # Pᵀ G summed over the ranks: all of it on each
+        return local(p).shape[0], cols, group["rank"]
 
-    def _check_claimed_state(
-        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
-    ) -> None:
-        config = LowRankConfig.from_group(group)
-        assert config is not None  # the group claimed p: it has a rank
-        kept, size, rank = self._projected_shape(p, config)
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
+        if not self._claims(p, group):
+            super()._check_state(p, group, saved)
+            return
+        kept, size, rank = self._projected_shape(p, group)
         check_shapes(saved, {"exp_avg": (kept, rank), "exp_avg_sq": (kept, rank)}, p)
         if "basis" not in saved:
             return
@@ -275,99 +241,91 @@ class ProjectedAdam(AdamWCore):
         check_shapes({"basis": basis}, {"basis": (size, rank)}, p)
 
     # ----------------------------------------------------------------- stepping
-    def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
-        """The whole step of one weight whose gradient is checked (a ``layerwise`` hook)."""
-        _, prepared = self._prepare_claimed(p, group, index)
-        if prepared.reads:
-            prepared.values = check_gradients([], reads=prepared.reads)
-        self._finish_claimed(p, group, index, prepared)
+    def _schedule(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[Any, int, int] | None:
+        step = self.state[p].get("step")
+        return None if step is None else (step, group["update_proj_gap"], 0)
 
-    def _schedule(self, p: torch.Tensor, index: int) -> tuple[torch.Tensor, int, int] | None:
-        step, config = self.state[p].get("step"), self._configs[index]
-        return None if step is None or config is None else (step, config.update_proj_gap, 0)
-
-    def _prepare_claimed(
-        self, p: torch.Tensor, group: dict[str, Any], index: int
-    ) -> tuple[torch.Tensor | None, _Projection]:
+    def _prepare(self, p: torch.Tensor, group: dict[str, Any]) -> _Projection:
         """Between refreshes, project the gradient (``X P``): the projection stands in for the
         gradient in the finiteness check (NaN or Inf in ``G`` makes its rows of ``G P``
         non-finite), so the gradient is read once, not twice. On a refresh step nothing is
         computed (a NaN gradient would break the SVD): the gradient itself is checked."""
-        config = self._configs[index]
-        assert config is not None  # the group claimed p: it has a rank
         state = self.state[p]
-        grad = local(grad_of(p)).to(statistics_dtype(p.dtype))
+        grad = local(p.grad).to(statistics_dtype(p.dtype))  # type: ignore[arg-type]
         rows, cols = p.shape[0], math.prod(p.shape[1:])
-        side = config.side(rows, cols)
-        prepared = _Projection(config, grad, side, cols if side == "right" else rows)
-        gap = config.update_proj_gap
-        prepared.refresh = gap == 1 or self._count(state.get("step", 0)) % gap == 0
+        side = compressed_side(group["proj_type"], rows, cols)
+        prepared = _Projection(grad, side, cols if side == "right" else rows)
+        gap = group["update_proj_gap"]
+        prepared.refresh = gap == 1 or self.nonfinite_policy.value(state.get("step", 0)) % gap == 0
         if prepared.refresh:
             # a refresh on a schedule is decided on the host (after the read of the counters
             # that found it due): masked, it would leave the count due, and the host copy past
             prepared.needs_host = gap > 1 or not self.projector.refreshes_on_device
-            return None, prepared
+            return prepared
         shard = row_shard(p)
         basis = self._basis(p, state["basis"], prepared.size, grad.dtype)
-        split = self._split_group(p, config) is not None  # X P's rows are split over ranks
+        split = self._split_group(p, group) is not None  # X P's rows are split over ranks
         # a left projection of row-sharded weights uses this rank's rows of P, summed over ranks
         prepared.basis = basis if shard is None or split else basis[shard.start : shard.stop]
         G = as_matrix(grad)
         # X P, as (Pᵀ G)ᵀ on the left: G is read in its own layout, not transposed
-        low = G @ prepared.basis if side == "right" else (prepared.basis.mT @ G).mT
+        projected = G @ prepared.basis if side == "right" else (prepared.basis.mT @ G).mT
         if shard is not None and not split:
-            all_reduce_sum(low, shard.group)
-        prepared.low = low
-        return low, prepared
+            all_reduce_sum(projected, shard.group)
+        prepared.projected = prepared.checked = projected
+        return prepared
 
-    def _finish_claimed(
-        self, p: torch.Tensor, group: dict[str, Any], index: int, prepared: _Projection
-    ) -> None:
+    def _apply(self, p: torch.Tensor, group: dict[str, Any], prepared: Prepared) -> None:
         """The projected step for a matrix (or conv) weight ``p`` (this rank's rows of it
-        when FSDP2 shards ``p``): a refresh if due, then Adam in the projected space. Under
-        ``nonfinite="skip_on_device"`` every write goes through the step's verdict: a
-        refresh on the device (DCT) keeps the old columns and moments if it found NaN or Inf."""
-        state = self.state[p]
-        verdict = self._verdict
+        when FSDP2 shards ``p``): a refresh if due, then Adam in the projected space."""
+        assert isinstance(prepared, _Projection)
+        state, policy = self.state[p], self.nonfinite_policy
         if "step" not in state:
-            state["step"] = self._new_counter(p.device, scheduled=True)
-        config, grad, side, size = prepared.config, prepared.grad, prepared.side, prepared.size
-        dtype = grad.dtype
+            state["step"] = policy.new_counter(p.device, scheduled=True)
+        side, dtype = prepared.side, prepared.grad.dtype
         if prepared.refresh:
-            shard = row_shard(p)
-            X = orient(as_matrix(grad), side)
-            choice, low = self._refresh(p, X, side, size, config.rank, shard)
-            before = {key: state.get(key) for key in ("basis", "exp_avg", "exp_avg_sq")}
-            if "basis" in state and config.on_refresh == "rotate":
-                R = rotation(
-                    self.projector.basis(state["basis"], size, dtype),
-                    self.projector.basis(choice, size, dtype),
-                )
-                self._rotate(p, state, group, R)
-            if verdict is not None:  # the old basis and moments unless the step is taken
-                choice = torch.where(verdict.on(choice.device), before["basis"], choice)
-                for key in ("exp_avg", "exp_avg_sq"):
-                    if before[key] is not None and state[key] is not before[key]:
-                        state[key] = torch.where(verdict.on(p.device), before[key], state[key])
-            state["basis"] = choice
-            split = self._split_group(p, config) is not None
-            basis = self.projector.basis(choice, size, dtype)
-            mine = basis if shard is None or split else basis[shard.start : shard.stop]
-        else:  # _prepare_claimed projected the gradient
-            assert prepared.low is not None and prepared.basis is not None
-            low, mine = prepared.low, prepared.basis
-        low = self._precondition(p, state, group, low, prepared)
+            projected, basis = self._refresh_basis(p, group, prepared)
+        else:
+            assert prepared.projected is not None and prepared.basis is not None
+            projected, basis = prepared.projected, prepared.basis
+        projected = self._precondition(p, state, group, projected, prepared)
         if "exp_avg" not in state:
-            state["exp_avg"] = torch.zeros(low.shape, dtype=low.dtype, device=low.device)
+            state["exp_avg"] = torch.zeros(projected.shape, dtype=dtype, device=projected.device)
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
-        step_size, denom = adam_moments(state, low, group, verdict)
-        self._advanced(state["step"])
+        step_size, denom = self._adam(state, projected, group)
         N = state["exp_avg"] / denom
         # N Pᵀ oriented back, formed in the weight's own layout (a contiguous update)
-        update = (N @ mine.mT if side == "right" else mine @ N.mT).reshape(local(p).shape)
-        with write_back(local(p), dtype, verdict) as target:
-            decoupled_decay(target, group)
-            add_scaled(target, update, -step_size * config.scale)
+        update = (N @ basis.mT if side == "right" else basis @ N.mT).reshape(local(p).shape)
+        with written(local(p), dtype, policy.found_inf) as target:
+            decoupled_decay_(target, learning_rate(group), group["weight_decay"])
+            add_scaled_(target, update, -step_size * group["scale"])
+
+    def _refresh_basis(
+        self, p: torch.Tensor, group: dict[str, Any], prepared: _Projection
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new basis (rotating what lives in the old one): ``X P`` and this rank's rows of
+        ``P``. Under ``found_inf`` the old basis and moments are kept unless the step is taken."""
+        state, found_inf = self.state[p], self.nonfinite_policy.found_inf
+        side, size, dtype = prepared.side, prepared.size, prepared.grad.dtype
+        shard = row_shard(p)
+        X = orient(as_matrix(prepared.grad), side)
+        choice, projected = self._refresh(p, X, side, size, group["rank"], shard)
+        before = {key: state.get(key) for key in ("basis", "exp_avg", "exp_avg_sq")}
+        if "basis" in state and group["on_refresh"] == "rotate":
+            R = rotation(
+                self.projector.basis(state["basis"], size, dtype),
+                self.projector.basis(choice, size, dtype),
+            )
+            self._rotate(p, state, group, R)
+        if found_inf is not None:
+            choice = torch.where(found_inf.to(choice.device), before["basis"], choice)
+            for key in ("exp_avg", "exp_avg_sq"):
+                if before[key] is not None and state[key] is not before[key]:
+                    state[key] = torch.where(found_inf.to(p.device), before[key], state[key])
+        state["basis"] = choice
+        split = self._split_group(p, group) is not None
+        basis = self.projector.basis(choice, size, dtype)
+        return projected, basis if shard is None or split else basis[shard.start : shard.stop]
 
     def _basis(
         self, p: torch.Tensor, choice: torch.Tensor, size: int, dtype: torch.dtype
@@ -392,27 +350,28 @@ class ProjectedAdam(AdamWCore):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """A new basis for the oriented gradient ``X`` and ``X P``, the same on every rank."""
         if shard is None:
-            choice, low = self.projector.refresh(X, rank)
+            choice, projected = self.projector.refresh(X, rank)
             if self.process_group is None:
-                return choice, low
+                return choice, projected
             broadcast_from_first(choice, self.process_group)  # DDP: one basis, bit for bit
             return choice, X @ self.projector.basis(choice, size, X.dtype)
         if side == "right" and self.projector.refreshes_row_shards:
             return self.projector.refresh_row_shard(X, rank, shard.group)
-        grad = grad_of(p)
-        assert is_sharded(grad)  # p has a row shard: FSDP2 made it and its gradient DTensors
+        grad = p.grad
+        assert grad is not None and is_sharded(grad)  # FSDP2 made p's gradient a DTensor
         full = orient(as_matrix(grad.full_tensor()).to(X.dtype), side)  # all-gather the rows
-        choice, low = self.projector.refresh(full, rank)
-        return choice, (low[shard.start : shard.stop] if side == "right" else low)
+        choice, projected = self.projector.refresh(full, rank)
+        return choice, (projected[shard.start : shard.stop] if side == "right" else projected)
 
     @staticmethod
     def _split_group(
-        p: torch.Tensor, config: LowRankConfig
+        p: torch.Tensor, group: dict[str, Any]
     ) -> torch.distributed.ProcessGroup | None:
         """The group whose ranks each hold some rows of ``X P``: FSDP2 shards ``p``'s rows
         and the projection is on the right. ``None`` when every rank holds all of ``X P``."""
         shard = row_shard(p)
-        if shard is None or config.side(p.shape[0], math.prod(p.shape[1:])) != "right":
+        rows, cols = p.shape[0], math.prod(p.shape[1:])
+        if shard is None or compressed_side(group["proj_type"], rows, cols) != "right":
             return None
         return shard.group
 
@@ -421,11 +380,11 @@ class ProjectedAdam(AdamWCore):
         p: torch.Tensor,
         state: dict[str, Any],
         group: dict[str, Any],
-        low: torch.Tensor,
+        projected: torch.Tensor,
         prepared: _Projection,
     ) -> torch.Tensor:
         """Transform the projected gradient before Adam sees it; the identity here."""
-        return low
+        return projected
 
     def _rotate(
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], R: torch.Tensor
@@ -436,13 +395,16 @@ class ProjectedAdam(AdamWCore):
             state["exp_avg_sq"] = state["exp_avg_sq"] @ R.square()
 
 
-class _Projection(Prepared):
-    """What :meth:`ProjectedAdam._prepare_claimed` hands to :meth:`ProjectedAdam._finish_claimed`."""
+#: the keyword arguments of :class:`~secondorder.optim.base.BaseOptimizer`
+_BASE_OPTIONS = ("layerwise", "accumulation_steps", "nonfinite", "skip_report_every")
 
-    def __init__(self, config: LowRankConfig, grad: torch.Tensor, side: Side, size: int) -> None:
+
+class _Projection(Prepared):
+    """What :meth:`ProjectedAdam._prepare` hands to :meth:`ProjectedAdam._apply`."""
+
+    def __init__(self, grad: torch.Tensor, side: Side, size: int) -> None:
         super().__init__()
-        self.config, self.grad, self.side, self.size = config, grad, side, size
+        self.grad, self.side, self.size = grad, side, size
         self.refresh = False
-        self.low: torch.Tensor | None = None  # X P, between refreshes
+        self.projected: torch.Tensor | None = None  # X P, between refreshes
         self.basis: torch.Tensor | None = None  # this rank's rows of P, between refreshes
-        self.pending: Any = None  # a Fisher window's update begun for this step (Natural GaLore)

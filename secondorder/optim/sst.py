@@ -25,10 +25,9 @@ sampling (as far as secondary sources say; its re-SVD is once per round). Every 
 restarts the sampled vectors' Adam moments, and the first bias-corrected steps on fresh
 unit vectors are the costly ones (each entry moves by about ``±lr``): the loss jumps at
 every round boundary until a re-warm-up damps it (``rewarmup_steps``). Resampling every
-step would make every step such a first step. Tiny Llama, 300 steps, 3 seeds
-(``benchmarks/lowrank_bench.py --part sst``, validation nats/byte): no re-warm-up
-1.973 ± 0.065, a 10-step re-warm-up 1.914 ± 0.054, and with the paper's half-uniform
-sampling mix as well 1.905 ± 0.051, the defaults.
+step would make every step such a first step. The defaults (a 10-step re-warm-up, the
+paper's half-uniform sampling mix) were chosen by ``benchmarks/lowrank_bench.py --part sst``
+(docs/benchmarks.md).
 
 Two modes, the same arithmetic (a test checks they follow the same trajectory):
 
@@ -66,16 +65,9 @@ from .._common import statistics_dtype
 from .._distributed import row_shard
 from ..nn import SpectralLinear, refactor, spectral_factors
 from ..nn import to_spectral as _to_spectral
-from .adamw_core import (
-    AdamWCore,
-    Prepared,
-    adam_moments,
-    apply_adam,
-    check_shapes,
-    decoupled_decay,
-    grad_of,
-    write_back,
-)
+from .adamw_core import AdamWCore, Prepared
+from .base import check_shapes, learning_rate
+from .functional import apply_adam_, decoupled_decay_, written
 
 __all__ = ["SST", "SpectralConfig", "sample_pairs"]
 
@@ -84,22 +76,20 @@ __all__ = ["SST", "SpectralConfig", "sample_pairs"]
 class SpectralConfig:
     """The SST settings of one parameter group with a ``rank`` (drop-in mode)."""
 
-    rank: int
+    rank: int | None
     update_proj_gap: int
     uniform_mix: float
 
     def __post_init__(self) -> None:
-        check_positive_int(self.rank, "rank")
+        if self.rank is not None:
+            check_positive_int(self.rank, "rank")
         check_positive_int(self.update_proj_gap, "update_proj_gap")
         if not 0 <= self.uniform_mix <= 1:
             raise ValueError(f"uniform_mix must be in [0, 1], got {self.uniform_mix!r}")
 
     @classmethod
-    def from_group(cls, group: dict[str, Any]) -> SpectralConfig | None:
-        """The group's settings, or ``None`` for a group without ``rank``."""
-        if group.get("rank") is None:
-            return None
-        return cls(group["rank"], group["update_proj_gap"], group["uniform_mix"])
+    def from_group(cls, group: dict[str, Any]) -> SpectralConfig:
+        return cls(group.get("rank"), group["update_proj_gap"], group["uniform_mix"])
 
 
 def to_spectral(model: nn.Module, rank: int, *, modules: Iterable[str] | None = None) -> nn.Module:
@@ -164,7 +154,7 @@ class SST(AdamWCore):
             count of skipped steps.
     """
 
-    _masks_claimed_steps = True
+    masks_writes = True
 
     def __init__(
         self,
@@ -183,8 +173,7 @@ class SST(AdamWCore):
         nonfinite: str = "raise",
         skip_report_every: int = 100,
     ) -> None:
-        if not 0 <= uniform_mix <= 1:
-            raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
+        SpectralConfig(rank, update_proj_gap, uniform_mix)
         if (
             isinstance(rewarmup_steps, bool)
             or not isinstance(rewarmup_steps, int)
@@ -194,7 +183,6 @@ class SST(AdamWCore):
         self.seed = seed
         self.rewarmup_steps = rewarmup_steps
         self._layers: list[SpectralLinear] = []
-        self._configs: list[SpectralConfig | None] = []
         if isinstance(params, nn.Module):
             if rank is not None:
                 raise ValueError("in spectral mode each layer has its rank: give it to to_spectral")
@@ -232,44 +220,34 @@ class SST(AdamWCore):
     # ----------------------------------------------------------------- settings
     def _validate_group(self, group: dict[str, Any]) -> None:
         super()._validate_group(group)
-        if not 0 <= group["uniform_mix"] <= 1:
-            raise ValueError(f"uniform_mix must be in [0, 1], got {group['uniform_mix']!r}")
         config = SpectralConfig.from_group(group)
-        spectral = config is not None or group.get("spectral_layer") is not None
+        spectral = config.rank is not None or group.get("spectral_layer") is not None
         for p in group["params"] if spectral else ():
-            if p.is_complex() and (p.dim() >= 2 or config is None):
+            if p.is_complex() and (p.dim() >= 2 or config.rank is None):
                 raise ValueError(
                     f"a complex weight of shape {tuple(p.shape)} cannot be trained spectrally: "
                     "SST's factors are real; put complex parameters in a group without 'rank' "
                     "(AdamW on their real view)"
                 )
-        if config is None:
-            return
-        for p in group["params"]:
-            if p.dim() >= 2 and config.rank > min(p.shape[0], math.prod(p.shape[1:])):
+        rank = config.rank
+        for p in group["params"] if rank is not None else ():
+            k = min(p.shape[0], math.prod(p.shape[1:]))
+            if p.dim() >= 2 and rank > k:
                 raise ValueError(
-                    f"rank {config.rank} is larger than the {min(p.shape[0], math.prod(p.shape[1:]))} "
-                    f"singular values of a weight of shape {tuple(p.shape)}; lower the rank or "
-                    "put this weight in a group without 'rank'"
+                    f"rank {rank} is larger than the {k} singular values of a weight of "
+                    f"shape {tuple(p.shape)}; lower the rank or put this weight in a group "
+                    "without 'rank'"
                 )
 
-    def _group_changed(self, index: int) -> None:
-        del self._configs[index:]
-        self._configs.append(SpectralConfig.from_group(self.param_groups[index]))
-
-    def _claims(self, p: torch.Tensor, index: int) -> bool:
-        if self.param_groups[index].get("spectral_layer") is not None:
-            return True
-        return self._configs[index] is not None and p.dim() >= 2
-
-    def _claimed_by(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
+    def _claims(self, p: torch.Tensor, group: dict[str, Any]) -> bool:
         if group.get("spectral_layer") is not None:
             return True
         return group.get("rank") is not None and p.dim() >= 2
 
-    def _check_claimed_state(
-        self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]
-    ) -> None:
+    def _check_state(self, p: torch.Tensor, group: dict[str, Any], saved: dict[str, Any]) -> None:
+        if not self._claims(p, group):
+            super()._check_state(p, group, saved)
+            return
         if group.get("spectral_layer") is not None:  # s, u or v of a SpectralLinear
             check_shapes(saved, {"exp_avg": p.shape, "exp_avg_sq": p.shape}, p)
             return
@@ -280,11 +258,10 @@ class SST(AdamWCore):
             moments = saved.get("moments", {}).get(name, {})
             check_shapes(moments, {"exp_avg": shape, "exp_avg_sq": shape}, p)
 
-    def _schedule(self, p: torch.Tensor, index: int) -> tuple[torch.Tensor, int, int] | None:
+    def _schedule(self, p: torch.Tensor, group: dict[str, Any]) -> tuple[Any, int, int] | None:
         """A round boundary needs the host (the re-SVD, the sampling): drop-in, when the
         weight's step count is a multiple of ``update_proj_gap``; spectral, on the step
         that ends the layer's round."""
-        group = self.param_groups[index]
         if group.get("spectral_layer") is None:
             step = self.state[p].get("step")
             return None if step is None else (step, group["update_proj_gap"], 0)
@@ -293,24 +270,20 @@ class SST(AdamWCore):
         gap = group["update_proj_gap"]
         return self.state[p]["round_step"], gap, gap - 1
 
-    def _prepare_claimed(
-        self, p: torch.Tensor, group: dict[str, Any], index: int
-    ) -> tuple[torch.Tensor | None, Prepared]:
+    def _prepare(self, p: torch.Tensor, group: dict[str, Any]) -> Prepared:
         """Nothing to prepare; under ``nonfinite="skip_on_device"``, a round boundary is
         decided on the host."""
-        schedule = self._schedule(p, index)
+        schedule = self._schedule(p, group)
         due = False
         if schedule is not None:
             counter, period, phase = schedule
-            due = self._count(counter) % period == phase
-        return None, Prepared(needs_host=due)
+            due = self.nonfinite_policy.value(counter) % period == phase
+        return Prepared(needs_host=due)
 
-    def _step_claimed(self, p: torch.Tensor, group: dict[str, Any], index: int) -> None:
+    def _apply(self, p: torch.Tensor, group: dict[str, Any], prepared: Prepared) -> None:
         layer = group.get("spectral_layer")
         if layer is None:
-            config = self._configs[index]
-            assert config is not None  # a drop-in group claims its matrices by its rank
-            self._drop_in_step(p, group, config)
+            self._drop_in_step(p, group, SpectralConfig.from_group(group))
         elif p is group["params"][0]:  # s: the layer steps once, with all three gradients
             self._layer_step(self._layers[layer], group, layer)
 
@@ -335,14 +308,14 @@ class SST(AdamWCore):
                 warmup = ((round_step + 1).to(torch.float64) / self.rewarmup_steps).clamp(max=1.0)
             else:
                 warmup = min(1.0, (round_step + 1) / self.rewarmup_steps)
-        verdict = self._verdict
+        found_inf = self.nonfinite_policy.found_inf
         for index, (tensor, grad, state) in enumerate(zip(factors, grads, moments, strict=True)):
-            step_size, denom = adam_moments(state, grad.to(state["exp_avg"].dtype), group, verdict)
+            step_size, denom = self._adam(state, grad.to(state["exp_avg"].dtype), group)
             step_size = step_size * warmup
-            with write_back(tensor, state["exp_avg"].dtype, verdict) as target:
-                if index == 0:
-                    decoupled_decay(target, group)  # (1 - lr·wd) s  ⇔  (1 - lr·wd) W
-                apply_adam(target, state["exp_avg"], denom, step_size)
+            with written(tensor, state["exp_avg"].dtype, found_inf) as target:
+                if index == 0:  # (1 - lr·wd) s  ⇔  (1 - lr·wd) W
+                    decoupled_decay_(target, learning_rate(group), group["weight_decay"])
+                apply_adam_(target, state["exp_avg"], denom, step_size)
                 if index == 0:
                     target.clamp_(min=0)
                 else:
@@ -352,7 +325,7 @@ class SST(AdamWCore):
         moments = []
         for t in tensors:
             zeros = torch.zeros(t.shape, dtype=statistics_dtype(t.dtype), device=t.device)
-            step = self._new_counter(t.device)
+            step = self.nonfinite_policy.new_counter(t.device)
             moments.append({"step": step, "exp_avg": zeros, "exp_avg_sq": zeros.clone()})
         return moments
 
@@ -367,8 +340,8 @@ class SST(AdamWCore):
         """Position of ``p`` among the weights trained spectrally, in group order."""
         weights = [
             q
-            for index, g in enumerate(self.param_groups)
-            if self._configs[index] is not None
+            for g in self.param_groups
+            if g.get("rank") is not None and g.get("spectral_layer") is None
             for q in g["params"]
             if q.dim() >= 2
         ]
@@ -382,15 +355,17 @@ class SST(AdamWCore):
             )
         state = self.state[p]
         dtype = statistics_dtype(p.dtype)
+        policy = self.nonfinite_policy
         if "step" not in state:
-            state["step"] = self._new_counter(p.device, scheduled=True)
-        step = self._count(state["step"])  # exact on a round boundary (decided on the host)
+            state["step"] = policy.new_counter(p.device, scheduled=True)
+        step = policy.value(state["step"])  # exact on a round boundary (decided on the host)
         if step % config.update_proj_gap == 0:
             if "U" in state:
                 U, s, V = refactor(state["U"], state["s"], state["V"])
             else:
                 U, s, V = spectral_factors(p.detach().reshape(p.shape[0], -1).to(dtype))
             round_index = step // config.update_proj_gap
+            assert config.rank is not None  # a drop-in group claims its matrices by its rank
             indices = self._sample(
                 s, config.rank, config.uniform_mix, self._ordinal(p), round_index
             )
@@ -402,9 +377,9 @@ class SST(AdamWCore):
         round_step: int | torch.Tensor = step % config.update_proj_gap
         if isinstance(state["step"], torch.Tensor):
             round_step = torch.remainder(state["step"], config.update_proj_gap)
-        self._increment(state, "step")
+        policy.increment(state, "step")
         U, s, V, indices = state["U"], state["s"], state["V"], state["indices"]
-        G = grad_of(p).reshape(p.shape[0], -1).to(dtype)
+        G = p.grad.reshape(p.shape[0], -1).to(dtype)  # type: ignore[union-attr]
         GV = G @ V
         grads = (torch.einsum("ik,ik->k", U, GV), GV[:, indices], G.mT @ U[:, indices])
         u, v = U[:, indices], V[:, indices]
@@ -412,10 +387,7 @@ class SST(AdamWCore):
         self._spectral_step((s, u, v), grads, moments, group, round_index, round_step)
         U[:, indices], V[:, indices] = u, v
         weight = ((U * s) @ V.mT).reshape(p.shape)
-        if self._verdict is None:
-            p.copy_(weight)
-        else:
-            self._verdict.keep(p, weight)
+        policy.keep(p, weight)
 
     # ----------------------------------------------------------------- spectral mode
     def _layer_step(self, layer: SpectralLinear, group: dict[str, Any], ordinal: int) -> None:
@@ -425,9 +397,9 @@ class SST(AdamWCore):
         state = self.state[s]
         round_index = state["rounds"] - 1  # _start_round has counted the current one
         self._spectral_step((s, u, v), grads, moments, group, round_index, state["round_step"])
-        self._increment(state, "round_step")
+        self.nonfinite_policy.increment(state, "round_step")
         # the last step of a round is decided on the host: the count is exact there
-        if self._count(state["round_step"]) == group["update_proj_gap"]:
+        if self.nonfinite_policy.value(state["round_step"]) == group["update_proj_gap"]:
             layer.refactor()
             self._start_round(layer, group, ordinal)
 
@@ -444,4 +416,4 @@ class SST(AdamWCore):
         for tensor, fresh in zip(tensors, self._fresh_moments(*tensors), strict=True):
             self.state[tensor].update(fresh)
         state["rounds"] = rounds + 1
-        self._reset_counter(state, "round_step", layer.s.device)
+        self.nonfinite_policy.reset(state, "round_step", layer.s.device)
