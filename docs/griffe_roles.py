@@ -16,7 +16,10 @@ the package, this extension rewrites its text:
 - in an ``Args:`` section, an entry shared by several arguments, ``lr, betas, eps: as for
   AdamW.`` (also when the names wrap onto a second line), becomes one entry per argument,
   so that each appears in the table and is checked against the signature; a line there
-  that names no argument (``Other arguments as for ...``) moves below the section.
+  that names no argument (``Other arguments as for ...``) moves below the section, and
+  the keywords a ``**kwargs`` takes move to an ``Other Parameters:`` section (a name in
+  neither the signature nor ``**kwargs``'s reach, such as a renamed ``**options``, is
+  still a warning).
 
 Sources are never changed; ``mkdocs.yml`` loads this file as ``docs/griffe_roles.py``.
 """
@@ -25,19 +28,34 @@ from __future__ import annotations
 
 import html
 import re
-from typing import Any
+from typing import Any, NamedTuple
 
 import griffe
 
 ROLE = re.compile(r":(?:class|func|meth|mod|data|attr|exc|obj):`(?P<target>[^`]+)`")
 MATH = re.compile(r"^(?P<indent>\s*)\.\. math::[ \t]*(?P<inline>.*)$")
 ARGS = re.compile(
-    r"^(?P<indent>\s*)(?:Args|Arguments|Parameters|Keyword Args|Other Parameters):\s*$"
+    r"^(?P<indent>\s*)(?P<name>Args|Arguments|Parameters|Keyword Args|Other Parameters):\s*$"
 )
+ARGUMENTS = ("Args", "Arguments", "Parameters")
 NAME = r"\*{0,2}[A-Za-z_]\w*"
 ENTRY = re.compile(rf"^{NAME}(?:\s*\([^)]*\))?\s*:")
 GROUP = re.compile(rf"^(?P<names>{NAME}(?:\s*,\s*{NAME})+)\s*:\s*(?P<text>.*)$")
 OPEN_GROUP = re.compile(rf"^{NAME}(?:\s*,\s*{NAME})*\s*,$")
+
+
+class Signature(NamedTuple):
+    names: set[str]
+    var_keyword: bool  # takes **kwargs
+
+    @classmethod
+    def of(cls, obj: griffe.Object) -> Signature | None:
+        """The parameters of a function, or of a class's ``__init__``; ``None`` otherwise."""
+        if not (obj.is_function or obj.is_class):
+            return None
+        parameters = list(obj.parameters)  # type: ignore[attr-defined]
+        var_keyword = griffe.ParameterKind.var_keyword
+        return cls({p.name for p in parameters}, any(p.kind is var_keyword for p in parameters))
 
 
 class SphinxHabits(griffe.Extension):
@@ -48,7 +66,7 @@ class SphinxHabits(griffe.Extension):
         paths = [obj.path for obj in objects]
         for obj in objects:
             if obj.docstring is not None:
-                text = expand_grouped_arguments(obj.docstring.value)
+                text = expand_grouped_arguments(obj.docstring.value, Signature.of(obj))
                 text = math_blocks(text)
                 obj.docstring.value = roles_to_autorefs(text, obj, pkg, paths)
 
@@ -132,7 +150,7 @@ def math_blocks(text: str) -> str:
     return "\n".join(out)
 
 
-def expand_grouped_arguments(text: str) -> str:
+def expand_grouped_arguments(text: str, signature: Signature | None = None) -> str:
     lines = text.splitlines()
     out: list[str] = []
     i = 0
@@ -146,13 +164,18 @@ def expand_grouped_arguments(text: str) -> str:
                 not lines[section_end].strip() or _indent(lines[section_end]) > len(match["indent"])
             ):
                 section_end += 1
-            out += _expand_section(lines[i:section_end], match["indent"])
+            forwarding = signature if match["name"] in ARGUMENTS else None
+            out += _expand_section(lines[i:section_end], match["indent"], forwarding)
             i = section_end
     return "\n".join(out)
 
 
-def _expand_section(lines: list[str], section_indent: str) -> list[str]:
-    """One entry per argument in the body of an ``Args:`` section; prose moved to its end."""
+def _expand_section(
+    lines: list[str], section_indent: str, signature: Signature | None
+) -> list[str]:
+    """One entry per argument in the body of an ``Args:`` section; prose moved to its end,
+    and, where ``signature`` takes ``**kwargs``, the keywords it forwards to an ``Other
+    Parameters:`` section after it."""
     if not any(line.strip() for line in lines):
         return lines
     item_indent = min(_indent(line) for line in lines if line.strip())
@@ -165,21 +188,33 @@ def _expand_section(lines: list[str], section_indent: str) -> list[str]:
             items.append([line])
         elif items:
             items[-1].append(line)
-    entries: list[str] = []
+    entries: list[list[str]] = []
     prose: list[str] = []
     for head, *rest in items:
         stripped = head.strip()
         group = GROUP.match(stripped)
         if group:
             for name in re.split(r"\s*,\s*", group["names"]):
-                entries += [f"{' ' * item_indent}{name}: {group['text']}", *rest]
+                entries.append([f"{' ' * item_indent}{name}: {group['text']}", *rest])
         elif ENTRY.match(stripped):
-            entries += [head, *rest]
+            entries.append([head, *rest])
         else:
             prose += [stripped, *(line.strip() for line in rest)]
+    forwarded = [entry for entry in entries if _forwarded(entry[0], signature)]
+    out = [line for entry in entries if entry not in forwarded for line in entry]
+    if forwarded:
+        out += ["", f"{section_indent}Other Parameters:", *(line for e in forwarded for line in e)]
     if prose:  # after a blank line, at the section's indentation: a paragraph of its own
-        entries += ["", section_indent + " ".join(line for line in prose if line)]
-    return entries
+        out += ["", section_indent + " ".join(line for line in prose if line)]
+    return out
+
+
+def _forwarded(head: str, signature: Signature | None) -> bool:
+    """Whether the entry ``head`` documents a keyword that ``**kwargs`` of ``signature`` takes."""
+    if signature is None or not signature.var_keyword:
+        return False
+    name = head.strip().split(":", 1)[0].split("(", 1)[0].strip()
+    return not name.startswith("*") and name not in signature.names
 
 
 def _indent(line: str) -> int:

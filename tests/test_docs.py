@@ -135,6 +135,16 @@ class Thing:
 
 def helper():
     """Helps; :meth:`Thing.method` of :class:`Thing`."""
+
+
+def forwarding(x: int, **options):
+    """Forwards.
+
+    Args:
+        x: kept.
+        layerwise, accumulation_steps: taken by ``**options``.
+        **options: the rest.
+    """
 '''
 
 
@@ -166,12 +176,20 @@ def test_docstrings_written_for_sphinx_render_without_warnings(tmp_path, caplog)
     assert pkg.docstring.value == "Helpers.\n\n$$\ny = 2 x\n$$\n"
     assert 'identifier="pkg.maths.Thing.method"' in pkg["maths.helper"].docstring.value
     with caplog.at_level("WARNING"):
-        sections = thing.parse("google")
+        sections = thing.parse("google", warn_missing_types=False)  # as mkdocs.yml parses
     assert caplog.records == []  # neither the roles nor the parser found anything amiss
     parameters = next(s for s in sections if s.kind.value == "parameters")
     assert [p.name for p in parameters.value] == ["lr", "betas", "eps", "size"]
     assert parameters.value[1].description == "as for AdamW."
     assert "Other arguments as for" in sections[-1].value  # moved below the arguments
+
+    with caplog.at_level("WARNING"):
+        sections = pkg["maths.forwarding"].docstring.parse("google", warn_missing_types=False)
+    assert caplog.records == []
+    kinds = {section.kind.value: section for section in sections}
+    assert [p.name for p in kinds["parameters"].value] == ["x", "**options"]
+    forwarded = kinds["other parameters"].value
+    assert [p.name for p in forwarded] == ["layerwise", "accumulation_steps"]
 
 
 def test_a_role_naming_nothing_in_the_package_fails_the_build(tmp_path, caplog):
