@@ -28,7 +28,7 @@ test: $(STAMP) lint docs
 # The documentation site, into site/; strict: a warning, a broken link or an unresolved
 # reference fails it. (The variable silences a notice Material prints on every build.)
 docs: $(STAMP)
-	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
