@@ -11,7 +11,7 @@ VENV       := .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test lint docs bench clean
+.PHONY: demo test lint docs bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -42,6 +42,13 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/distributed_bench.py
 	$(BIN)/python benchmarks/curvature_bench.py
 	$(BIN)/python benchmarks/lowrank_bench.py --no-progress
+
+# Every GPU figure in one command (at most ~8 minutes on one CUDA device; report in
+# runs/gpu_check.md). Its CPU dry run is part of `make test` (tests/test_gpu_check.py).
+#   GPU_CHECK_ARGS  e.g. "--sparsegpt-ref ~/sparsegpt --gptq-ref ~/gptq" (the authors' checkouts)
+GPU_CHECK_ARGS ?=
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs site .pytest_cache .ruff_cache .hypothesis

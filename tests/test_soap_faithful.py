@@ -19,15 +19,12 @@ same bits as the reference.
 from __future__ import annotations
 
 import inspect
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from _soap_oracle import SoapOracle
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from soap_reference import CONFIGURATIONS, Configuration, trajectory
+from secondorder._workloads.soap_configs import CONFIGURATIONS, Configuration, trajectory
 
 try:
     from secondorder.optim import SOAP

@@ -3,6 +3,7 @@
 from .dct import DCTAdamW
 from .galore import GaLoreAdamW, NaturalGaLore
 from .mfac import MFAC
+from .soap import SOAP
 from .sst import SST
 
-__all__ = ["MFAC", "SST", "DCTAdamW", "GaLoreAdamW", "NaturalGaLore"]
+__all__ = ["MFAC", "SOAP", "SST", "DCTAdamW", "GaLoreAdamW", "NaturalGaLore"]

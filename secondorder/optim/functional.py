@@ -99,19 +99,29 @@ def adam_scaling(
     beta2: float,
     eps: float,
     correct_bias: bool = True,
+    correction_in_step_size: bool = False,
 ) -> tuple[Scalar, torch.Tensor]:
     """Adam's step size and denominator at step ``step``: the update is
-    ``−step_size · m / denom`` (:func:`apply_adam_`)."""
+    ``−step_size · m / denom`` (:func:`apply_adam_`).
+
+    ``torch.optim.AdamW``'s form divides ``√v`` by ``√(1 − β₂ᵗ)`` before adding ``ε``;
+    ``correction_in_step_size`` moves that correction into the step size instead,
+    ``lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ)`` with ``denom = √v + ε`` (Adam's paper's "efficient
+    version", and SOAP's)."""
     if not correct_bias:
         return lr, exp_avg_sq.sqrt().add_(eps)
     if not isinstance(step, torch.Tensor):
         bias_correction2_sqrt = (1 - beta2**step) ** 0.5
+        if correction_in_step_size:
+            return lr * bias_correction2_sqrt / (1 - beta1**step), exp_avg_sq.sqrt().add_(eps)
         return lr / (1 - beta1**step), (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
     t = step.to(torch.float64)
     half = torch.full((), 0.5, dtype=torch.float64, device=t.device)
-    bias_correction2_sqrt = torch.pow(1 - beta2**t, half).to(exp_avg_sq.dtype)
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    correction2 = torch.pow(1 - beta2**t, half)
     lr_t = torch.full((), lr, dtype=torch.float64, device=t.device)
+    if correction_in_step_size:
+        return torch.div(lr_t * correction2, 1 - beta1**t), exp_avg_sq.sqrt().add_(eps)
+    denom = (exp_avg_sq.sqrt() / correction2.to(exp_avg_sq.dtype)).add_(eps)
     return torch.div(lr_t, 1 - beta1**t), denom
 
 

@@ -29,6 +29,13 @@ is spread unevenly over the rows. N:M patterns are chosen per group of ``m``
 columns when the group is reached. Updates inside a block are applied at once;
 those of the columns to the right of the block are gathered into one product
 ``E U_{block, right}`` ("lazy batch" updates): the same result, GEMM-shaped.
+The sweep is :class:`~.obs_sweep.ObsSweep`, shared with GPTQ
+(:mod:`secondorder.quantize`); SparseGPT supplies only the choice of the mask.
+
+With ``bits``, the kept weights are also rounded onto ``bits``-bit grids in the same
+sweep (the paper's joint sparsification and quantization): column ``j`` goes to
+``q = quant(w_j ⊙ m_j)`` and the error ``(w_j − q) / U_jj`` of both the removal and
+the rounding is compensated by the columns to its right.
 
 The result is not the least-squares optimum for its mask: a kept weight left of
 a removed one is frozen before the removal is known, so it cannot help
@@ -42,67 +49,70 @@ inputs of ``tests/test_prune_sparsegpt.py``).
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .._checks import check_finite, check_positive_int
-from ..errors import NotPositiveDefiniteError
+from .._checks import check_positive_int
 from .layerwise import LayerwisePruner
 from .masks import count_to_prune, prune_lowest, prune_n_m
 from .obs import obs_saliency
+from .obs_sweep import HessianStatistic, ObsSweep, upper_cholesky_of_inverse
 from .pruners import _Goal, _non_negative
 from .targets import ParamSpec, PruneTarget
+
+if TYPE_CHECKING:
+    from ..quantize.grid import GroupQuantizer, QuantizedWeight
 
 __all__ = ["HessianStatistic", "SparseGPTPruner", "sparsegpt_prune", "upper_cholesky_of_inverse"]
 
 
-class HessianStatistic:
-    """``H = (2/N) Σ_t x_t x_tᵀ`` over the ``N`` input rows (tokens) seen, summed in float64."""
+class _PruneColumns:
+    """SparseGPT's decision: which weights of a column to remove (then, optionally, round the rest).
+
+    The mask of a block is chosen when the block is reached (unstructured), or of
+    a group of ``m`` columns when the group is reached (N:M), by the saliency
+    ``w² / U_jj²`` at the current weights; a removed weight goes to 0 and, with a
+    quantizer, a kept one to the grid of its group (SparseGPT's joint mode).
+    """
 
     def __init__(
-        self, features: int, device: torch.device, dtype: torch.dtype, what: str = "the layer"
+        self,
+        kept: torch.Tensor,
+        factor: torch.Tensor,
+        dead: torch.Tensor,
+        *,
+        total: int,
+        n_m: tuple[int, int] | None,
+        quantizer: GroupQuantizer | None,
     ) -> None:
-        self.total = torch.zeros(features, features, dtype=torch.float64, device=device)
-        self.count = 0
-        self.dtype = dtype
-        self.what = what
+        self.kept, self.dead, self.total, self.n_m = kept, dead, total, n_m
+        self.inverse_diagonal = factor.diagonal().square()
+        self.quantizer = quantizer
 
-    def add(self, inputs: torch.Tensor) -> None:
-        check_finite(inputs, f"the calibration inputs of {self.what}")
-        x = inputs.to(self.dtype)
-        self.total += (x.T @ x).to(torch.float64)
-        self.count += x.shape[0]
+    def saliency(self, columns: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        scores = obs_saliency(columns, self.inverse_diagonal[start:stop])
+        return scores.masked_fill(self.dead[start:stop], 0)
 
-    def hessian(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ValueError(
-                f"{self.what} saw no calibration inputs: the model's forward never called it"
-            )
-        return self.total * (2 / self.count)
+    def begin_block(self, sweep: ObsSweep, start: int, stop: int) -> None:
+        if self.n_m is not None:
+            return
+        cols = self.kept.shape[1]
+        kept = self.kept[:, start:stop]
+        due = (self.total * stop + cols // 2) // cols - int((~self.kept[:, :stop]).sum())
+        count = max(0, min(due, int(kept.sum())))
+        scores = self.saliency(sweep.weights[:, start:stop], start, stop)
+        kept &= ~prune_lowest(scores.flatten(), kept.flatten(), count).reshape(kept.shape)
 
-
-def upper_cholesky_of_inverse(hessian: torch.Tensor, relative_damp: float) -> torch.Tensor:
-    """``U`` upper triangular with ``UᵀU = (H + λI)⁻¹``, ``λ = relative_damp · mean diag(H)``, in float64.
-
-    Input features that are zero on every calibration token (``H_jj = 0``) get
-    ``H_jj = 1``: their row and column of ``H`` are zero, so this decouples them.
-    """
-    H = hessian.to(torch.float64).clone()
-    diagonal = H.diagonal()
-    diagonal[diagonal == 0] = 1
-    diagonal += relative_damp * float(diagonal.mean())
-    factor, info = torch.linalg.cholesky_ex(H)
-    if int(info) == 0:
-        inverse = torch.cholesky_inverse(factor)
-        factor, info = torch.linalg.cholesky_ex(inverse, upper=True)
-    if int(info) != 0:
-        raise NotPositiveDefiniteError(
-            f"the damped Hessian of the layer inputs is not positive definite in float64 "
-            f"(relative_damp={relative_damp}); raise relative_damp or use more calibration data"
-        )
-    return factor
+    def target(self, sweep: ObsSweep, column: int) -> torch.Tensor:
+        if self.n_m is not None and column % self.n_m[1] == 0:
+            group = slice(column, column + self.n_m[1])
+            scores = self.saliency(sweep.weights[:, group], group.start, group.stop)
+            self.kept[:, group] &= ~prune_n_m(scores, self.kept[:, group], *self.n_m)
+        if self.quantizer is not None:
+            return self.quantizer.quantize_column(sweep, column, self.kept)
+        return sweep.weights[:, column].masked_fill(~self.kept[:, column], 0)
 
 
 def sparsegpt_prune(
@@ -114,6 +124,9 @@ def sparsegpt_prune(
     n_m: tuple[int, int] | None = None,
     block_size: int = 128,
     relative_damp: float = 0.01,
+    bits: int | None = None,
+    group_size: int = 128,
+    symmetric: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on one ``[rows, cols]`` weight with input Hessian ``hessian`` (see the module docstring).
 
@@ -132,9 +145,34 @@ def sparsegpt_prune(
             of a row; ``block_size`` must be a multiple of ``m``.
         block_size: columns per block (mask choice and lazy update).
         relative_damp: ``λ`` as a fraction of the mean diagonal of ``H``.
+        bits: also quantize the kept weights, in the same sweep, to ``bits``-bit
+            grids (:mod:`secondorder.quantize.grid`); ``None``: no quantization.
+        group_size: with ``bits``, input columns per grid (``-1``: one per row).
+        symmetric: with ``bits``, grids symmetric about 0.
 
     Returns the new weights (zero where removed) and the mask of kept weights.
     """
+    pruned, kept, _ = sparsegpt_sweep(
+        weight, hessian, alive, sparsity=sparsity, n_m=n_m, block_size=block_size,
+        relative_damp=relative_damp, bits=bits, group_size=group_size, symmetric=symmetric,
+    )  # fmt: skip
+    return pruned, kept
+
+
+def sparsegpt_sweep(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    alive: torch.Tensor | None = None,
+    *,
+    sparsity: float | None = None,
+    n_m: tuple[int, int] | None = None,
+    block_size: int = 128,
+    relative_damp: float = 0.01,
+    bits: int | None = None,
+    group_size: int = 128,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, QuantizedWeight | None]:
+    """:func:`sparsegpt_prune`, also returning the codes and grids when ``bits`` is given."""
     if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
         raise ValueError(
             f"weight must be [rows, cols] and hessian [cols, cols], got {tuple(weight.shape)} "
@@ -147,39 +185,29 @@ def sparsegpt_prune(
         raise ValueError(f"block_size {block_size} is not a multiple of m = {n_m[1]}")
     rows, cols = weight.shape
     compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    W = weight.to(compute).clone()
-    kept = torch.ones_like(W, dtype=torch.bool) if alive is None else alive.clone()
-    W.masked_fill_(~kept, 0)
-    dead = hessian.diagonal() == 0  # inputs that are always zero: their weights do nothing
-    U = upper_cholesky_of_inverse(hessian, relative_damp).to(compute)
-    total = 0 if sparsity is None else count_to_prune(sparsity, rows * cols, 0)
+    kept = torch.ones(rows, cols, dtype=torch.bool, device=weight.device)
+    if alive is not None:
+        kept &= alive
+    factor = upper_cholesky_of_inverse(hessian, relative_damp).to(compute)
+    quantizer = None
+    if bits is not None:
+        from ..quantize.grid import GroupQuantizer  # the grids live with GPTQ
 
-    def saliency(columns: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        scores = obs_saliency(columns, U.diagonal()[start:stop].square())
-        return scores.masked_fill(dead[start:stop], 0)
-
-    for start in range(0, cols, block_size):
-        stop = min(start + block_size, cols)
-        W1, U1, kept1 = W[:, start:stop], U[start:stop, start:stop], kept[:, start:stop]
-        if sparsity is not None:
-            due = (total * stop + cols // 2) // cols - int((~kept[:, :stop]).sum())
-            available = int(kept1.sum())
-            removed = prune_lowest(
-                saliency(W1, start, stop).flatten(), kept1.flatten(), max(0, min(due, available))
-            )
-            kept1 &= ~removed.reshape(kept1.shape)
-        errors = torch.zeros_like(W1)
-        for i in range(stop - start):
-            if n_m is not None and i % n_m[1] == 0:
-                group = slice(i, i + n_m[1])
-                scores = saliency(W1[:, group], start + i, start + i + n_m[1])
-                kept1[:, group] &= ~prune_n_m(scores, kept1[:, group], *n_m)
-            error = W1[:, i].masked_fill(kept1[:, i], 0) / U1[i, i]
-            W1[:, i:].addr_(error, U1[i, i:], alpha=-1)  # the OBS step on the columns i..stop
-            errors[:, i] = error
-        W1.masked_fill_(~kept1, 0)  # exactly zero (the step leaves rounding)
-        W[:, stop:].addmm_(errors, U[start:stop, stop:], alpha=-1)  # lazy: the columns right of it
-    return W.to(weight.dtype), kept
+        quantizer = GroupQuantizer(
+            rows, cols, bits=bits, group_size=group_size, symmetric=symmetric,
+            dtype=compute, device=weight.device,
+        )  # fmt: skip
+    decision = _PruneColumns(
+        kept,
+        factor,
+        hessian.diagonal() == 0,  # inputs that are always zero: their weights do nothing
+        total=0 if sparsity is None else count_to_prune(sparsity, rows * cols, 0),
+        n_m=n_m,
+        quantizer=quantizer,
+    )
+    W = weight.to(compute).masked_fill(~kept, 0)
+    pruned = ObsSweep(W, factor, block_size).run(decision)
+    return pruned.to(weight.dtype), kept, None if quantizer is None else quantizer.record()
 
 
 class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
@@ -191,6 +219,11 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
     percentage damping, as ``relative_damp`` in :class:`MFACPruner`), and the
     columns pruned left to right with the OBS step through the Cholesky factor of
     ``H⁻¹``, masks chosen per block of ``block_size`` columns.
+
+    ``prune(..., bits=4)`` also quantizes the kept weights in the same sweep
+    (SparseGPT's joint mode): every kept weight lands on the ``bits``-bit grid of its
+    row and group of columns, the pruned ones stay exactly 0, and the codes and
+    grids are kept in :attr:`quantized` (:class:`~secondorder.quantize.QuantizedWeight`).
 
     Args:
         model: the model; pruned in place.
@@ -217,6 +250,47 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
         self.block_size = check_positive_int(block_size, "block_size")
         self.relative_damp = _non_negative(relative_damp, "relative_damp")
         super().__init__(model, data, params=params, progress=progress)
+        #: codes and grids of the weights quantized by ``prune(..., bits=...)``, by name
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self._quantization: dict[str, Any] = {}
+
+    def prune(
+        self,
+        sparsity: float | None = None,
+        *,
+        n_m: tuple[int, int] | None = None,
+        recompute_steps: int | None = None,
+        bits: int | None = None,
+        group_size: int = 128,
+        symmetric: bool = False,
+    ) -> float:
+        """:meth:`Pruner.prune`; with ``bits``, the kept weights are quantized in the same sweep.
+
+        Args:
+            sparsity, n_m, recompute_steps: as for :meth:`Pruner.prune`.
+            bits: bits per kept weight (2 to 8), on grids found as GPTQ's
+                (:class:`~secondorder.quantize.GroupQuantizer`); ``None``: no quantization.
+            group_size: with ``bits``, input columns per grid (``-1``: one per row).
+            symmetric: with ``bits``, grids symmetric about 0.
+
+        Raises:
+            ValueError: on bad settings, or ``bits`` with more than one step.
+        """
+        if bits is not None:
+            from ..quantize.grid import check_quantization  # the grids live with GPTQ
+
+            check_quantization(bits, group_size)
+            if recompute_steps not in (None, 1):
+                raise ValueError("bits quantizes in one sweep: recompute_steps must be 1")
+            self._quantization = {"bits": bits, "group_size": group_size, "symmetric": symmetric}
+        before = dict(self.quantized)
+        try:
+            return super().prune(sparsity, n_m=n_m, recompute_steps=recompute_steps)
+        except BaseException:
+            self.quantized = before  # the model is restored: so are its records
+            raise
+        finally:
+            self._quantization = {}
 
     def _plan(self, sparsity: float | None, n_m: tuple[int, int] | None, steps: int) -> list[_Goal]:
         goals = super()._plan(sparsity, n_m, steps)
@@ -243,7 +317,7 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
     def _prune_layer(
         self, target: PruneTarget, statistic: HessianStatistic, goal: _Goal
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return sparsegpt_prune(
+        weight, kept, record = sparsegpt_sweep(
             target.weight().to(self._dtype),
             statistic.hessian(),
             target.mask(),
@@ -251,4 +325,8 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
             n_m=None if goal.sparsity is not None else (goal.n, goal.m),
             block_size=self.block_size,
             relative_damp=self.relative_damp,
+            **self._quantization,
         )
+        if record is not None:
+            self.quantized[target.qualname] = record
+        return weight, kept
