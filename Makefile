@@ -6,12 +6,12 @@
 PYTHON     ?= python3
 TORCH      ?= torch==2.13.0
 VENV_FLAGS ?=
-EXTRAS     ?= test,plot,logs,scipy,examples
+EXTRAS     ?= test,plot,logs,scipy,examples,docs
 VENV       := .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test lint bench gpu-check clean
+.PHONY: demo test lint docs bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/secondorder demo --threads 1 --out runs/demo
 
-test: $(STAMP) lint
+test: $(STAMP) lint docs
 	$(BIN)/python -m pytest -q
+
+# The documentation site, into site/; strict: a warning, a broken link or an unresolved
+# reference fails it. (The variable silences a notice Material prints on every build.)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
@@ -46,4 +51,4 @@ gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache .hypothesis

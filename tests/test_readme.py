@@ -4,6 +4,9 @@ A ``print(...)`` line whose comment holds text is a promise: the comment, up to 
 optional ``": "`` that starts an explanation, is what the line prints, with ``...``
 standing for any text (``print(x)  # 0.8003: the nearest whole number`` promises
 ``0.8003``). A print without a comment promises nothing.
+
+The README is the landing page: the two set-up commands first, a quick start, links into
+the documentation (whose guides ``test_docs.py`` runs the same way), under 150 lines.
 """
 
 import re
@@ -55,9 +58,13 @@ def matches(promised: str, printed: str) -> bool:
     return re.fullmatch(pattern, printed) is not None
 
 
-def test_readme_has_examples_and_promises():
-    assert len(BLOCKS) >= 3
-    assert sum(len(promises(block)) for block in BLOCKS) >= 6
+def test_readme_is_a_landing_page_with_a_short_quick_start():
+    lines = README.read_text().splitlines()
+    assert len(lines) < 150, "the README is the landing page: the rest belongs in docs/"
+    assert lines[2] == "```bash"  # the two set-up commands come first
+    assert lines[3].startswith("make demo") and lines[4].startswith("make test")
+    assert len(BLOCKS) >= 1 and all(len(block.splitlines()) <= 30 for block in BLOCKS)
+    assert sum(len(promises(block)) for block in BLOCKS) >= 2
 
 
 def test_promises_are_read_as_written():

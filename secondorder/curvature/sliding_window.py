@@ -36,7 +36,7 @@ __all__ = ["PendingUpdate", "SlidingWindow", "SlidingWindowMFAC"]
 
 
 class PendingUpdate:
-    """A gradient :meth:`SlidingWindow.begin_update` has written: ``reads`` are the 0-d
+    """A gradient :meth:`SlidingWindowMFAC.begin_update` has written: ``reads`` are the 0-d
     tensors whose values :meth:`SlidingWindow.finish_update_solve` needs."""
 
     def __init__(self, proposal: Proposal, gram_row: torch.Tensor) -> None:

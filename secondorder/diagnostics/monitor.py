@@ -23,6 +23,7 @@ from ..curvature import (
 __all__ = ["METRICS", "CurvatureMonitor"]
 
 METRICS = ("hessian_trace", "top_eigenvalue", "fisher_trace", "grad_norm", "loss")
+"""The metrics :class:`CurvatureMonitor` can measure (all but ``"loss"`` by default)."""
 DEFAULT_METRICS = ("hessian_trace", "top_eigenvalue", "fisher_trace", "grad_norm")
 
 
@@ -64,6 +65,12 @@ class CurvatureMonitor:
             joins the measurement).
         num_matvecs, lanczos_iters, lanczos_tol: the cost bounds above.
         seed: seeds the probe vectors, so runs are reproducible.
+
+    Raises:
+        ValueError: ``metrics`` is empty or names one not in :data:`METRICS`; ``every``,
+            ``num_matvecs`` or ``lanczos_iters`` is not a positive integer, or
+            ``num_matvecs < 3`` with ``"hessian_trace"`` (Hutch++ needs three); ``data``
+            holds no batches.
     """
 
     def __init__(
@@ -121,13 +128,27 @@ class CurvatureMonitor:
                 csv.writer(f).writerow(self.columns)
 
     def step(self, step: int) -> dict[str, float] | None:
-        """Compute and log the metrics if ``step`` is a multiple of ``every``; return the row."""
+        """Compute and log the metrics if ``step`` is a multiple of ``every``.
+
+        Args:
+            step: the training step just taken (the row's ``step`` column).
+
+        Returns:
+            The row :meth:`compute` logged (``{column: value}``), or ``None`` on the other
+            steps.
+        """
         if step % self.every != 0:
             return None
         return self.compute(step)
 
     def compute(self, step: int) -> dict[str, float]:
-        """Compute and log the metrics now, labelled ``step``."""
+        """Compute and log the metrics now, labelled ``step``, whatever ``every`` says.
+
+        Returns:
+            The row appended to :attr:`history`: ``step``, each metric (with
+            ``hessian_trace_std_error`` and ``top_eigenvalue_residual`` beside theirs) and
+            ``seconds``.
+        """
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()

@@ -15,7 +15,14 @@ __all__ = ["plot_metrics", "plot_spectral_density", "read_metrics"]
 
 
 def read_metrics(path: str | Path) -> dict[str, list[float]]:
-    """The columns of a :class:`~.CurvatureMonitor` CSV file as lists of floats."""
+    """The columns of a :class:`~.CurvatureMonitor` CSV file as lists of floats.
+
+    Returns:
+        ``{column name: its values}``, in the file's order.
+
+    Raises:
+        ValueError: the file holds a header but no rows.
+    """
     with Path(path).open(newline="") as f:
         rows = list(csv.DictReader(f))
     if not rows:
@@ -30,12 +37,25 @@ def plot_metrics(
     metrics: Sequence[str] | None = None,
     title: str = "Curvature during training",
 ) -> Path:
-    """One panel per metric against the step, one line per run that logged it; returns ``out``.
+    """One panel per metric against the step, one line per run that logged it.
 
-    ``runs`` is a monitor CSV file, or ``{label: CSV file}`` to compare runs.
-    ``metrics`` defaults to every metric column any run has (not ``seconds``), in the
-    order they first appear; runs that logged different metrics each appear in the
-    panels of theirs. ``hessian_trace`` gets a band of ± its standard error.
+    Runs that logged different metrics each appear in the panels of theirs;
+    ``hessian_trace`` gets a band of ± its standard error. Needs matplotlib (the ``plot``
+    extra); pyplot's state is left alone.
+
+    Args:
+        runs: a monitor CSV file, or ``{label: CSV file}`` to compare runs.
+        out: the PNG file to write (its folder is created).
+        metrics: the panels; by default every metric column any run has (not ``seconds``),
+            in the order they first appear.
+        title: the figure's title.
+
+    Returns:
+        ``out``, as a ``Path``.
+
+    Raises:
+        ValueError: a metric asked for is in no run, or a file holds no rows.
+        ImportError: matplotlib is not installed.
     """
     if not isinstance(runs, Mapping):
         runs = {"": runs}
@@ -94,10 +114,20 @@ def plot_spectral_density(
     eigenvalues: torch.Tensor | Sequence[float] | None = None,
     title: str = "Spectral density",
 ) -> Path:
-    """The density on a log scale (the bulk and the outliers both show); returns ``out``.
+    """The density on a log scale, so that the bulk and the outliers both show.
 
-    ``eigenvalues`` (e.g. from :func:`~secondorder.curvature.top_eigenvalues`)
-    are marked as vertical lines.
+    Args:
+        density: from :func:`~secondorder.curvature.spectral_density`.
+        out: the PNG file to write (its folder is created).
+        eigenvalues: marked as vertical lines (e.g. from
+            :func:`~secondorder.curvature.top_eigenvalues`).
+        title: the figure's title.
+
+    Returns:
+        ``out``, as a ``Path``.
+
+    Raises:
+        ImportError: matplotlib is not installed.
     """
     figure = _figure(figsize=(6.4, 4.0))
     ax = figure.subplots()

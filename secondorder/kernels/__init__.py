@@ -45,8 +45,8 @@ __all__ = [
 
 _ENV = "SECONDORDER_KERNELS"
 
-#: rows are padded to a multiple of this many elements (and vectors to the same length)
 ROW_ALIGNMENT = 16
+"""Rows are padded to a multiple of this many elements (and vectors to the same length)."""
 _CHOICES = ("auto", "torch", "triton")
 
 
@@ -55,7 +55,15 @@ def triton_available() -> bool:
 
 
 def backend(tensor: torch.Tensor) -> str:
-    """``"triton"`` or ``"torch"``: which implementation runs for ``tensor``."""
+    """``"triton"`` or ``"torch"``: which implementation runs for ``tensor``.
+
+    Read at every call from ``SECONDORDER_KERNELS`` (see the module's description).
+
+    Raises:
+        ValueError: ``SECONDORDER_KERNELS`` is not ``auto``, ``torch`` or ``triton``.
+        RuntimeError: ``SECONDORDER_KERNELS=triton`` but Triton is not installed, or
+            ``tensor`` is not on a GPU and ``TRITON_INTERPRET=1`` is not set.
+    """
     choice = os.environ.get(_ENV, "auto").lower()
     if choice not in _CHOICES:
         raise ValueError(f"{_ENV}={choice!r}; expected one of {', '.join(_CHOICES)}")
@@ -110,26 +118,66 @@ def _implementation(tensor: torch.Tensor, rows: str = "dense") -> ModuleType:
 
 
 def row_dots(G: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
-    """``G[:n] @ x``, accumulated in float32 (float64 for float64 vectors)."""
+    """``G[:n] @ x``, accumulated in float32 (float64 for float64 vectors).
+
+    Args:
+        G: the window, ``[m, d]`` (padded rows allowed), in its storage dtype.
+        x: a vector of length ``d``.
+        n: how many rows are in use.
+
+    Returns:
+        The ``n`` dot products, in the accumulation dtype.
+    """
     return _implementation(G).row_dots(G, x, n)
 
 
 def write_row_and_dot(G: torch.Tensor, row: int, x: torch.Tensor, n: int) -> torch.Tensor:
-    """Store ``x`` in ``G[row]`` (in G's dtype); return ``G[:n] @ G[row]`` from the same pass."""
+    """Store ``x`` in ``G[row]`` (in G's dtype); return ``G[:n] @ G[row]`` from the same pass.
+
+    Args:
+        G: the window, ``[m, d]``; row ``row`` is overwritten.
+        row: the slot to write, below ``n``.
+        x: the new row, of length ``d``.
+        n: how many rows are in use, the new one included.
+
+    Returns:
+        The ``n`` dot products of the rows with the stored (rounded) new row.
+    """
     return _implementation(G).write_row_and_dot(G, row, x, n)
 
 
 def combine(
     G: torch.Tensor, c: torch.Tensor, n: int, x: torch.Tensor | None = None, scale: float = 0.0
 ) -> torch.Tensor:
-    """``scale * x + G[:n]ᵀ c`` from one pass over ``G`` (``G[:n]ᵀ c`` without ``x``)."""
+    """``scale * x + G[:n]ᵀ c`` from one pass over ``G`` (``G[:n]ᵀ c`` without ``x``).
+
+    Args:
+        G: the window, ``[m, d]``.
+        c: the ``n`` coefficients of the rows.
+        n: how many rows are in use.
+        x: a vector of length ``d`` to add, or ``None``.
+        scale: the factor of ``x``.
+
+    Returns:
+        A new vector of length ``d``, in the accumulation dtype.
+    """
     return _implementation(G).combine(G, c, n, x, scale)
 
 
 def gather_dots(
     values: torch.Tensor, indices: torch.Tensor, x: torch.Tensor, n: int
 ) -> torch.Tensor:
-    """``t_i = Σ_j values[i, j] · x[indices[i, j]]`` over the first ``n`` rows of a sparse window."""
+    """``t_i = Σ_j values[i, j] · x[indices[i, j]]`` over the first ``n`` rows of a sparse window.
+
+    Args:
+        values: the kept entries of each row, ``[m, k]``, in the storage dtype.
+        indices: their coordinates, ``[m, k]``, int32.
+        x: a dense vector.
+        n: how many rows are in use.
+
+    Returns:
+        The ``n`` dot products ``t``, in the accumulation dtype.
+    """
     return _implementation(values, "sparse").gather_dots(values, indices, x, n)
 
 
@@ -146,7 +194,20 @@ def scatter_combine(
 
     The Triton kernel adds with atomics, whose order varies on a GPU; under
     ``torch.use_deterministic_algorithms(True)`` the torch twin runs instead, which then
-    adds in a fixed order (bit-reproducible, slower)."""
+    adds in a fixed order (bit-reproducible, slower).
+
+    Args:
+        values: the kept entries of each row, ``[m, k]``.
+        indices: their coordinates, ``[m, k]``, int32, each below ``dim``.
+        c: the ``n`` coefficients of the rows.
+        n: how many rows are in use.
+        dim: the length of the dense result.
+        x: a dense vector of length ``dim`` to add, or ``None``.
+        scale: the factor of ``x``.
+
+    Returns:
+        A new dense vector of length ``dim``, in the accumulation dtype.
+    """
     if torch.are_deterministic_algorithms_enabled():
         return reference.scatter_combine(values, indices, c, n, dim, x, scale)
     return _implementation(values, "sparse").scatter_combine(values, indices, c, n, dim, x, scale)

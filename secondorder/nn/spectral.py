@@ -70,13 +70,24 @@ class _SampledPairs(torch.autograd.Function):
 
 
 class SpectralLinear(nn.Module):
-    r"""``y = x V diag(s) Uᵀ + b``: a linear layer stored as its SVD, trained by :class:`SST`.
+    r"""``y = x V diag(s) Uᵀ + b``: a linear layer stored as its SVD, trained by
+    :class:`~secondorder.optim.SST`.
 
     ``U`` (``out × k``) and ``V`` (``in × k``) are buffers; ``s`` (``k``) is a parameter, and
     so are ``u = U[:, indices]`` and ``v = V[:, indices]``, the ``rank`` pairs sampled this
     round (the columns of ``U, V`` at ``indices`` are stale until :meth:`fold`). Backward
     gives ``s`` its true gradient and ``u, v`` their *enhanced* gradients ``G v``, ``Gᵀ u``
     (without the factor ``s_i``), and never forms the ``out × in`` gradient.
+
+    Args:
+        U: the left singular vectors, ``out × k``.
+        s: the singular values, ``k``.
+        V: the right singular vectors, ``in × k``.
+        bias: the bias (``out``), or ``None``.
+        rank: how many pairs ``(u_i, v_i)`` are sampled and trained per round.
+
+    Raises:
+        ValueError: ``rank`` is not in ``[1, k]``.
     """
 
     U: torch.Tensor
@@ -176,6 +187,13 @@ def to_spectral(model: nn.Module, rank: int, *, modules: Iterable[str] | None = 
         rank: pairs sampled per round in each layer, at most ``min(in, out)`` of each.
         modules: qualified names of the layers to convert (``model.named_modules()``);
             every ``nn.Linear`` by default.
+
+    Returns:
+        ``model``, whose chosen layers are now :class:`SpectralLinear`.
+
+    Raises:
+        ValueError: a name in ``modules`` is not an ``nn.Linear`` of ``model`` (before
+            anything changes), or ``rank`` exceeds ``min(in, out)`` of a layer.
     """
     names = None if modules is None else set(modules)
     chosen = [

@@ -155,7 +155,7 @@ class ProjectedAdam(AdamWCore):
             masks a DCT refresh on the device; an SVD refresh decides on the host).
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
-        **extra_defaults: further group settings a subclass reads (e.g. NaturalGaLore's
+        **options: further group settings a subclass reads (e.g. NaturalGaLore's
             ``history``), checked by its :meth:`_validate_group`.
     """
 

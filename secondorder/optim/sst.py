@@ -149,7 +149,7 @@ class SST(AdamWCore):
             at every round boundary (docs/benchmarks.md, "SST's round boundaries").
         nonfinite: ``"raise"``, ``"skip"`` or ``"skip_on_device"`` (skip without a host
             synchronisation; round boundaries are decided on the host) a step with a NaN or
-            Inf gradient (see :mod:`secondorder.optim._nonfinite`).
+            Inf gradient (see :mod:`secondorder.optim.nonfinite`).
         skip_report_every: with ``"skip_on_device"``, steps between host reads of the
             count of skipped steps.
     """
