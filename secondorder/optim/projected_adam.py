@@ -33,19 +33,9 @@ without ``rank`` *is* AdamW; moments are float32 (float64 for float64 weights) f
 weight dtype; a rank larger than the compressed dimension is an error, not a silent
 clamp; conv weights are reshaped to matrices instead of GaLore's broken Tucker path.
 
-Data parallelism. Under DDP every rank holds the same gradient, so every rank computes
-the same step; ``process_group`` additionally broadcasts each new basis from the group's
-first rank, so that the ranks share it bit for bit even where an SVD is not
-deterministic. Under FSDP2 (``fully_shard``, parameters sharded by rows) each rank
-steps its own rows:
-
-- projected on the right (the compressed side is the columns, whole on every rank):
-  ``X P``, the moments and the update are this rank's rows, with no communication
-  between refreshes; a refresh all-gathers the gradient for the SVD, or all-reduces
-  the ``cols`` DCT column scores;
-- projected on the left (the rows, split over the ranks): ``Pᵀ G`` is summed over the
-  ranks, one all-reduce of ``r × cols`` numbers per step, and the moments (``r × cols``)
-  are the same on every rank; a refresh all-gathers the gradient.
+Data parallelism: under DDP ``process_group`` broadcasts each new basis from the group's
+first rank; under FSDP2 each rank steps its own rows (docs/guides/distributed.md says what
+each side of the projection communicates).
 """
 
 from __future__ import annotations
