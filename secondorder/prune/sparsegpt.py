@@ -84,15 +84,22 @@ class HessianStatistic:
 
 
 def upper_cholesky_of_inverse(hessian: torch.Tensor, relative_damp: float) -> torch.Tensor:
-    """``U`` upper triangular with ``UᵀU = (H + λI)⁻¹``, ``λ = relative_damp · mean diag(H)``, in float64.
+    """``U`` upper triangular with ``UᵀU = (H + λI)⁻¹``, in float64.
 
-    Input features that are zero on every calibration token (``H_jj = 0``) get
-    ``H_jj = 1``: their row and column of ``H`` are zero, so this decouples them.
+    ``λ = relative_damp · mean_j H_jj`` over the live inputs, those not zero on
+    every calibration token. A dead input (``H_jj = 0``) gets ``H_jj = 1``: its
+    row and column of ``H`` are zero, so this decouples it, and its value
+    reaches nothing but the dead input's own weights. Leaving the dead inputs
+    out of the mean keeps ``λ / H`` and so the result unchanged when the inputs
+    are scaled; the reference takes the mean after setting them to 1, which
+    equals this when no input is dead.
     """
     H = hessian.to(torch.float64).clone()
     diagonal = H.diagonal()
-    diagonal[diagonal == 0] = 1
-    diagonal += relative_damp * float(diagonal.mean())
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    live_mean = float(diagonal[~dead].mean()) if not bool(dead.all()) else 1.0
+    diagonal += relative_damp * live_mean
     factor, info = torch.linalg.cholesky_ex(H)
     if int(info) == 0:
         inverse = torch.cholesky_inverse(factor)
@@ -120,8 +127,10 @@ def sparsegpt_prune(
     Args:
         weight: the layer's weights; computed on in their dtype (float32 for half
             precision), with the factor ``U`` formed in float64.
-        hessian: ``[cols, cols]``, ``H = (2/N) X Xᵀ`` (any positive scale: the
-            damping is relative and the updates do not depend on it).
+        hessian: ``[cols, cols]``, ``H = (2/N) X Xᵀ``. Any positive multiple gives
+            the same result (up to rounding): the damping is relative to the mean
+            diagonal over the live inputs (:func:`upper_cholesky_of_inverse`), and
+            inputs that are always zero are decoupled, whatever the scale.
         alive: ``[rows, cols]`` boolean, the weights not pruned yet (default all).
             Pruned weights stay pruned: they are held at zero, the other weights
             compensating, and count towards the sparsity.
@@ -131,7 +140,8 @@ def sparsegpt_prune(
         n_m: ``(n, m)``: at most ``n`` weights kept in every group of ``m`` columns
             of a row; ``block_size`` must be a multiple of ``m``.
         block_size: columns per block (mask choice and lazy update).
-        relative_damp: ``λ`` as a fraction of the mean diagonal of ``H``.
+        relative_damp: ``λ`` as a fraction of the mean diagonal of ``H`` over the
+            inputs that are not always zero.
 
     Returns the new weights (zero where removed) and the mask of kept weights.
     """
@@ -198,8 +208,15 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
         params: ``nn.Linear`` weights to prune; ``None`` for all but the output layer.
         block_size: columns per block: the mask of a block is chosen when the block
             is reached, and updates to the right of it are applied once per block.
-        relative_damp: ``λ = relative_damp · mean diag(H)`` (``>= 0``).
+        relative_damp: ``λ = relative_damp · mean diag(H)`` over the inputs that
+            are not always zero (``>= 0``).
+        device, offload_activations, sequential: where blocks are pruned, where
+            their cached inputs are kept, and the calibration (see
+            :class:`~.layerwise.LayerwisePruner`).
         progress: show a progress bar over the blocks of the model.
+
+    ``prune(n_m=(n, m))`` keeps ``n`` weights of every ``m`` (the reference's
+    ``prunen``/``prunem`` count the weights removed).
     """
 
     method = "SparseGPT"
@@ -212,11 +229,17 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
         params: Iterable[ParamSpec] | None = None,
         block_size: int = 128,
         relative_damp: float = 0.01,
+        device: torch.device | str | None = None,
+        offload_activations: bool = False,
+        sequential: bool = True,
         progress: bool = True,
     ) -> None:
         self.block_size = check_positive_int(block_size, "block_size")
         self.relative_damp = _non_negative(relative_damp, "relative_damp")
-        super().__init__(model, data, params=params, progress=progress)
+        super().__init__(
+            model, data, params=params, device=device, offload_activations=offload_activations,
+            sequential=sequential, progress=progress,
+        )  # fmt: skip
 
     def _plan(self, sparsity: float | None, n_m: tuple[int, int] | None, steps: int) -> list[_Goal]:
         goals = super()._plan(sparsity, n_m, steps)
