@@ -6,6 +6,7 @@ from torch import nn
 
 from secondorder.prune import SparseGPTPruner, WandaPruner
 from secondorder.prune.calibration import BlockInputs
+from secondorder.prune.targets import refresh_pruned_weights
 
 PRUNERS = {"sparsegpt": SparseGPTPruner, "wanda": WandaPruner}
 PATTERNS = [{"sparsity": 0.5}, {"n_m": (2, 4)}]
@@ -174,3 +175,15 @@ def model_copy(model):
     import copy
 
     return copy.deepcopy(model)
+
+
+def test_refreshed_weight_follows_its_moved_parameter_and_bad_devices_are_refused():
+    layer = nn.Linear(4, 4)
+    nn.utils.prune.random_unstructured(layer, "weight", amount=0.5)
+    # what module.to(other device) does: new parameter and mask tensors, the product left behind
+    layer._parameters["weight_orig"] = nn.Parameter(layer.weight_orig.detach() + 1)
+    layer._buffers["weight_mask"] = layer.weight_mask.clone()
+    refresh_pruned_weights(nn.Sequential(layer))
+    torch.testing.assert_close(layer.weight, layer.weight_orig * layer.weight_mask)
+    with pytest.raises(ValueError, match=r"device must be a torch\.device or its name, got 'gpu0'"):
+        WandaPruner(nn.Sequential(nn.Linear(4, 4)), [], device="gpu0")
