@@ -11,9 +11,10 @@ it output *after* they were pruned, as SparseGPT does. Two ways get there:
 - **Sequential** (:class:`BlockInputs`), when each block's output is the next
   block's input, as for the decoder layers of a transformer: one pass over the
   data records what the first block receives and the keyword arguments every
-  block receives (attention mask, position embeddings, …); then each block runs
-  once on its cached inputs to calibrate, and once more, pruned, to give the next
-  block its inputs. Cost linear in depth; each block can be moved to a compute
+  block receives (attention mask, position embeddings, …), the blocks computing
+  on the first batch only (which shows that they are chained) and passing their
+  input through on the others; then each block runs once on its cached inputs
+  to calibrate, and once more, pruned, to give the next block its inputs. Cost linear in depth; each block can be moved to a compute
   device alone (:func:`on_device`) while the rest of the model stays where it is.
 - **Re-run** (:func:`calibrate`), for any other model (an ``nn.Sequential`` MLP,
   whose blocks are single layers with activations between them): the model runs
@@ -302,6 +303,97 @@ def _store(value: Any, device: torch.device, moved: dict[int, tuple[Any, Any]]) 
     return value
 
 
+#: what a block returned: ``None`` for a tensor, else the length of a plain tuple
+_Form = int | None
+
+
+def _form_of(output: Any) -> _Form | bool:
+    """``None`` for a tensor, the length of a plain tuple led by a tensor, ``False`` for anything else."""
+    if isinstance(output, torch.Tensor):
+        return None
+    if type(output) is tuple and output and isinstance(output[0], torch.Tensor):
+        return len(output)
+    return False
+
+
+@contextlib.contextmanager
+def _passing_through(blocks: Sequence[nn.Module], forms: Sequence[_Form]) -> Iterator[None]:
+    """Each block returns its input unchanged, in the form it returned its output.
+
+    While recording the arguments the blocks receive, their computation is not
+    needed (and the first batch showed that nothing runs between them).
+    """
+
+    def passthrough(form: _Form) -> Any:
+        def forward(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            return hidden if form is None else (hidden, *([None] * (form - 1)))
+
+        return forward
+
+    saved = [block.__dict__.get("forward") for block in blocks]
+    for block, form in zip(blocks, forms, strict=True):
+        block.forward = passthrough(form)
+    try:
+        yield
+    finally:
+        for block, forward in zip(blocks, saved, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
+
+
+class _Recorder:
+    """Forward hooks on the blocks that record what each receives and check that they are chained."""
+
+    def __init__(self, blocks: Sequence[nn.Module], storage: torch.device) -> None:
+        self.blocks = blocks
+        self.position = {id(block): index for index, block in enumerate(blocks)}
+        self.storage = storage
+        self.hidden: list[torch.Tensor] = []
+        self.arguments: list[list[tuple[tuple, dict]]] = []
+        self.forms: list[_Form | bool] = []
+        self.chained = True
+        self.next = 0  # the block expected to be called next
+        self.output: torch.Tensor | None = None  # what the previous block passed on
+        self.moved: dict[int, tuple[Any, Any]] = {}
+
+    def start_batch(self) -> None:
+        self.next, self.output, self.moved = 0, None, {}
+        self.arguments.append([])
+        self.forms = []
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        index = self.position[id(module)]
+        in_order = index == self.next and args and isinstance(args[0], torch.Tensor)
+        if not in_order or (index > 0 and args[0] is not self.output):
+            self.chained = False
+            raise _StopForward
+        if index == 0:
+            self.hidden.append(_store(args[0], self.storage, self.moved))
+        self.arguments[-1].append(_store((args[1:], kwargs), self.storage, self.moved))
+        self.next = index + 1
+        if index == len(self.blocks) - 1:
+            raise _StopForward
+
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.output = _hidden_of(output)
+        self.forms.append(_form_of(output))
+
+    @contextlib.contextmanager
+    def hooked(self) -> Iterator[None]:
+        handles = [
+            b.register_forward_pre_hook(self.before, with_kwargs=True, prepend=True)
+            for b in self.blocks
+        ]
+        handles += [b.register_forward_hook(self.after, with_kwargs=True) for b in self.blocks]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
 class BlockInputs:
     """What the current block receives on every calibration batch: the sequential calibration.
 
@@ -340,53 +432,34 @@ class BlockInputs:
     ) -> BlockInputs | None:
         """Run ``model`` over ``data`` up to the last block, recording what each block receives.
 
-        Blocks run on ``device`` one at a time (:func:`blocks_on_device`); the last
-        one never runs. Returns ``None`` when the blocks are not chained, that is
-        when on some batch they are not called in order, once each, each taking
-        as its first argument exactly what the previous one returned (an
-        activation between them, a block called twice, blocks of the model
-        skipped): the re-run calibration then applies.
+        On the first batch the blocks run, on ``device`` one at a time
+        (:func:`blocks_on_device`); on the others they pass their input through
+        unchanged, since only their arguments are recorded. The last block never
+        runs. Returns ``None`` when the blocks are not chained, that is when on
+        some batch they are not called in order, once each, each taking as its
+        first argument exactly what the previous one returned (an activation
+        between them, a block called twice, blocks of the model skipped): the
+        re-run calibration then applies.
         """
-        position = {id(block): index for index, block in enumerate(blocks)}
-        hidden: list[torch.Tensor] = []
-        arguments: list[list[tuple[tuple, dict]]] = []
-        state: dict[str, Any] = {}
-
-        def before(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            index = position[id(module)]
-            expected = index == state["next"] and args and isinstance(args[0], torch.Tensor)
-            if not expected or (index > 0 and args[0] is not state["output"]):
-                state["chained"] = False
-                raise _StopForward
-            if index == 0:
-                hidden.append(_store(args[0], storage, state["moved"]))
-            arguments[-1].append(_store((args[1:], kwargs), storage, state["moved"]))
-            state["next"] = index + 1
-            if index == len(blocks) - 1:
-                raise _StopForward
-
-        def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            state["output"] = _hidden_of(output)
-
-        state["chained"] = True
-        with calibration_mode(model), blocks_on_device(blocks, device):
-            handles = [
-                b.register_forward_pre_hook(before, with_kwargs=True, prepend=True) for b in blocks
-            ]
-            handles += [b.register_forward_hook(after, with_kwargs=True) for b in blocks]
-            try:
-                for batch in data:
-                    state.update(next=0, output=None, moved={})
-                    arguments.append([])
+        recorder = _Recorder(blocks, storage)
+        forms: list[_Form] | None = None
+        with calibration_mode(model):
+            for batch in data:
+                recorder.start_batch()
+                with contextlib.ExitStack() as stack:
+                    if forms is None:
+                        stack.enter_context(blocks_on_device(blocks, device))
+                    else:
+                        stack.enter_context(_passing_through(blocks[:-1], forms))
+                    stack.enter_context(recorder.hooked())
                     with contextlib.suppress(_StopForward):
                         run_model(model, batch, input_device)
-                    if not state["chained"] or state["next"] != len(blocks):
-                        return None
-            finally:
-                for handle in handles:
-                    handle.remove()
-        _ensure_batches(len(hidden))
-        return cls(hidden, arguments, storage)
+                if not recorder.chained or recorder.next != len(blocks):
+                    return None
+                if forms is None and all(form is not False for form in recorder.forms):
+                    forms = recorder.forms
+        _ensure_batches(len(recorder.hidden))
+        return cls(recorder.hidden, recorder.arguments, storage)
 
     def _run(self, block: nn.Module, index: int, batch: int, device: torch.device) -> Any:
         args, kwargs = self.arguments[batch][index]
