@@ -14,8 +14,9 @@ it output *after* they were pruned, as SparseGPT does. Two ways get there:
   block receives (attention mask, position embeddings, …), the blocks computing
   on the first batch only (which shows that they are chained) and passing their
   input through on the others; then each block runs once on its cached inputs
-  to calibrate, and once more, pruned, to give the next block its inputs. Cost linear in depth; each block can be moved to a compute
-  device alone (:func:`on_device`) while the rest of the model stays where it is.
+  to calibrate, and once more, pruned, to give the next block its inputs. Cost
+  linear in depth; each block can be moved to a compute device alone
+  (:func:`on_device`) while the rest of the model stays where it is.
 - **Re-run** (:func:`calibrate`), for any other model (an ``nn.Sequential`` MLP,
   whose blocks are single layers with activations between them): the model runs
   from its input again for every block and stops once the block has run; the
