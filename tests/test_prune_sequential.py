@@ -188,3 +188,6 @@ def test_refreshed_weight_follows_its_moved_parameter_and_bad_devices_are_refuse
     torch.testing.assert_close(layer.weight, layer.weight_orig * layer.weight_mask)
     with pytest.raises(ValueError, match=r"device must be a torch\.device or its name, got 'gpu0'"):
         WandaPruner(nn.Sequential(nn.Linear(4, 4)), [], device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda', but CUDA is not available"):
+            SparseGPTPruner(nn.Sequential(nn.Linear(4, 4)), [], device="cuda")
