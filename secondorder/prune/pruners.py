@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from .._checks import check_finite, check_positive_int, ensure_fits
 from .._common import to_device
@@ -104,6 +105,10 @@ class Pruner:
                 in every group of ``m`` consecutive weights along a row of
                 ``weight.reshape(out_features, -1)`` (``(2, 4)``: the pattern of
                 sparse tensor cores). Every row length must be a multiple of ``m``.
+                ``n`` counts the weights *kept*: the SparseGPT and Wanda reference
+                code's ``prunen``/``prunem`` count those removed (their ``prunen=2,
+                prunem=4`` is ``n_m=(2, 4)`` only because half go; their
+                ``prunen=1, prunem=4`` is ``n_m=(3, 4)``).
             recompute_steps: number of steps; each removes the same fraction of
                 the remaining weights (for N:M, lowers ``m → n`` evenly) and
                 re-scores. Defaults to the class's ``default_recompute_steps``.
@@ -125,6 +130,22 @@ class Pruner:
                 target.restore(state)
             raise
         return self.sparsity
+
+    def make_permanent(self) -> list[str]:
+        """Make the masks of the pruned weights permanent (``torch.nn.utils.prune.remove``).
+
+        Call it once pruning is done and before saving the model: each weight
+        becomes a plain parameter again, zero where pruned, and ``state_dict()``
+        or ``save_pretrained`` store it under its usual name (see
+        :func:`~.targets.remove_masks`). Returns the names of the weights made
+        permanent. Fine-tuning afterwards no longer keeps the pruned weights at zero.
+        """
+        made = []
+        for target in self.targets:
+            if target.is_reparametrized:
+                torch_prune.remove(target.module, target.name)
+                made.append(target.qualname)
+        return made
 
     def _score(self, weights: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, Update]:
         """Scores of the alive ``weights`` (lowest removed first) and how the kept ones change.
