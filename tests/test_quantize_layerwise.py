@@ -140,4 +140,6 @@ def test_device_and_offloading_reach_the_layerwise_base():
     for a, b in zip(reference.parameters(), model.parameters(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="device"):
-        GPTQQuantizer(mlp(), batches(), device="cuda:7" if not torch.cuda.is_available() else "meta")
+        GPTQQuantizer(
+            mlp(), batches(), device="cuda:7" if not torch.cuda.is_available() else "meta"
+        )
