@@ -145,14 +145,16 @@ class ProjectedAdam(AdamWCore):
             masks a DCT refresh on the device; an SVD refresh decides on the host).
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
-        **options: further group settings a subclass reads (e.g. NaturalGaLore's
-            ``history``), checked by its :meth:`_validate_group`.
+        **options: a subclass's own group settings (its ``extra_keys``: NaturalGaLore's
+            ``history``, say); any other keyword is a ``TypeError``, as in ``torch.optim``.
     """
 
     #: each weight's basis, kept from one step to the next while its state's choice stays
     _transient: ClassVar[dict[str, Callable[[], Any]]] = {"_bases": dict}
     _bases: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
     masks_writes = True
+    #: the group settings a subclass adds (NaturalGaLore's window), passed as keywords
+    extra_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -178,6 +180,9 @@ class ProjectedAdam(AdamWCore):
                     "correct_bias": correct_bias, "rank": rank, "update_proj_gap": update_proj_gap,
                     "scale": scale, "proj_type": proj_type, "on_refresh": on_refresh}  # fmt: skip
         extra = {k: options.pop(k) for k in list(options) if k not in _BASE_OPTIONS}
+        unknown = sorted(set(extra) - set(self.extra_keys))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}")
         super().__init__(params, {**defaults, **extra}, **options)
 
     # ----------------------------------------------------------------- settings
