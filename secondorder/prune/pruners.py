@@ -20,6 +20,7 @@ from .._checks import check_finite, check_positive_int, ensure_fits
 from .._common import to_device
 from .._progress import progress
 from ..curvature.mfac import DenseMFAC
+from .block_obs import block_inverse_fisher, remove_jointly, to_blocks
 from .masks import count_to_prune, prune_lowest, prune_n_m
 from .obs import obs_saliency, obs_update, relative_damping
 from .targets import ParamSpec, PruneTarget, resolve_targets
@@ -27,6 +28,7 @@ from .targets import ParamSpec, PruneTarget, resolve_targets
 __all__ = ["MFACPruner", "MagnitudePruner", "Pruner"]
 
 Scope = Literal["global", "layer"]
+Removal = Literal["sum", "joint"]
 # Maps which alive weights to remove (a boolean over them) to their new values.
 Update = Callable[[torch.Tensor], torch.Tensor]
 
@@ -265,6 +267,16 @@ class MFACPruner(Pruner):
             absolute damping of the reference implementation.
         scope: ``"global"`` or ``"layer"`` (see :class:`Pruner`).
         progress: show a progress bar while collecting gradients.
+        update: ``"sum"``: the M-FAC paper's step above, the single-weight updates
+            summed over the blocks of the alive weights. ``"joint"``: exact OBS for
+            the weights removed from each block together (:mod:`.block_obs`), on
+            blocks of ``block_size`` consecutive weights of each tensor, removed in
+            ``rounds`` rounds per step, each re-scored with the weights and inverse
+            Fisher the previous round left (for N:M, one weight of each group per
+            round): recomputation without new gradients, so ``recompute_steps``
+            defaults to 1. Explicit ``B × B`` inverses: ``block_size`` is required.
+        rounds: removal rounds per step for an unstructured sparsity with
+            ``update="joint"``.
     """
 
     default_recompute_steps = 16
@@ -282,8 +294,18 @@ class MFACPruner(Pruner):
         relative_damp: float = 0.01,
         scope: Scope = "global",
         progress: bool = True,
+        update: Removal = "sum",
+        rounds: int = 8,
     ) -> None:
         super().__init__(model, params, scope=scope)
+        if update not in ("sum", "joint"):
+            raise ValueError(f"update must be 'sum' or 'joint', got {update!r}")
+        if update == "joint" and block_size is None:
+            raise ValueError("update='joint' needs a block_size (explicit B x B inverses)")
+        self.update = update
+        self.rounds = check_positive_int(rounds, "rounds")
+        if update == "joint":
+            self.default_recompute_steps = 1  # the rounds recompute without new gradients
         self.loss_fn = loss_fn
         self.data = data
         self.num_grads = check_positive_int(num_grads, "num_grads")
@@ -296,6 +318,62 @@ class MFACPruner(Pruner):
             raise ValueError("damp and relative_damp are both 0: the Fisher needs damping > 0")
         self.progress = progress
         self._batches: Iterator[tuple[Any, Any]] | None = None
+
+    def _prune_step(self, goal: _Goal) -> None:
+        if self.update == "sum":
+            super()._prune_step(goal)
+        else:
+            self._prune_step_jointly(goal)
+
+    def _prune_step_jointly(self, goal: _Goal) -> None:
+        """One step of ``update="joint"``: gradients once, then exact block OBS in rounds."""
+        alive = torch.cat([t.mask().flatten() for t in self.targets])
+        if not self._select(goal, torch.zeros(alive.shape, device=self.device), alive).any():
+            return
+        sizes = [t.parameter.numel() for t in self.targets]
+        grads = self.collect_gradients(torch.ones_like(alive))  # pruned weights: zero gradients
+        damp = self.damp + relative_damping(grads, self.relative_damp) * alive.numel() / max(
+            1, int(alive.sum())
+        )  # the mean diagonal over the alive weights
+        size = self.block_size
+        assert size is not None
+        inverses = [block_inverse_fisher(g, size, damp, self._dtype) for g in grads.split(sizes, 1)]
+        del grads
+        weights = [to_blocks(t.weight().flatten().to(self._dtype), size) for t in self.targets]
+        rounds = self._rounds(goal, alive)
+        for number, round_goal in enumerate(rounds, start=1):
+            diagonals = [
+                to_blocks_flat(h.diagonal(dim1=-2, dim2=-1), n)
+                for h, n in zip(inverses, sizes, strict=True)
+            ]
+            scores = torch.cat(
+                [
+                    obs_saliency(to_blocks_flat(w, n), d)
+                    for w, d, n in zip(weights, diagonals, sizes, strict=True)
+                ]
+            ).masked_fill(~alive, math.inf)
+            removed = self._select(round_goal, scores, alive)
+            for w, h, r in zip(weights, inverses, removed.split(sizes), strict=True):
+                remove_jointly(w, h, to_blocks(r, size, False), downdate=number < len(rounds))
+            alive &= ~removed
+        for target, w, a, n in zip(self.targets, weights, alive.split(sizes), sizes, strict=True):
+            shape = target.parameter.shape
+            target.assign(
+                to_blocks_flat(w, n).reshape(shape).to(target.parameter.dtype), a.reshape(shape)
+            )
+
+    def _rounds(self, goal: _Goal, alive: torch.Tensor) -> list[_Goal]:
+        """The removal rounds of one joint step: N:M lowered one weight per group at a time,
+        an unstructured sparsity reached in ``rounds`` equal fractions of the remaining weights."""
+        if goal.sparsity is None:
+            return [_Goal(n=k, m=goal.m) for k in range(goal.m - 1, goal.n - 1, -1)]
+        current = 1 - float(alive.float().mean())
+        ratio = (1 - goal.sparsity) / (1 - current)
+        steps = [
+            _Goal(sparsity=1 - (1 - current) * ratio ** (j / self.rounds))
+            for j in range(1, self.rounds)
+        ]
+        return [*steps, goal]
 
     def _score(self, weights: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, Update]:
         grads = self.collect_gradients(alive)
@@ -374,6 +452,11 @@ class MFACPruner(Pruner):
             "data yielded no batches; pass a re-iterable of (inputs, targets) such as a "
             "list or a DataLoader"
         )
+
+
+def to_blocks_flat(blocks: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` entries of ``[blocks, B]`` blocks, flat (the padding dropped)."""
+    return blocks.reshape(-1)[:numel]
 
 
 def _best_of_each(scores: torch.Tensor, alive: torch.Tensor, sizes: list[int]) -> torch.Tensor:
