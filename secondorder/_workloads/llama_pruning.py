@@ -62,8 +62,8 @@ class LlamaPruneSetup:
     mfac_relative_damp: float = 0.01
     mfac_recompute_steps: int | None = None  # None: MFACPruner's default
     # M-FAC with update="joint": one gradient per calibration sequence, all of them
-    joint_relative_damp: float = 0.3
-    joint_rounds: int = 8
+    joint_relative_damp: float = 0.1
+    joint_rounds: int = 4
     seed: int = 0
 
     @property

@@ -74,8 +74,9 @@ def remove_jointly(
 
     ``weights`` (``[blocks, B]``) become ``w + δw`` with ``δw = −H_{:,Q} (H_QQ)⁻¹ w_Q``
     (exactly zero on ``Q``). With ``downdate``, ``inverse`` (``[blocks, B, B]``)
-    becomes ``H − H_{:,Q} (H_QQ)⁻¹ H_{Q,:}`` on the weights that stay, with the
-    removed coordinates decoupled (zero rows and columns, 1 on the diagonal).
+    becomes ``H − H_{:,Q} (H_QQ)⁻¹ H_{Q,:}``: on the weights that stay, the inverse of
+    the Fisher restricted to them; the removed coordinates decoupled (their rows and
+    columns zero up to rounding, 1 on the diagonal).
     The removed coordinates of each block are gathered (``k`` = the most in any
     block), so a round costs ``O(B² k)`` per block.
     """
@@ -102,6 +103,6 @@ def remove_jointly(
     weights.masked_fill_(removed, 0)
     if downdate:
         inverse.baddbmm_(rows.mT, torch.cholesky_solve(rows, factor), alpha=-1)
-        cut = removed[:, :, None] | removed[:, None, :]
-        inverse.masked_fill_(cut, 0)
-        inverse.diagonal(dim1=-2, dim2=-1).add_(removed.to(inverse.dtype))
+        # The rows and columns of Q are now zero up to rounding; 1 on their diagonal
+        # keeps the saliencies defined (the caller no longer counts those weights).
+        inverse.diagonal(dim1=-2, dim2=-1).masked_fill_(removed, 1)

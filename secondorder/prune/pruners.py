@@ -274,9 +274,13 @@ class MFACPruner(Pruner):
             ``rounds`` rounds per step, each re-scored with the weights and inverse
             Fisher the previous round left (for N:M, one weight of each group per
             round): recomputation without new gradients, so ``recompute_steps``
-            defaults to 1. Explicit ``B × B`` inverses: ``block_size`` is required.
+            defaults to 1. Explicit ``B × B`` inverses, one tensor's at a time
+            (all of them for a sparsity ranked globally): ``block_size`` is required.
+            Exact steps trust the Fisher further than summed ones, so they want
+            more gradients (``num_grads`` of at least ``block_size``) and more
+            damping; ``docs/benchmarks.md`` has the measurements.
         rounds: removal rounds per step for an unstructured sparsity with
-            ``update="joint"``.
+            ``update="joint"``, equal fractions of the remaining weights.
     """
 
     default_recompute_steps = 16
@@ -295,7 +299,7 @@ class MFACPruner(Pruner):
         scope: Scope = "global",
         progress: bool = True,
         update: Removal = "sum",
-        rounds: int = 8,
+        rounds: int = 4,
     ) -> None:
         super().__init__(model, params, scope=scope)
         if update not in ("sum", "joint"):
@@ -326,37 +330,55 @@ class MFACPruner(Pruner):
             self._prune_step_jointly(goal)
 
     def _prune_step_jointly(self, goal: _Goal) -> None:
-        """One step of ``update="joint"``: gradients once, then exact block OBS in rounds."""
+        """One step of ``update="joint"``: gradients once, then exact block OBS in rounds.
+
+        Tensors are independent unless an unstructured sparsity is ranked globally: they
+        are then pruned one at a time, so that one tensor's inverses are held at once."""
         alive = torch.cat([t.mask().flatten() for t in self.targets])
         if not self._select(goal, torch.zeros(alive.shape, device=self.device), alive).any():
             return
-        sizes = [t.parameter.numel() for t in self.targets]
         grads = self.collect_gradients(torch.ones_like(alive))  # pruned weights: zero gradients
         damp = self.damp + relative_damping(grads, self.relative_damp) * alive.numel() / max(
             1, int(alive.sum())
         )  # the mean diagonal over the alive weights
+        rounds = self._rounds(goal, alive)
+        if goal.sparsity is not None and self.scope == "global":
+            self._remove_in_rounds(self.targets, grads, alive, damp, rounds)
+            return
+        sizes = [t.parameter.numel() for t in self.targets]
+        parts = zip(self.targets, grads.split(sizes, 1), alive.split(sizes), strict=True)
+        for target, part, part_alive in parts:
+            self._remove_in_rounds([target], part, part_alive.clone(), damp, rounds)
+
+    def _remove_in_rounds(
+        self,
+        targets: list[PruneTarget],
+        grads: torch.Tensor,
+        alive: torch.Tensor,
+        damp: float,
+        rounds: list[_Goal],
+    ) -> None:
+        """Prune ``targets`` (all of them, or one) through ``rounds`` of exact block OBS."""
         size = self.block_size
         assert size is not None
+        sizes = [t.parameter.numel() for t in targets]
         inverses = [block_inverse_fisher(g, size, damp, self._dtype) for g in grads.split(sizes, 1)]
-        del grads
-        weights = [to_blocks(t.weight().flatten().to(self._dtype), size) for t in self.targets]
-        rounds = self._rounds(goal, alive)
+        weights = [to_blocks(t.weight().flatten().to(self._dtype), size) for t in targets]
         for number, round_goal in enumerate(rounds, start=1):
-            diagonals = [
-                to_blocks_flat(h.diagonal(dim1=-2, dim2=-1), n)
-                for h, n in zip(inverses, sizes, strict=True)
-            ]
             scores = torch.cat(
                 [
-                    obs_saliency(to_blocks_flat(w, n), d)
-                    for w, d, n in zip(weights, diagonals, sizes, strict=True)
+                    obs_saliency(to_blocks_flat(w, n), to_blocks_flat(h.diagonal(0, -2, -1), n))
+                    for w, h, n in zip(weights, inverses, sizes, strict=True)
                 ]
             ).masked_fill(~alive, math.inf)
-            removed = self._select(round_goal, scores, alive)
+            if len(targets) == len(self.targets):
+                removed = self._select(round_goal, scores, alive)
+            else:
+                removed = _select_in_tensor(targets[0], round_goal, scores, alive)
             for w, h, r in zip(weights, inverses, removed.split(sizes), strict=True):
                 remove_jointly(w, h, to_blocks(r, size, False), downdate=number < len(rounds))
             alive &= ~removed
-        for target, w, a, n in zip(self.targets, weights, alive.split(sizes), sizes, strict=True):
+        for target, w, a, n in zip(targets, weights, alive.split(sizes), sizes, strict=True):
             shape = target.parameter.shape
             target.assign(
                 to_blocks_flat(w, n).reshape(shape).to(target.parameter.dtype), a.reshape(shape)
@@ -432,9 +454,9 @@ class MFACPruner(Pruner):
                 grads[row] = flat[alive_index]
         finally:
             self.model.train(was_training)
-        finite = torch.isfinite(grads).all(dim=1)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0])
+        # A NaN or Inf makes its row's sum non-finite: no [num_grads, d] mask (a peak of
+        # several times the gradients' size in torch's reduction)
+        for row in (~torch.isfinite(grads.sum(dim=1))).nonzero().flatten().tolist():
             check_finite(grads[row], f"the gradient of pruning batch {row}")
         return grads
 
@@ -452,6 +474,20 @@ class MFACPruner(Pruner):
             "data yielded no batches; pass a re-iterable of (inputs, targets) such as a "
             "list or a DataLoader"
         )
+
+
+def _select_in_tensor(
+    target: PruneTarget, goal: _Goal, scores: torch.Tensor, alive: torch.Tensor
+) -> torch.Tensor:
+    """The alive weights of one tensor to remove for ``goal``: its N:M groups, or its own
+    sparsity (what :meth:`Pruner._select` does per tensor)."""
+    if goal.sparsity is None:
+        rows = target.parameter.shape[0]
+        removed = prune_n_m(scores.reshape(rows, -1), alive.reshape(rows, -1), goal.n, goal.m)
+        return removed.flatten()
+    return prune_lowest(
+        scores, alive, count_to_prune(goal.sparsity, alive.numel(), int((~alive).sum()))
+    )
 
 
 def to_blocks_flat(blocks: torch.Tensor, numel: int) -> torch.Tensor:
