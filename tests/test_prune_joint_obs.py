@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from secondorder import _checks
+from secondorder.errors import InsufficientMemoryError
 from secondorder.prune import MFACPruner, count_to_prune, prune_lowest, prune_n_m
 from secondorder.prune.block_obs import remove_jointly, to_blocks
 
@@ -156,6 +158,23 @@ def test_joint_keeps_weights_pruned_before_and_counts_them():
     assert pruner.prune(0.6) == pytest.approx(0.6, abs=0.01)
     for before, weight in zip(zeros, weights_of(model), strict=True):
         assert (weight[before] == 0).all()
+
+
+def test_memory_guard_counts_the_explicit_blocks(monkeypatch):
+    model, batches = conv_model(), conv_data(2)
+    ce = nn.functional.cross_entropy
+    pruner = MFACPruner(
+        model, ce, batches, num_grads=2, block_size=8, progress=False, update="joint",
+        scope="layer",
+    )  # fmt: skip
+    # 2 gradients of 84 float64 weights, and twice the largest tensor's 60 x 8 block rows
+    needed = 2 * 84 * 8 + 2 * 60 * 8 * 8
+    monkeypatch.setattr(_checks, "free_bytes", lambda device: needed - 1)
+    with pytest.raises(InsufficientMemoryError):
+        pruner.prune(0.5)
+    assert not hasattr(model[0], "weight_mask")
+    monkeypatch.setattr(_checks, "free_bytes", lambda device: needed + 10**6)
+    assert pruner.prune(0.5) == pytest.approx(0.5, abs=0.01)
 
 
 def test_to_blocks_pads_the_last_block():

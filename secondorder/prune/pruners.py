@@ -424,8 +424,7 @@ class MFACPruner(Pruner):
         dim = int(alive.sum())
         itemsize = torch.empty(0, dtype=self._dtype).element_size()
         ensure_fits(
-            self.num_grads * dim * itemsize
-            + DenseMFAC.estimate_bytes(self.num_grads, dim, self.block_size, self._dtype),
+            self.num_grads * dim * itemsize + self._inverse_bytes(dim),
             self.device,
             what=f"{self.num_grads} gradients of {dim} weights and their M-FAC inverse",
             advice="lower num_grads or block_size",
@@ -459,6 +458,17 @@ class MFACPruner(Pruner):
         for row in (~torch.isfinite(grads.sum(dim=1))).nonzero().flatten().tolist():
             check_finite(grads[row], f"the gradient of pruning batch {row}")
         return grads
+
+    def _inverse_bytes(self, dim: int) -> int:
+        """Peak bytes of the inverse Fisher of ``dim`` weights beyond the gradients: the
+        ``DenseMFAC`` of the summed update, or the joint update's explicit ``B × B`` blocks
+        of every tensor (ranked globally) or of the largest one, twice for temporaries."""
+        if self.update == "sum":
+            return DenseMFAC.estimate_bytes(self.num_grads, dim, self.block_size, self._dtype)
+        sizes = [t.parameter.numel() for t in self.targets]
+        held = sum(sizes) if self.scope == "global" else max(sizes)
+        itemsize = torch.empty(0, dtype=self._dtype).element_size()
+        return 2 * held * (self.block_size or 1) * itemsize
 
     def _next_batch(self) -> tuple[Any, Any]:
         for _ in range(2):
