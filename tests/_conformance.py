@@ -102,6 +102,14 @@ ROWS = [
         known_failures=MFAC_FAILURES,
     ),
     Row(
+        "MFAC-prior",  # Adam's diagonal as the Fisher's prior
+        MFAC,
+        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "prior": "adam"},
+        group=one_group,
+        complex_matrices=True,
+        known_failures=MFAC_FAILURES,
+    ),
+    Row(
         "GaLoreAdamW",
         GaLoreAdamW,
         {"lr": 0.02, "weight_decay": 0.01},

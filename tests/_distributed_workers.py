@@ -203,17 +203,21 @@ def sharded_sparse_mfac(rank: int) -> None:
 
 
 def sharded_grafted_mfac(rank: int) -> None:
-    """Grafted (Adam) MFAC with its window sharded over 2 DDP ranks == one process: the
-    per-tensor norms of the sharded direction are all-reduced."""
+    """Grafted (Adam) MFAC, and MFAC with Adam's prior, with the window sharded over 2 DDP
+    ranks == one process: the per-tensor norms of the sharded direction are all-reduced, the
+    prior's solve reduces over the ranks."""
     from secondorder.optim import MFAC
 
-    settings = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "graft": "adam"}
-    single = model()
-    train(single, MFAC(single.parameters(), **settings), STEPS)
-    net = DistributedDataParallel(model())
-    train(net, MFAC(net.parameters(), process_group=dist.group.WORLD, **settings), STEPS, rank=rank)
-    for a, b in zip(single.parameters(), net.module.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    grafted = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "graft": "adam"}
+    prior = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "prior": "adam"}
+    for settings in (grafted, prior):
+        single = model()
+        train(single, MFAC(single.parameters(), **settings), STEPS)
+        net = DistributedDataParallel(model())
+        optimizer = MFAC(net.parameters(), process_group=dist.group.WORLD, **settings)
+        train(net, optimizer, STEPS, rank=rank)
+        for a, b in zip(single.parameters(), net.module.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def mfac_through_dcp(rank: int, folder: str) -> None:

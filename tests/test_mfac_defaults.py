@@ -30,10 +30,10 @@ def test_the_documented_defaults_are_the_constructor_s():
     defaults = {name: p.default for name, p in inspect.signature(MFAC).parameters.items()}
     assert defaults["lr"] == 1e-3
     assert defaults["num_grads"] == 64
-    assert defaults["graft"] == "adam"
+    assert (defaults["graft"], defaults["prior"]) == ("auto", None)
     assert defaults["momentum"] == 0.0
     group = MFAC(mlp().parameters()).param_groups[0]
-    assert (group["damp"], group["relative_damp"]) == (None, 1e4)
+    assert (group["damp"], group["relative_damp"], group["graft"]) == (None, 1e4, "adam")
 
 
 def digits_problem(model: Callable[[], torch.nn.Module], flatten: bool):

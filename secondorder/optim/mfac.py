@@ -26,10 +26,12 @@ from .base import BaseOptimizer, learning_rate, real_view
 from .functional import graft_norms
 from .nonfinite import check_gradients
 
-__all__ = ["GRAFTS", "MFAC", "MFACGroupConfig", "WindowSettings"]
+__all__ = ["GRAFTS", "MFAC", "PRIORS", "MFACGroupConfig", "WindowSettings"]
 
 #: the optimisers whose per-tensor step norm ``graft`` can give M-FAC's direction
 GRAFTS = ("sgd", "adam", "rmsprop", "adagrad")
+#: the diagonal priors of the Fisher: ``"adam"``, Adam's ``√v̂ + ε``
+PRIORS = ("adam",)
 # the group keys that belong to the one window, not to a group
 _WINDOW_KEYS = (
     "num_grads",
@@ -39,7 +41,10 @@ _WINDOW_KEYS = (
     "density",
     "error_feedback",
     "graft",
+    "prior",
 )
+#: the per-coordinate buffers of the state record, besides the window
+_BUFFERS = ("momentum", "graft_exp_avg", "graft_exp_avg_sq", "exp_avg", "exp_avg_sq")
 #: ρ when neither damping is given (chosen by measurement: docs/benchmarks.md)
 DEFAULT_RELATIVE_DAMP = 1e4
 
@@ -55,6 +60,7 @@ class WindowSettings:
     density: float | None
     error_feedback: bool
     graft: str | None
+    prior: str | None = None
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_grads, "num_grads")
@@ -77,6 +83,13 @@ class WindowSettings:
             )
         if self.graft is not None and self.graft not in GRAFTS:
             raise ValueError(f"graft must be None or one of {GRAFTS}, got {self.graft!r}")
+        if self.prior is not None and self.prior not in PRIORS:
+            raise ValueError(f"prior must be None or one of {PRIORS}, got {self.prior!r}")
+        if self.prior is not None and self.graft is not None:
+            raise ValueError(
+                f"prior={self.prior!r} and graft={self.graft!r} both set the step's scale: the "
+                "prior gives every coordinate Adam's, so it takes graft=None"
+            )
 
     @classmethod
     def from_defaults(cls, defaults: dict[str, Any]) -> WindowSettings:
@@ -145,6 +158,28 @@ class MFAC(BaseOptimizer):
     ``graft="adam"``, ``relative_damp=1e4``, ``num_grads=64``, ``momentum=0`` and
     ``lr=1e-3``, Adam's default rate, since grafting gives each tensor Adam's step norm.
     ``graft=None, damp=1e-6, num_grads=1024`` is the paper's M-FAC.
+
+    **Adam's diagonal as prior** (``prior="adam"``): the Fisher gets Adam's per-coordinate
+    scaling as its diagonal, ``F = λ D + (1/n) Σᵢ gᵢgᵢᵀ`` with ``D = √v̂ + ε`` from Adam's
+    bias-corrected second moment ``v̂`` (per coordinate, as ``torch.optim.Adam``), and the
+    step is ``w ← w − lr · λ F⁻¹ m̂`` with Adam's bias-corrected first moment ``m̂``
+    (``betas``, ``eps``; ``t`` counting the parameter's steps). Matrix-free:
+
+    .. math::
+
+        F^{-1} x = D^{-1/2} \big(\lambda I + \tfrac{1}{n} \textstyle\sum_i w_i w_i^\top\big)^{-1}
+            D^{-1/2} x, \qquad w_i = g_i / D^{1/2},
+
+    the window holding the whitened ``wᵢ`` (dense or sparse) and ``λ`` (``damp``, or
+    ``relative_damp`` times the mean squared entry of the ``wᵢ``) being the window's. As
+    ``λ`` grows the step tends to Adam's, ``D⁻¹ m̂``, so ``lr`` is on Adam's scale; the
+    window adds the low-rank curvature a diagonal misses. One approximation: ``D`` changes
+    every step, and each stored ``wᵢ`` keeps the ``D`` of its own step (``F`` is exactly
+    ``λ D + (1/n) Σ gᵢgᵢᵀ`` for the newest gradient, and for the older ones with ``gᵢ``
+    rescaled by the ratio of the two ``D^{1/2}``). The prior sets the step's scale, so it
+    takes no grafting (``graft`` follows it: ``None``) and no ``momentum``. A step inserts
+    ``w`` (one pass over the window) and solves for ``D^{-1/2} m̂`` (two passes, and one
+    more host synchronisation: the solve's check of its input).
 
     **Sparse window.** With ``density``, the window keeps only the top ``⌈density · d⌉``
     entries of each gradient, with error feedback (EFCP, Modoranu et al. 2023; a
@@ -216,12 +251,15 @@ class MFAC(BaseOptimizer):
             keeping that fraction of each gradient (the reference uses 0.01).
         error_feedback: with ``density``, carry what compression drops into the next step
             (EFCP); ``False`` is plain top-k, an ablation.
-        graft: the optimiser whose per-tensor step norms M-FAC takes: ``"adam"`` (the
-            default), ``"sgd"``, ``"rmsprop"`` or ``"adagrad"``; ``None`` for the paper's
-            M-FAC, whose step is ``lr · F⁻¹g`` itself.
-        betas: the grafting optimiser's ``(β₁, β₂)`` (``"adam"`` uses both, ``"rmsprop"``
-            ``β₂``).
-        eps: the grafting optimiser's ``ε``.
+        graft: the optimiser whose per-tensor step norms M-FAC takes: ``"adam"``, ``"sgd"``,
+            ``"rmsprop"`` or ``"adagrad"``; ``None`` for the paper's M-FAC, whose step is
+            ``lr · F⁻¹g`` itself; ``"auto"`` (the default): ``"adam"`` without a ``prior``,
+            ``None`` with one.
+        prior: ``"adam"`` for Adam's diagonal as the Fisher's prior (above); ``None`` for
+            ``λ I``.
+        betas: Adam's ``(β₁, β₂)`` for the prior, or the grafting optimiser's (``"adam"``
+            uses both, ``"rmsprop"`` ``β₂``).
+        eps: the ``ε`` of the prior or of the grafting optimiser (``> 0`` with a prior).
         nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed) or
             ``"skip"`` (the step is skipped, counted in ``state[first parameter]
             ["skipped_steps"]`` and warned about, as ``torch.amp.GradScaler`` does). Not
@@ -252,7 +290,8 @@ class MFAC(BaseOptimizer):
         relative_damp: float | None = None,
         density: float | None = None,
         error_feedback: bool = True,
-        graft: str | None = "adam",
+        graft: str | None = "auto",
+        prior: str | None = None,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         nonfinite: str = "raise",
@@ -267,9 +306,11 @@ class MFAC(BaseOptimizer):
             )
         if damp is None and relative_damp is None:
             relative_damp = DEFAULT_RELATIVE_DAMP
+        if graft == "auto":
+            graft = "adam" if prior is None else None
         storage = None if storage_dtype is None else str(storage_dtype).removeprefix("torch.")
         settings = WindowSettings(num_grads, damp, relative_damp, storage, density,
-                                  error_feedback, graft)  # fmt: skip
+                                  error_feedback, graft, prior)  # fmt: skip
         self.process_group = process_group
         self._settings = settings
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
@@ -290,7 +331,14 @@ class MFAC(BaseOptimizer):
             self.state[p].setdefault("step", torch.tensor(0.0))  # for every parameter
 
     def _validate_group(self, group: dict[str, Any]) -> None:
-        MFACGroupConfig.from_group(group)
+        config = MFACGroupConfig.from_group(group)
+        if group["prior"] is not None and config.momentum:
+            raise ValueError(
+                f"momentum={config.momentum} with prior={group['prior']!r}: the prior's step "
+                "already averages the gradients (Adam's first moment, betas[0]); give momentum=0"
+            )
+        if group["prior"] is not None and not config.eps > 0:
+            raise ValueError(f"prior={group['prior']!r} needs eps > 0, got {config.eps!r}")
         for key in _WINDOW_KEYS:
             if group[key] != self.defaults[key]:
                 raise ValueError(
@@ -416,6 +464,9 @@ class MFAC(BaseOptimizer):
             record.setdefault("graft_exp_avg_sq", zeros.clone())
         if self._settings.graft == "adam":
             record.setdefault("graft_exp_avg", zeros.clone())
+        if self._settings.prior == "adam":
+            record.setdefault("exp_avg", zeros.clone())
+            record.setdefault("exp_avg_sq", zeros.clone())
 
     def _current_layout(self) -> _Layout:
         """The layout, rebuilt from the state after a load or a copy."""
@@ -445,7 +496,7 @@ class MFAC(BaseOptimizer):
         if old.window is not None:
             layout.window.grow_from(old.window)
         extra = layout.shard.size - old.shard.size
-        for name in ("momentum", "graft_exp_avg", "graft_exp_avg_sq"):
+        for name in _BUFFERS:
             if name in record:
                 record[name] = torch.cat([record[name], record[name].new_zeros(extra)])
         index = {id(p): i for i, p in enumerate(self._params())}
@@ -483,7 +534,7 @@ class MFAC(BaseOptimizer):
             raise ValueError("the saved state and this optimiser disagree on having a window")
         if layout.window is not None:
             layout.window.check_state_dict(record["window"])
-        for name in ("momentum", "graft_exp_avg", "graft_exp_avg_sq"):
+        for name in _BUFFERS:
             if name in record and tuple(record[name].shape) != (layout.shard.size,):
                 raise ValueError(
                     f"saved {name} has shape {tuple(record[name].shape)}, expected "
@@ -510,11 +561,20 @@ class MFAC(BaseOptimizer):
         groups = self._member_groups()
         flat, has_grad = self._flat_gradient(groups)
         g = layout.shard.take(flat)
+        counts = None  # each member's step count, this step's included
+        if self._settings.graft == "adam" or self._settings.prior == "adam":
+            counts = self._step_counts(has_grad)
+        if self._settings.prior == "adam":
+            assert counts is not None
+            exp_avg, exp_avg_sq, m_hat, root = self._adam_prior(g, counts, has_grad, groups)
         try:
             # The window checks g for NaN and Inf in the same host synchronisation as its
             # factor, and takes the gradient out again if it must (agreeing over the ranks
             # of a sharded window): no separate check of the gradients, and no sync for it.
-            update = self.window.update_solve(g)
+            if self._settings.prior is None:
+                update = self.window.update_solve(g)
+            else:
+                self.window.update(g / root)
         except NonFiniteError:
             if self.process_group is None:  # name the parameter (under DDP sharding, the
                 check_gradients(params)  # window names the shards)
@@ -524,8 +584,15 @@ class MFAC(BaseOptimizer):
         for p, active in zip(layout.members, has_grad, strict=True):
             if active:
                 self.state[p]["step"] = self.state[p]["step"] + 1
+        if counts is not None:
+            layout.step_counts = counts
+        if self._settings.prior is not None:
+            record["exp_avg"], record["exp_avg_sq"] = exp_avg, exp_avg_sq
+            # λ F⁻¹ m̂ = D^(-1/2) · λ (λI + (1/n) Σ wᵢwᵢᵀ)⁻¹ · D^(-1/2) m̂
+            update = self.window.solve(m_hat / root).mul_(self.window.damp).div_(root)
         if self._settings.graft is not None:
-            self._graft(update, g, has_grad, groups)
+            assert counts is not None or self._settings.graft != "adam"
+            self._graft(update, g, has_grad, groups, counts)
         if any(group["momentum"] for group in groups):
             update = self._apply_momentum(update, has_grad, groups)
         direction = all_gather_shards(update, layout.shard, layout.gather_group)
@@ -561,43 +628,45 @@ class MFAC(BaseOptimizer):
             pieces.append(g)
         return torch.cat(pieces), has_grad
 
-    def _per_member(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
+    def _per_member(
+        self, values: list[float], dtype: torch.dtype, padding: float = 0.0
+    ) -> torch.Tensor:
         """One value per member and a zero for the padding, on the window's device: cached by
         value, since building it copies host data to the device, which on a GPU waits for
         everything queued (the values are settings, and which members have a gradient: the
         same step after step)."""
         cache = self._current_layout().constants
-        key = ("member", tuple(values), dtype)
+        key = ("member", tuple(values), dtype, padding)
         if key not in cache:
             if len(cache) >= 32:  # settings that change every step (a schedule) do not pile up
                 cache.clear()
             device = self._current_layout().segments.device
-            cache[key] = torch.tensor([*values, 0.0], dtype=dtype, device=device)
+            cache[key] = torch.tensor([*values, padding], dtype=dtype, device=device)
         return cache[key]
 
-    def _per_coordinate(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
-        """One value per member, spread over this rank's shard (zero on the padding); cached
-        as :meth:`_per_member`."""
+    def _per_coordinate(
+        self, values: list[float], dtype: torch.dtype, padding: float = 0.0
+    ) -> torch.Tensor:
+        """One value per member, spread over this rank's shard (``padding`` on the padding);
+        cached as :meth:`_per_member`."""
         cache = self._current_layout().constants
-        key = ("coordinate", tuple(values), dtype)
+        key = ("coordinate", tuple(values), dtype, padding)
         if key not in cache:
-            cache[key] = self._per_member(values, dtype)[self._current_layout().segments]
+            cache[key] = self._per_member(values, dtype, padding)[self._current_layout().segments]
         return cache[key]
 
     def _step_counts(self, has_grad: list[bool]) -> torch.Tensor:
         """Each member's step count, this step's included (and 0 for the padding), on the
-        device: read from the ``step`` tensors (on the CPU) once per layout and load, then
-        advanced with the members that have a gradient, so that no step copies counts to
-        the device. Called once per step."""
+        device: the counts before it are read from the ``step`` tensors (on the CPU) once
+        per layout and load, and kept in ``layout.step_counts`` once the step is taken, so
+        that no step copies counts to the device."""
         layout = self._current_layout()
         if layout.step_counts is None:
             counts = [float(self.state[p]["step"]) for p in layout.members]
             layout.step_counts = torch.tensor(
                 [*counts, 0.0], dtype=torch.float64, device=layout.segments.device
             )
-        else:
-            layout.step_counts.add_(self._per_member([float(h) for h in has_grad], torch.float64))
-        return layout.step_counts
+        return layout.step_counts + self._per_member([float(h) for h in has_grad], torch.float64)
 
     def _bias_correction(
         self, counts: torch.Tensor, groups: list[dict[str, Any]], which: int, dtype: torch.dtype
@@ -614,6 +683,7 @@ class MFAC(BaseOptimizer):
         g: torch.Tensor,
         has_grad: list[bool],
         groups: list[dict[str, Any]],
+        counts: torch.Tensor | None,
     ) -> None:
         """Scale each member's part of ``update`` (in place) to the norm of the grafting
         optimiser's step for that member (the maths is in the class docstring)."""
@@ -633,7 +703,7 @@ class MFAC(BaseOptimizer):
                 first = self._record()["graft_exp_avg"]
                 beta1 = self._per_coordinate([group["betas"][0] for group in groups], g.dtype)
                 first.copy_(torch.where(active, beta1 * first + (1 - beta1) * g, first))
-                counts = self._step_counts(has_grad)
+                assert counts is not None
                 numerator = first / self._bias_correction(counts, groups, 0, g.dtype)
                 denominator = second / self._bias_correction(counts, groups, 1, g.dtype)
             step = numerator / (denominator.sqrt() + eps)
@@ -643,6 +713,28 @@ class MFAC(BaseOptimizer):
         direction, target = norms[0].sqrt(), norms[1].sqrt()
         scale = torch.where(direction > 0, target / direction, 0.0)
         update.mul_(scale.to(update.dtype)[segments])
+
+    def _adam_prior(
+        self,
+        g: torch.Tensor,
+        counts: torch.Tensor,
+        has_grad: list[bool],
+        groups: list[dict[str, Any]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adam's moments after this step, ``m`` and ``v`` (new tensors: the state is written
+        once the window has taken the step), ``m̂``, and ``D^(1/2)`` for ``D = √v̂ + ε`` (1 on
+        the padding)."""
+        record = self._record()
+        active = self._per_coordinate([float(h) for h in has_grad], torch.bool)
+        beta1 = self._per_coordinate([group["betas"][0] for group in groups], g.dtype)
+        beta2 = self._per_coordinate([group["betas"][1] for group in groups], g.dtype)
+        eps = self._per_coordinate([group["eps"] for group in groups], g.dtype, padding=1.0)
+        first, second = record["exp_avg"], record["exp_avg_sq"]
+        exp_avg = torch.where(active, beta1 * first + (1 - beta1) * g, first)
+        exp_avg_sq = torch.where(active, beta2 * second + (1 - beta2) * g * g, second)
+        m_hat = exp_avg / self._bias_correction(counts, groups, 0, g.dtype)
+        v_hat = exp_avg_sq / self._bias_correction(counts, groups, 1, g.dtype)
+        return exp_avg, exp_avg_sq, m_hat, (v_hat.sqrt() + eps).sqrt()
 
     def _apply_momentum(
         self, update: torch.Tensor, has_grad: list[bool], groups: list[dict[str, Any]]
