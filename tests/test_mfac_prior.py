@@ -125,8 +125,13 @@ def test_bad_settings_are_refused(settings, message):
         MFAC(model().parameters(), **settings)
 
 
-def test_graft_follows_the_prior_unless_given():
+def test_graft_and_prior_follow_each_other_unless_given():
     params = list(model().parameters())
-    assert MFAC(params).defaults["graft"] == "adam"
-    assert MFAC(params, prior="adam").defaults["graft"] is None
-    assert MFAC(params, prior=None, graft="sgd").defaults["graft"] == "sgd"
+
+    def settings(**kwargs):
+        return tuple(MFAC(params, **kwargs).defaults[k] for k in ("graft", "prior"))
+
+    assert settings() == (None, "adam")
+    assert settings(prior=None) == ("adam", None)
+    assert settings(graft="sgd") == ("sgd", None)
+    assert settings(graft=None) == (None, None)  # the paper's M-FAC

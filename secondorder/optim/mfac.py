@@ -38,7 +38,7 @@ _WINDOW_KEYS = ("num_grads", "damp", "relative_damp", "storage_dtype", "density"
 #: the per-coordinate buffers of the state record, besides the window
 _BUFFERS = ("momentum", "graft_exp_avg", "graft_exp_avg_sq", "exp_avg", "exp_avg_sq")
 #: ρ when neither damping is given (chosen by measurement: docs/benchmarks.md)
-DEFAULT_RELATIVE_DAMP = 1e4
+DEFAULT_RELATIVE_DAMP = 3e4
 
 
 @dataclass(frozen=True)
@@ -190,6 +190,11 @@ class MFAC(BaseOptimizer):
     ``w`` (one pass over the window) and solves for ``D^{-1/2} m̂`` (two passes, and one
     more host synchronisation than ``update_solve``: the solve's check of its input).
 
+    **Defaults** (chosen by the comparison in docs/benchmarks.md, "The MFAC optimiser"):
+    ``prior="adam"``, ``lr=3e-3``, ``relative_damp=3e4``, ``num_grads=32``, no momentum.
+    ``prior=None, lr=1e-3, relative_damp=1e4, num_grads=64`` is the earlier default (Adam
+    grafting); ``graft=None, damp=1e-6, num_grads=1024`` is the paper's M-FAC.
+
     **Sparse window.** With ``density``, the window keeps the top ``⌈density · d⌉`` entries
     of each row, with error feedback (EFCP, Modoranu et al. 2023;
     :class:`~secondorder.curvature.SparseSlidingWindowMFAC`): ``F̂⁻¹ c`` for the compressed
@@ -200,7 +205,7 @@ class MFAC(BaseOptimizer):
         lr: learning rate (with ``graft`` or ``prior``, on Adam's scale).
         num_grads: gradients in the window.
         damp: absolute damping ``λ > 0``; without ``damp`` or ``relative_damp``,
-            ``relative_damp=1e4``.
+            ``relative_damp=3e4``.
         momentum: ``μ`` in ``[0, 1)``.
         weight_decay: L2 coefficient added to the gradient.
         storage_dtype: dtype of the window (``torch.bfloat16`` halves its memory).
@@ -212,7 +217,8 @@ class MFAC(BaseOptimizer):
         error_feedback: with ``density``, carry what compression drops into the next step.
         graft: ``"adam"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``, ``None`` (the paper's
             step ``lr · F⁻¹g``) or ``"auto"``: ``"adam"`` without a prior, ``None`` with one.
-        prior: ``"adam"`` for Adam's diagonal as the Fisher's prior, ``None`` for ``λ I``.
+        prior: ``"adam"`` for Adam's diagonal as the Fisher's prior, ``None`` for ``λ I``,
+            or ``"auto"`` (the default): ``"adam"`` unless a ``graft`` is given.
         betas: Adam's ``(β₁, β₂)`` for the prior or the graft (``"rmsprop"`` uses ``β₂``).
         eps: the ``ε`` of the prior (``> 0``) or of the graft.
         nonfinite: ``"raise"`` or ``"skip"`` (:mod:`secondorder.optim.nonfinite`; not
@@ -227,8 +233,8 @@ class MFAC(BaseOptimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        num_grads: int = 64,
+        lr: float = 3e-3,
+        num_grads: int = 32,
         damp: float | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -239,7 +245,7 @@ class MFAC(BaseOptimizer):
         density: float | None = None,
         error_feedback: bool = True,
         graft: str | None = "auto",
-        prior: str | None = None,
+        prior: str | None = "auto",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         nonfinite: str = "raise",
@@ -252,6 +258,8 @@ class MFAC(BaseOptimizer):
             )
         if damp is None and relative_damp is None:
             relative_damp = DEFAULT_RELATIVE_DAMP
+        if prior == "auto":
+            prior = "adam" if graft == "auto" else None
         if graft == "auto":
             graft = "adam" if prior is None else None
         storage = None if storage_dtype is None else str(storage_dtype).removeprefix("torch.")
