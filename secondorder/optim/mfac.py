@@ -549,8 +549,10 @@ class MFAC(BaseOptimizer):
         if self._settings.prior is None:
             return update
         record["exp_avg"], record["exp_avg_sq"] = exp_avg, exp_avg_sq
-        # λ F⁻¹ m̂ = D^(-1/2) · λ (λI + (1/n) Σ wᵢwᵢᵀ)⁻¹ · D^(-1/2) m̂
-        return self.window.solve(m_hat / root).mul_(self.window.damp).div_(root)
+        # λ F⁻¹ m̂ = D^(-1/2) · λ (λI + (1/n) Σ wᵢwᵢᵀ)⁻¹ · D^(-1/2) m̂; m̂ and D come from
+        # gradients the window's update found finite, and D ≥ ε > 0: no second check
+        whitened = m_hat / root
+        return self.window.solve(whitened, check_finite=False).mul_(self.window.damp).div_(root)
 
     def _member_groups(self) -> list[dict[str, Any]]:
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
