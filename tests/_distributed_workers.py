@@ -205,14 +205,18 @@ def sharded_sparse_mfac(rank: int) -> None:
 
 
 def sharded_grafted_mfac(rank: int) -> None:
-    """Grafted (Adam) MFAC, and MFAC with Adam's prior, with the window sharded over 2 DDP
-    ranks == one process: the per-tensor norms of the sharded direction are all-reduced, the
-    prior's solve reduces over the ranks."""
+    """Grafted (Adam) MFAC, and MFAC with Adam's prior, absolute and relative damping, with
+    the window sharded over 2 DDP ranks == one process: the per-tensor norms of the sharded
+    direction are all-reduced, the prior's solve reduces over the ranks, and the relative
+    damping's mean leaves the shard's padding out."""
     from secondorder.optim import MFAC
 
     grafted = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "graft": "adam"}
     prior = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "prior": "adam"}
-    for settings in (grafted, prior):
+    # relative damping averages over the unpadded coordinates: 53 here, padded to 2 x 27
+    relative = {"lr": 0.05, "num_grads": 3, "relative_damp": 0.3, "prior": "adam"}
+    relative_grafted = {"lr": 0.05, "num_grads": 3, "relative_damp": 0.3, "graft": "adam"}
+    for settings in (grafted, prior, relative, relative_grafted):
         single = model()
         train(single, MFAC(single.parameters(), **settings), STEPS)
         net = DistributedDataParallel(model())

@@ -78,6 +78,7 @@ class SlidingWindow(InverseFisherOperator, ABC):
         factor_update: str,
         process_group: torch.distributed.ProcessGroup | None,
         relative_damp: float | None = None,
+        total_dim: int | None = None,
     ) -> None:
         self.dim = check_positive_int(dim, "dim")
         self.num_grads = check_positive_int(num_grads, "num_grads")
@@ -101,10 +102,11 @@ class SlidingWindow(InverseFisherOperator, ABC):
             what=f"a window of {num_grads} {self._row_description()} in {storage_dtype}",
             advice=self._memory_advice(),
         )
-        total_dim = dim
-        if process_group is not None and self.relative_damp is not None:
-            size = torch.tensor([dim], dtype=torch.float64, device=device)
-            total_dim = int(all_reduce_sum(size, process_group).item())
+        if total_dim is None:  # the coordinates the relative damping averages over
+            total_dim = dim
+            if process_group is not None and self.relative_damp is not None:
+                size = torch.tensor([dim], dtype=torch.float64, device=device)
+                total_dim = int(all_reduce_sum(size, process_group).item())
         self._system = GramSystem(
             num_grads,
             damp,
@@ -502,6 +504,9 @@ class SlidingWindowMFAC(SlidingWindow):
             of the gradients held, recomputed whenever the small system is refactored (see
             :class:`~.gram_system.GramSystem`), and ``damp`` is unused: a damping that does
             not depend on the gradients' scale.
+        total_dim: the number of coordinates that mean is over, across the ranks of
+            ``process_group`` (default: ``dim`` summed over them); a flat vector sharded
+            with padding at its end passes its unpadded length.
         storage_dtype: dtype of the window; ``torch.bfloat16`` halves its memory
             while the small system stays in float64 and the passes accumulate in
             float32 (relative error about 2e-3, docs/benchmarks.md). On CPU the passes
@@ -538,6 +543,7 @@ class SlidingWindowMFAC(SlidingWindow):
         factor_update: str = "auto",
         process_group: torch.distributed.ProcessGroup | None = None,
         relative_damp: float | None = None,
+        total_dim: int | None = None,
     ) -> None:
         super().__init__(
             dim,
@@ -551,6 +557,7 @@ class SlidingWindowMFAC(SlidingWindow):
             factor_update=factor_update,
             process_group=process_group,
             relative_damp=relative_damp,
+            total_dim=total_dim,
         )
 
     @staticmethod

@@ -85,7 +85,7 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         error_feedback: carry what compression drops into the next gradient (EFCP);
             ``False`` gives plain top-``k`` (``e`` stays zero), an ablation.
         device, dtype, storage_dtype, refactor_every, check_tol, factor_update,
-        relative_damp: as for
+        relative_damp, total_dim: as for
             :class:`~secondorder.curvature.SlidingWindowMFAC`; ``storage_dtype`` is the
             dtype of the stored values (``torch.bfloat16`` allowed: ``e`` then absorbs
             the rounding).
@@ -114,6 +114,7 @@ class SparseSlidingWindowMFAC(SlidingWindow):
         factor_update: str = "auto",
         process_group: torch.distributed.ProcessGroup | None = None,
         relative_damp: float | None = None,
+        total_dim: int | None = None,
     ) -> None:
         self.density = check_density(density)
         self.error_feedback = bool(error_feedback)
@@ -135,6 +136,7 @@ class SparseSlidingWindowMFAC(SlidingWindow):
             factor_update=factor_update,
             process_group=process_group,
             relative_damp=relative_damp,
+            total_dim=total_dim,
         )
 
     @staticmethod

@@ -316,7 +316,9 @@ class MFAC(BaseOptimizer):
         else:  # FSDP2: the window spans this rank's rows, nothing is gathered
             shard, gather_group, window_group = Shard(0, 1, sum(sizes)), None, fsdp_group
         dtype = statistics_dtype(*(p.dtype.to_real() for p in members))
-        window = self._new_window(shard.size, device, dtype, window_group)
+        # a flat shard is padded at its end: the relative damping averages over the rest
+        total = shard.total if fsdp_group is None else None
+        window = self._new_window(shard.size, device, dtype, window_group, total)
         # the member each coordinate of this rank's shard belongs to (padding: len(members))
         ends = torch.tensor(sizes).cumsum(0)
         coordinates = torch.arange(shard.start, shard.start + shard.size)
@@ -329,11 +331,12 @@ class MFAC(BaseOptimizer):
         device: torch.device,
         dtype: torch.dtype,
         process_group: torch.distributed.ProcessGroup | None,
+        total_dim: int | None,
     ) -> SlidingWindow:
         settings = self._settings
         storage = None if settings.storage_dtype is None else getattr(torch, settings.storage_dtype)
         options: dict[str, Any] = {"device": device, "dtype": dtype, "storage_dtype": storage,
-                                   "process_group": process_group,
+                                   "process_group": process_group, "total_dim": total_dim,
                                    "relative_damp": settings.relative_damp}  # fmt: skip
         damp = 1e-6 if settings.damp is None else settings.damp  # unused when relative
         if settings.density is None:
