@@ -312,6 +312,11 @@ def families(task: str) -> dict[str, list[dict]]:
             | window
             for lr, rho, mu in grafted_grid
         ],
+        # M-FAC with Adam's diagonal as its prior (issue 20): lr on Adam's scale
+        "MFAC prior=adam": [
+            {"lr": lr, "relative_damp": rho, "prior": "adam", "num_grads": 32}
+            for lr, rho in itertools.product((1e-3, 3e-3), (1e3, 1e4, 3e4))
+        ],
     }
     if task == "cnn":  # the first CNN sweep's absolute dampings, which relative ones missed
         grid["MFAC, absolute damping"] = [

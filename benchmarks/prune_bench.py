@@ -8,6 +8,9 @@
     python benchmarks/prune_bench.py --part llama     # tiny Llama: M-FAC, SparseGPT, Wanda, magnitude
     python benchmarks/prune_bench.py --part llama --methods "M-FAC (global)" --num-grads 128 \
         --calibration-batch 1                         # one M-FAC variant on the same 128 sequences
+    python benchmarks/prune_bench.py --part depth --threads 1   # sequential calibration: 4 vs 16 layers
+    python benchmarks/prune_bench.py --part llama --methods SparseGPT "M-FAC joint (layer)" \
+        --patterns 2:4 --joint-relative-damp 0.3      # M-FAC with update="joint", another damping
 
 accuracy: one ``prune()`` call with MFACPruner's defaults, no fine-tuning, at
 50/70/80/90/95% sparsity, against global magnitude pruning, on the digits MLP
@@ -61,10 +64,12 @@ from secondorder._workloads.digits_pruning import (
     pruning_batches,
     train_dense,
 )
+from secondorder._workloads.language_model import new_model
+from secondorder._workloads.measure import measured
 from secondorder._workloads.report import markdown_row, markdown_table
 from secondorder._workloads.training import evaluate
 from secondorder.curvature import DenseMFAC
-from secondorder.prune import MFACPruner
+from secondorder.prune import MFACPruner, SparseGPTPruner, WandaPruner
 
 SPARSITIES = [0.5, 0.7, 0.8, 0.9, 0.95]
 
@@ -169,6 +174,8 @@ LLAMA_OPTIONS = (
     "calibration_sequences",
     "relative_damp",
     "recompute_steps",
+    "joint_relative_damp",
+    "joint_rounds",
 )
 
 
@@ -182,6 +189,8 @@ def llama_setup(args: argparse.Namespace) -> llm_pruning.LlamaPruneSetup:
         calibration_sequences=args.calibration_sequences or defaults.calibration_sequences,
         mfac_relative_damp=args.relative_damp or defaults.mfac_relative_damp,
         mfac_recompute_steps=args.recompute_steps,
+        joint_relative_damp=args.joint_relative_damp or defaults.joint_relative_damp,
+        joint_rounds=args.joint_rounds or defaults.joint_rounds,
     )
 
 
@@ -207,9 +216,18 @@ def llama(args: argparse.Namespace) -> None:
             sys.executable, __file__, "--threads", str(args.threads), *passed,
             "--llama-child", method, pattern,
         ]  # fmt: skip
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        run = llm_pruning.PruneRun(**json.loads(out.strip().splitlines()[-1]))
-        print(f"  {method}, {pattern}: loss {run.loss:.3f} in {run.seconds:.1f} s", flush=True)
+        runs = []
+        for _ in range(args.llama_repeats):  # the same call again: its fastest time, largest peak
+            out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+            runs.append(llm_pruning.PruneRun(**json.loads(out.strip().splitlines()[-1])))
+        peaks = [r.peak_bytes for r in runs if r.peak_bytes is not None]
+        run = dataclasses.replace(
+            runs[0],
+            seconds=min(r.seconds for r in runs),
+            peak_bytes=max(peaks) if peaks else None,
+        )
+        times = ", ".join(f"{r.seconds:.1f}" for r in runs)
+        print(f"  {method}, {pattern}: loss {run.loss:.3f} in {times} s", flush=True)
         return run
 
     start = time.perf_counter()
@@ -222,6 +240,108 @@ def llama(args: argparse.Namespace) -> None:
         f"{time.perf_counter() - start:.0f} s in all\n"
     )
     print(llm_pruning.report_text(comparison))
+
+
+# --------------------------------------------------------------------------- depth
+
+DEPTH_METHODS = {"SparseGPT": SparseGPTPruner, "Wanda": WandaPruner}
+
+
+def depth_model(layers: int) -> tuple[nn.Module, list, llm_pruning.LlamaPruneSetup]:
+    """The tiny Llama of ``--part llama`` (seeded, untrained) with ``layers`` decoder layers, and its calibration data."""
+    setup = llm_pruning.LlamaPruneSetup()
+    setup = dataclasses.replace(setup, model=dataclasses.replace(setup.model, num_layers=layers))
+    corpus = load_stdlib_corpus(setup.model.corpus_bytes)
+    model = new_model(corpus, setup.model)
+    return model, llm_pruning.calibration_data(setup, corpus), setup
+
+
+def depth_child(method: str, layers: int, mode: str) -> None:
+    """Run in its own process: one ``prune(0.5)`` call; print its wall and CPU time and peak memory as JSON."""
+    model, data, _ = depth_model(layers)
+    block = model.model.layers[0]
+    block_bytes = sum(t.numel() * t.element_size() for t in block.state_dict().values())
+    activations = sum(inputs.numel() * 4 * model.config.hidden_size for inputs, _ in data)
+    names = llm_pruning.prunable_weights(model)
+    weights = model.state_dict()
+    prunable = sum(weights[name].numel() * weights[name].element_size() for name in names)
+    pruner = DEPTH_METHODS[method](
+        model, data, params=names, progress=False, sequential=mode == "sequential",
+        device="cpu" if mode == "sequential" else None,
+    )  # fmt: skip
+    with torch.no_grad():  # the first call loads kernels: not part of the peak
+        model(data[0][0])
+    cpu = time.process_time()
+    with measured(torch.device("cpu")) as measurement:
+        pruner.prune(0.5)
+    print(json.dumps({"seconds": measurement.seconds, "cpu_seconds": time.process_time() - cpu,
+                      "peak_bytes": measurement.peak_bytes, "block_bytes": block_bytes,
+                      "activation_bytes": activations, "prunable_bytes": prunable}))  # fmt: skip
+
+
+def depth_masks_agree(layers: int = 4) -> str:
+    """Sequential against re-run calibration on the same model: mask entries and weights that differ."""
+    lines = []
+    for method, pruner_class in DEPTH_METHODS.items():
+        for pattern in ({"sparsity": 0.5}, {"n_m": (2, 4)}):
+            results = []
+            for sequential in (True, False):
+                model, data, _ = depth_model(layers)
+                pruner = pruner_class(
+                    model, data, params=llm_pruning.prunable_weights(model), progress=False,
+                    sequential=sequential,
+                )  # fmt: skip
+                pruner.prune(**pattern)
+                results.append([(t.mask(), t.weight()) for t in pruner.targets])
+            differ = sum(int((a[0] != b[0]).sum()) for a, b in zip(*results, strict=True))
+            largest = max(float((a[1] - b[1]).abs().max()) for a, b in zip(*results, strict=True))
+            lines.append(
+                f"{method} {pattern}: {differ} mask entries differ, largest weight difference "
+                f"{largest:.1e}"
+            )
+    return "\n".join(lines)
+
+
+def depth(threads: int, repeats: int) -> None:
+    _, _, setup = depth_model(4)
+    m = setup.model
+    print(
+        f"torch {torch.__version__}, {threads} thread(s); tiny Llama (hidden {m.hidden_size}, "
+        f"intermediate {m.intermediate_size}, {m.num_heads} heads, seeded and untrained), "
+        f"prune(0.5) of its attention and MLP matrices from {setup.calibration_sequences} "
+        f"sequences of {m.seq_len} bytes; each call in a fresh process, the least of "
+        f"{repeats} (4 and 16 layers alternating)\n"
+    )
+    print(f"4 layers, sequential against re-run calibration:\n{depth_masks_agree(4)}\n")
+    header = ["method", "calibration", "4 layers: wall / CPU (s)", "16 layers: wall / CPU (s)",
+              "16 / 4 (wall, CPU)", "peak RSS growth, 4 / 16 layers",
+              "one block + cached activations", "prunable weights, 4 / 16 layers"]  # fmt: skip
+    print(markdown_table(header, []))
+    for method in DEPTH_METHODS:
+        for mode in ("sequential", "re-run"):
+            runs: dict[int, list[dict]] = {4: [], 16: []}
+            for _ in range(repeats):  # alternating, so that a busy spell hits both depths
+                for layers, results in runs.items():
+                    command = [sys.executable, __file__, "--threads", str(threads),
+                               "--depth-child", method, str(layers), mode]  # fmt: skip
+                    out = subprocess.run(command, check=True, capture_output=True, text=True)
+                    results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            best = {
+                layers: {key: min(r[key] for r in results) for key in results[0]}
+                for layers, results in runs.items()
+            }
+            small, big = best[4], best[16]
+            mib = 2.0**20
+            row = [method, mode,
+                   f"{small['seconds']:.2f} / {small['cpu_seconds']:.2f}",
+                   f"{big['seconds']:.2f} / {big['cpu_seconds']:.2f}",
+                   f"{big['seconds'] / small['seconds']:.1f}x, "
+                   f"{big['cpu_seconds'] / small['cpu_seconds']:.1f}x",
+                   f"{small['peak_bytes'] / mib:.1f} / {big['peak_bytes'] / mib:.1f} MiB",
+                   f"{big['block_bytes'] / mib:.1f} + {big['activation_bytes'] / mib:.1f} MiB",
+                   f"{small['prunable_bytes'] / mib:.1f} / {big['prunable_bytes'] / mib:.1f} MiB",
+                   ]  # fmt: skip
+            print(markdown_row(row), flush=True)
 
 
 # --------------------------------------------------------------------------- inverse
@@ -329,12 +449,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--part", choices=["all", "accuracy", "inverse", "sweep", "llama"], default="all"
+        "--part", choices=["all", "accuracy", "inverse", "sweep", "llama", "depth"], default="all"
     )
     parser.add_argument("--seeds", type=int, default=3, help="orders of the pruning batches")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3, help="inverse: fastest of this many")
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="inverse, depth: fastest of this many"
+    )
     parser.add_argument("--large", action="store_true", help="inverse: only d=2^20, n=256")
+    parser.add_argument(
+        "--llama-repeats", type=int, default=1, help="llama: each call this many times, fastest"
+    )
     parser.add_argument("--device", default="cpu", help="device of --part inverse")
     parser.add_argument(
         "--methods", nargs="+", choices=list(llm_pruning.METHODS), help="llama: only these"
@@ -350,12 +475,17 @@ def main() -> None:
     parser.add_argument("--recompute-steps", type=int, help="llama: M-FAC recompute steps")
     parser.add_argument("--relative-damp", type=float, help="llama: M-FAC relative damping")
     parser.add_argument(
+        "--joint-relative-damp", type=float, help="llama: relative damping of M-FAC joint"
+    )
+    parser.add_argument("--joint-rounds", type=int, help="llama: removal rounds of M-FAC joint")
+    parser.add_argument(
         "--calibration-sequences",
         type=int,
         help="llama: calibration sequences (128 is the comparison's budget)",
     )
     parser.add_argument("--inverse-child", nargs=6, help=argparse.SUPPRESS)
     parser.add_argument("--llama-child", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--depth-child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.inverse_child:
@@ -372,6 +502,10 @@ def main() -> None:
     if args.llama_child:
         llama_child(args, *args.llama_child)
         return
+    if args.depth_child:
+        method, layers, mode = args.depth_child
+        depth_child(method, int(layers), mode)
+        return
     if args.part in ("all", "accuracy"):
         accuracy(args.seeds)
     if args.part in ("all", "inverse"):
@@ -380,6 +514,8 @@ def main() -> None:
         sweep(args.seeds)
     if args.part == "llama":
         llama(args)
+    if args.part == "depth":
+        depth(args.threads, args.repeats)
 
 
 if __name__ == "__main__":

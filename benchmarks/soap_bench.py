@@ -99,7 +99,9 @@ def main() -> None:
         runs[name] = (optimizer, params, [])
     for _ in range(args.rounds):
         for optimizer, params, times in runs.values():
-            times.append(sum(step(optimizer, params, grads) for _ in range(args.steps)) / args.steps)
+            times.append(
+                sum(step(optimizer, params, grads) for _ in range(args.steps)) / args.steps
+            )
     params = sum(p.numel() for p in base.parameters())
     adamw = min(runs["torch AdamW"][2])
     rows = [

@@ -86,13 +86,13 @@ ROWS = [
     Row(
         "MFAC",
         MFAC,
-        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5},
+        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5, "prior": None},
         group=one_group,
         complex_matrices=True,
         known_failures=MFAC_FAILURES,
     ),
     Row(
-        "MFAC-plain",  # the paper's M-FAC, without the default grafting
+        "MFAC-plain",  # the paper's M-FAC, without grafting
         MFAC,
         {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5, "graft": None},
         group=one_group,
@@ -102,7 +102,15 @@ ROWS = [
     Row(
         "MFAC-sparse",
         MFAC,
-        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5, "density": 0.3},
+        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "momentum": 0.5, "density": 0.3, "prior": None},
+        group=one_group,
+        complex_matrices=True,
+        known_failures=MFAC_FAILURES,
+    ),
+    Row(
+        "MFAC-prior",  # Adam's diagonal as the Fisher's prior
+        MFAC,
+        {"lr": 0.05, "num_grads": 4, "damp": 0.1, "prior": "adam"},
         group=one_group,
         complex_matrices=True,
         known_failures=MFAC_FAILURES,

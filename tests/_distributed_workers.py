@@ -96,11 +96,11 @@ def sharded_mfac(rank: int, folder: str) -> None:
 
     settings = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "weight_decay": 1e-3}
     single = model()
-    train(single, MFAC(single.parameters(), **settings), STEPS)
+    train(single, MFAC(single.parameters(), prior=None, **settings), STEPS)
 
     group = dist.group.WORLD
     net = DistributedDataParallel(model())
-    optimizer = MFAC(net.parameters(), process_group=group, **settings)
+    optimizer = MFAC(net.parameters(), prior=None, process_group=group, **settings)
     total = sum(p.numel() for p in net.parameters())
     assert optimizer.window.dim == -(-total // WORLD)  # this rank's shard only
     assert optimizer.window._grads.numel() == 3 * -(-total // WORLD)
@@ -116,7 +116,7 @@ def sharded_mfac(rank: int, folder: str) -> None:
     checkpoint = torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True)
     resumed = DistributedDataParallel(model(seed=7))
     resumed.module.load_state_dict(checkpoint["model"])
-    resumed_optimizer = MFAC(resumed.parameters(), process_group=group, **settings)
+    resumed_optimizer = MFAC(resumed.parameters(), prior=None, process_group=group, **settings)
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
     train(resumed, resumed_optimizer, STEPS - SAVE_AT, rank=rank, first=SAVE_AT)
     for a, b in zip(net.parameters(), resumed.parameters(), strict=True):
@@ -124,20 +124,22 @@ def sharded_mfac(rank: int, folder: str) -> None:
 
     other = torch.load(Path(folder) / f"rank{1 - rank}.pt", weights_only=True)["optimizer"]
     try:
-        MFAC(model().parameters(), process_group=group, **settings).load_state_dict(other)
+        MFAC(model().parameters(), prior=None, process_group=group, **settings).load_state_dict(
+            other
+        )
     except ValueError as error:
         assert "resumes only on the same rank of the same number of ranks" in str(error)
     else:
         raise AssertionError("loading another rank's shard must fail")
     try:
-        MFAC(model().parameters(), **settings).load_state_dict(checkpoint["optimizer"])
+        MFAC(model().parameters(), prior=None, **settings).load_state_dict(checkpoint["optimizer"])
     except ValueError as error:
         assert f"it has ['mfac_rank{rank}_of_2']" in str(error)
     else:
         raise AssertionError("loading a shard without the group must fail")
 
     bad = model()
-    bad_optimizer = MFAC(bad.parameters(), process_group=group, **settings)
+    bad_optimizer = MFAC(bad.parameters(), prior=None, process_group=group, **settings)
     loss = torch.nn.functional.cross_entropy(bad(batch(0)[0]), batch(0)[1])
     loss.backward()
     if rank == 1:
@@ -203,17 +205,21 @@ def sharded_sparse_mfac(rank: int) -> None:
 
 
 def sharded_grafted_mfac(rank: int) -> None:
-    """Grafted (Adam) MFAC with its window sharded over 2 DDP ranks == one process: the
-    per-tensor norms of the sharded direction are all-reduced."""
+    """Grafted (Adam) MFAC, and MFAC with Adam's prior, with the window sharded over 2 DDP
+    ranks == one process: the per-tensor norms of the sharded direction are all-reduced, the
+    prior's solve reduces over the ranks."""
     from secondorder.optim import MFAC
 
-    settings = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "graft": "adam"}
-    single = model()
-    train(single, MFAC(single.parameters(), **settings), STEPS)
-    net = DistributedDataParallel(model())
-    train(net, MFAC(net.parameters(), process_group=dist.group.WORLD, **settings), STEPS, rank=rank)
-    for a, b in zip(single.parameters(), net.module.parameters(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    grafted = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "momentum": 0.5, "graft": "adam"}
+    prior = {"lr": 0.05, "num_grads": 3, "damp": 1e-2, "prior": "adam"}
+    for settings in (grafted, prior):
+        single = model()
+        train(single, MFAC(single.parameters(), **settings), STEPS)
+        net = DistributedDataParallel(model())
+        optimizer = MFAC(net.parameters(), process_group=dist.group.WORLD, **settings)
+        train(net, optimizer, STEPS, rank=rank)
+        for a, b in zip(single.parameters(), net.module.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def mfac_through_dcp(rank: int, folder: str) -> None:
@@ -236,7 +242,7 @@ def mfac_through_dcp(rank: int, folder: str) -> None:
     for name, build in builds.items():
         for density in (None, 0.5):
             net, extra = build(0)
-            optimizer = MFAC(net.parameters(), density=density, **settings, **extra)
+            optimizer = MFAC(net.parameters(), prior=None, density=density, **settings, **extra)
             train(net, optimizer, SAVE_AT, rank=rank)
             where = str(Path(folder) / f"{name}-{density}")
             model_state, optim_state = get_state_dict(net, optimizer)
@@ -244,7 +250,9 @@ def mfac_through_dcp(rank: int, folder: str) -> None:
             train(net, optimizer, STEPS - SAVE_AT, rank=rank, first=SAVE_AT)
 
             resumed, extra = build(5)  # other weights: the checkpoint brings the right ones
-            resumed_optimizer = MFAC(resumed.parameters(), density=density, **settings, **extra)
+            resumed_optimizer = MFAC(
+                resumed.parameters(), prior=None, density=density, **settings, **extra
+            )
             model_state, optim_state = get_state_dict(resumed, resumed_optimizer)
             template = {"model": model_state, "optim": optim_state}
             dcp.load(template, checkpoint_id=where)
@@ -400,7 +408,7 @@ def low_rank_fsdp(rank: int, folder: str) -> None:
 
     makers = {name: make for name, make in low_rank_optimizers().items() if name != "SST"}
     makers["MFAC"] = lambda net: MFAC(
-        net.parameters(), lr=0.05, num_grads=3, damp=1e-2, momentum=0.5
+        net.parameters(), prior=None, lr=0.05, num_grads=3, damp=1e-2, momentum=0.5
     )
     for name, make in makers.items():
         single = wide_model()

@@ -27,7 +27,7 @@ def test_sparse_mfac_under_ddp_equals_shard_local_selection_in_one_process():
     launch(sharded_sparse_mfac)
 
 
-def test_grafted_mfac_under_ddp_equals_one_process():
+def test_grafted_and_prior_mfac_under_ddp_equal_one_process():
     launch(sharded_grafted_mfac)
 
 

@@ -41,6 +41,9 @@ def run_under_torchrun(block: str, processes: int, name: str, directory: Path) -
     script.write_text(block + LEAVE_WITHOUT_FINALISING)
     # --standalone: the rendezvous store binds a port the system picks as it listens
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    # each rank's stdout to its own file: printed together, two ranks' lines can interleave
+    logs = directory / "logs"
+    command += ["--log-dir", str(logs), "--redirects", "1"]
     result = subprocess.run(
         [*command, "--nproc_per_node", str(processes), str(script)],
         capture_output=True,
@@ -50,12 +53,14 @@ def run_under_torchrun(block: str, processes: int, name: str, directory: Path) -
         env={**os.environ, "PYTHONPATH": str(ROOT)},  # this checkout's package, as pytest's
     )
     assert result.returncode == 0, f"{name} failed:\n{result.stderr[-3000:]}"
-    lines = result.stdout.splitlines()
+    outputs = sorted(logs.rglob("stdout.log"))
+    assert len(outputs) == processes, outputs
+    lines = [line for out in outputs for line in out.read_text().splitlines()]
     for line, promised in promises(block).items():
         printed = sum(matches(promised, out) for out in lines)
         assert printed == processes, (
             f"{name} line {line} promises {promised!r} on each of {processes} ranks; "
-            f"it was printed {printed} times in:\n{result.stdout}"
+            f"it was printed {printed} times in:\n{lines}"
         )
 
 

@@ -859,3 +859,10 @@ def test_both_ways_of_stepping_plain_parameters_agree_bit_for_bit(correct_bias, 
         reference = run(lambda p: torch.optim.AdamW(p, foreach=False, **kwargs))
         for a, b in zip(results[True], reference, strict=True):
             assert torch.equal(a, b)
+
+
+def test_an_unknown_keyword_is_a_type_error_as_in_torch_optim():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    with pytest.raises(TypeError, match=r"unexpected keyword arguments \['foo'\]"):
+        GaLoreAdamW([weight], foo=1)
+    NaturalGaLore([weight], history=3)  # a subclass's own settings are known

@@ -1,8 +1,8 @@
-"""MFAC's defaults (graft="adam", relative_damp=1e4, num_grads=64, momentum 0, lr=1e-3)
+"""MFAC's defaults (prior="adam", relative_damp=3e4, num_grads=32, momentum 0, lr=3e-3)
 train each problem of the comparison in docs/benchmarks.md without raising: the digits
 logistic regression, the demo's digits CNN, the tiny Llama (shortened) and the conformance
-table's MLP, with the dense and the sparse window. Their learning rate is Adam's default,
-and grafting gives each tensor Adam's step norm, so the yardstick is ``torch.optim.Adam()``
+table's MLP, with the dense and the sparse window. With Adam's diagonal as the prior, the
+step tends to Adam's as the damping grows, so the yardstick is ``torch.optim.Adam()``
 with its defaults on the same batches: M-FAC's defaults must lower the loss at least half
 as much."""
 
@@ -28,12 +28,15 @@ STEPS = 60
 def test_the_documented_defaults_are_the_constructor_s():
     """The docstring and README quote these; a change must be deliberate."""
     defaults = {name: p.default for name, p in inspect.signature(MFAC).parameters.items()}
-    assert defaults["lr"] == 1e-3
-    assert defaults["num_grads"] == 64
-    assert defaults["graft"] == "adam"
+    assert defaults["lr"] == 3e-3
+    assert defaults["num_grads"] == 32
+    assert (defaults["graft"], defaults["prior"]) == ("auto", "auto")
     assert defaults["momentum"] == 0.0
     group = MFAC(mlp().parameters()).param_groups[0]
-    assert (group["damp"], group["relative_damp"]) == (None, 1e4)
+    assert (group["damp"], group["relative_damp"]) == (None, 3e4)
+    assert (group["graft"], group["prior"]) == (None, "adam")
+    assert MFAC(mlp().parameters(), prior=None).param_groups[0]["graft"] == "adam"
+    assert MFAC(mlp().parameters(), graft=None).param_groups[0]["prior"] is None
 
 
 def digits_problem(model: Callable[[], torch.nn.Module], flatten: bool):

@@ -118,8 +118,8 @@ def test_sparse_steps_match_the_float64_algorithm(error_feedback):
 def test_density_one_is_the_dense_optimiser():
     dense, sparse = tiny_model(), tiny_model()
     settings = {"lr": 0.05, "num_grads": 4, "damp": 1e-2, "momentum": 0.9}
-    train(dense, MFAC(dense.parameters(), **settings), 9)
-    train(sparse, MFAC(sparse.parameters(), density=1.0, **settings), 9)
+    train(dense, MFAC(dense.parameters(), prior=None, **settings), 9)
+    train(sparse, MFAC(sparse.parameters(), prior=None, density=1.0, **settings), 9)
     for a, b in zip(dense.parameters(), sparse.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
@@ -127,9 +127,9 @@ def test_density_one_is_the_dense_optimiser():
 def test_sparse_state_dict_resumes_bit_identically():
     settings = {"lr": 0.05, "num_grads": 4, "damp": 1e-2, "density": 0.2}
     reference, interrupted = tiny_model(), tiny_model()
-    ref_opt = MFAC(reference.parameters(), **settings)
+    ref_opt = MFAC(reference.parameters(), prior=None, **settings)
     train(reference, ref_opt, 10)
-    int_opt = MFAC(interrupted.parameters(), **settings)
+    int_opt = MFAC(interrupted.parameters(), prior=None, **settings)
     train(interrupted, int_opt, 6)
     buffer = io.BytesIO()
     torch.save({"model": interrupted.state_dict(), "optim": int_opt.state_dict()}, buffer)
@@ -137,38 +137,38 @@ def test_sparse_state_dict_resumes_bit_identically():
     saved = torch.load(buffer, weights_only=True)
     resumed = tiny_model(seed=1)
     resumed.load_state_dict(saved["model"])
-    res_opt = MFAC(resumed.parameters(), **settings)
+    res_opt = MFAC(resumed.parameters(), prior=None, **settings)
     res_opt.load_state_dict(saved["optim"])
     assert res_opt.window.error.any()
     train(resumed, res_opt, 4, seed0=6)
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="density"):
-        MFAC(tiny_model().parameters(), **(settings | {"density": 0.3})).load_state_dict(
-            ref_opt.state_dict()
-        )
+        MFAC(
+            tiny_model().parameters(), prior=None, **(settings | {"density": 0.3})
+        ).load_state_dict(ref_opt.state_dict())
     with pytest.raises(ValueError, match=r"density=0\.2 into one with density=None"):
-        MFAC(tiny_model().parameters(), lr=0.05, num_grads=4, damp=1e-2).load_state_dict(
-            ref_opt.state_dict()
-        )
+        MFAC(
+            tiny_model().parameters(), prior=None, lr=0.05, num_grads=4, damp=1e-2
+        ).load_state_dict(ref_opt.state_dict())
 
 
 def test_sparse_arguments_are_checked():
     with pytest.raises(ValueError, match=r"density must be a number in \(0, 1\]"):
-        MFAC(tiny_model().parameters(), density=0.0)
+        MFAC(tiny_model().parameters(), prior=None, density=0.0)
     with pytest.raises(ValueError, match="error_feedback=False applies to a sparse window"):
-        MFAC(tiny_model().parameters(), error_feedback=False)
+        MFAC(tiny_model().parameters(), prior=None, error_feedback=False)
 
 
 def test_state_dict_round_trip_resumes_bit_identically():
     """Saved mid-run (after the window wrapped), loaded with weights_only=True into fresh objects."""
     settings = {"lr": 0.05, "num_grads": 4, "damp": 1e-3, "momentum": 0.9, "weight_decay": 1e-3}
     reference = tiny_model()
-    reference_optimizer = MFAC(reference.parameters(), **settings)
+    reference_optimizer = MFAC(reference.parameters(), prior=None, **settings)
     train(reference, reference_optimizer, 15)
 
     interrupted = tiny_model()
-    interrupted_optimizer = MFAC(interrupted.parameters(), **settings)
+    interrupted_optimizer = MFAC(interrupted.parameters(), prior=None, **settings)
     train(interrupted, interrupted_optimizer, 9)
     buffer = io.BytesIO()
     torch.save(
@@ -179,7 +179,7 @@ def test_state_dict_round_trip_resumes_bit_identically():
 
     resumed = tiny_model(seed=123)
     resumed.load_state_dict(checkpoint["model"])
-    resumed_optimizer = MFAC(resumed.parameters(), **settings)
+    resumed_optimizer = MFAC(resumed.parameters(), prior=None, **settings)
     resumed_optimizer.load_state_dict(checkpoint["optimizer"])
     train(resumed, resumed_optimizer, 6, seed0=9)
     for a, b in zip(reference.parameters(), resumed.parameters(), strict=True):
@@ -205,7 +205,7 @@ def test_lr_scheduler_changes_the_step():
 
 def test_closure_is_evaluated_and_its_loss_returned():
     model = tiny_model()
-    optimizer = MFAC(model.parameters(), lr=0.05, num_grads=4, damp=1e-3)
+    optimizer = MFAC(model.parameters(), prior=None, lr=0.05, num_grads=4, damp=1e-3)
     calls = []
 
     def closure():
@@ -227,6 +227,7 @@ def test_parameters_without_gradients_are_skipped(density):
     frozen = torch.nn.Parameter(torch.ones(2), requires_grad=False)
     optimizer = MFAC(
         [*model.parameters(), unused, frozen],
+        prior=None,
         lr=0.05,
         num_grads=4,
         damp=1e-3,
@@ -249,7 +250,9 @@ def test_bfloat16_parameters_follow_the_float32_trajectory(density):
     losses = {}
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny_model(dtype)
-        optimizer = MFAC(model.parameters(), lr=0.2, num_grads=8, damp=0.1, density=density)
+        optimizer = MFAC(
+            model.parameters(), prior=None, lr=0.2, num_grads=8, damp=0.1, density=density
+        )
         batch = data(0, n=64, dtype=dtype)
         start = loss_of(model, batch).item()
         for _ in range(30):
@@ -265,14 +268,18 @@ def test_bfloat16_parameters_follow_the_float32_trajectory(density):
 
 
 def test_storage_dtype_reaches_the_window():
-    optimizer = MFAC(tiny_model().parameters(), num_grads=4, storage_dtype=torch.bfloat16)
+    optimizer = MFAC(
+        tiny_model().parameters(), prior=None, num_grads=4, storage_dtype=torch.bfloat16
+    )
     assert optimizer.window._grads.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("density", [None, 0.5])
 def test_a_non_finite_gradient_raises_and_changes_nothing(density):
     model = tiny_model()
-    optimizer = MFAC(model.parameters(), lr=0.05, num_grads=4, damp=1e-3, density=density)
+    optimizer = MFAC(
+        model.parameters(), prior=None, lr=0.05, num_grads=4, damp=1e-3, density=density
+    )
     train(model, optimizer, 2)
     before = [p.detach().clone() for p in model.parameters()]
     window = copy.deepcopy(optimizer.window.state_dict())
@@ -292,7 +299,7 @@ def test_a_non_finite_gradient_raises_and_changes_nothing(density):
 def test_a_singular_window_raises_and_the_step_changes_nothing():
     """The same integer gradient twice with damp=1e-30: K = [[25, 25], [25, 25]] exactly."""
     weight = torch.nn.Parameter(torch.zeros(2))
-    optimizer = MFAC([weight], lr=0.1, num_grads=2, damp=1e-30, momentum=0.5)
+    optimizer = MFAC([weight], prior=None, lr=0.1, num_grads=2, damp=1e-30, momentum=0.5)
     weight.grad = torch.tensor([3.0, 4.0])
     optimizer.step()
     state = copy.deepcopy(optimizer.state_dict())
@@ -318,20 +325,22 @@ def test_a_singular_window_raises_and_the_step_changes_nothing():
 )
 def test_bad_hyperparameters(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        MFAC(tiny_model().parameters(), **kwargs)
+        MFAC(tiny_model().parameters(), prior=None, **kwargs)
 
 
 def test_structural_errors():
-    optimizer = MFAC(tiny_model().parameters(), num_grads=2)
+    optimizer = MFAC(tiny_model().parameters(), prior=None, num_grads=2)
     with pytest.raises(ValueError, match="cannot load a window with num_grads=2"):
-        MFAC(tiny_model().parameters(), num_grads=3).load_state_dict(optimizer.state_dict())
+        MFAC(tiny_model().parameters(), prior=None, num_grads=3).load_state_dict(
+            optimizer.state_dict()
+        )
     with pytest.raises(ValueError, match="num_grads=3 in a parameter group: num_grads belongs"):
         optimizer.add_param_group({"params": [torch.nn.Parameter(torch.ones(2))], "num_grads": 3})
     assert len(optimizer.param_groups) == 1
     with pytest.raises(ValueError, match="meta device"):
-        MFAC([torch.nn.Parameter(torch.ones(2, device="meta"))])
+        MFAC([torch.nn.Parameter(torch.ones(2, device="meta"))], prior=None)
     with pytest.raises(ValueError, match="exactly one of damp and relative_damp"):
-        MFAC(tiny_model().parameters(), damp=1e-3, relative_damp=1e-2)
+        MFAC(tiny_model().parameters(), prior=None, damp=1e-3, relative_damp=1e-2)
     with pytest.raises(ValueError, match="graft must be None or one of"):
         MFAC(tiny_model().parameters(), graft="lion")
 
@@ -397,7 +406,7 @@ def test_a_non_finite_gradient_of_a_newcomer_is_refused_before_the_window_grows(
     host sync besides the window's), so a refused step changes nothing."""
     first, second = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
     second.requires_grad_(False)
-    optimizer = MFAC([first, second], lr=0.1, num_grads=2, damp=0.1)
+    optimizer = MFAC([first, second], prior=None, lr=0.1, num_grads=2, damp=0.1)
     first.grad = torch.tensor([1.0, 0.0, 0.0])
     optimizer.step()
     second.requires_grad_(True)

@@ -440,6 +440,8 @@ def test_a_one_element_tensor_lr_steps_as_its_value(row):
     assert_same_weights(models[1], models[2])
     with pytest.raises(ValueError, match="1-element"):
         row.build(mlp().parameters(), lr=torch.tensor([lr, lr]))
+    with pytest.raises(ValueError, match="1-element"):  # before params are read, as torch.optim
+        row.cls(None, **{**row.settings, "lr": torch.tensor([lr, lr])})
 
 
 # ------------------------------------------------------------------ copies

@@ -60,6 +60,7 @@ def column_by_column(W, H, *, bits, group_size, symmetric, act_order, block_size
     """
     rows, cols = W.shape
     dead = H.diagonal() == 0
+    live_mean = H.diagonal()[~dead].mean()  # the damping's scale: live inputs only
     H = H.clone()
     H[dead, dead] = 1
     W = W.clone()
@@ -68,7 +69,7 @@ def column_by_column(W, H, *, bits, group_size, symmetric, act_order, block_size
     if act_order:
         order = sorted(range(cols), key=lambda j: -float(H[j, j]))  # Python's sort is stable
     W, H = W[:, order], H[order][:, order]
-    H = H + relative_damp * H.diagonal().mean() * torch.eye(cols, dtype=f64)
+    H = H + relative_damp * live_mean * torch.eye(cols, dtype=f64)
     size = cols if group_size == -1 else group_size
     groups = math.ceil(cols / size)
     codes = torch.zeros(rows, cols, dtype=torch.long)

@@ -130,15 +130,16 @@ def test_joint_mode_puts_the_kept_weights_on_their_grid(pattern):
     assert list(pruner.quantized) == ["0.weight", "2.weight"]
 
 
-def test_device_is_passed_to_the_layerwise_base_or_refused_until_it_takes_one():
-    import inspect
-
-    from secondorder.prune import LayerwisePruner
-
-    model = mlp()
-    if "device" in inspect.signature(LayerwisePruner.__init__).parameters:
-        GPTQQuantizer(model, batches(), device="cpu", progress=False).quantize()
-        assert model[0].weight.device.type == "cpu"
-    else:
-        with pytest.raises(NotImplementedError, match="sequential calibration"):
-            GPTQQuantizer(model, batches(), device="cpu")
+def test_device_and_offloading_reach_the_layerwise_base():
+    """Blocks quantized one at a time on ``device`` give the same result as in place."""
+    reference, model = mlp(), mlp()
+    GPTQQuantizer(reference, batches(), progress=False).quantize()
+    GPTQQuantizer(model, batches(), device="cpu", offload_activations=True,
+                  progress=False).quantize()  # fmt: skip
+    assert model[0].weight.device.type == "cpu"
+    for a, b in zip(reference.parameters(), model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="device"):
+        GPTQQuantizer(
+            mlp(), batches(), device="cuda:7" if not torch.cuda.is_available() else "meta"
+        )

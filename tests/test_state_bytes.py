@@ -35,7 +35,7 @@ def test_adamw_state_is_its_two_moments_and_step_counts():
 )
 def test_mfac_state_is_its_window_once_plus_its_vectors(settings, vectors):
     """The window's rows live in the optimiser's state: counted once, not twice."""
-    optimizer, d = _stepped(lambda p: MFAC(p, num_grads=4, **settings))
+    optimizer, d = _stepped(lambda p: MFAC(p, prior=None, num_grads=4, **settings))
     steps = 4 * 4  # one float32 step count per parameter tensor
     assert optimizer_state_bytes(optimizer) == optimizer.window.nbytes + vectors * 4 * d + steps
 
@@ -43,7 +43,7 @@ def test_mfac_state_is_its_window_once_plus_its_vectors(settings, vectors):
 def test_mfac_state_refers_to_the_live_sparse_error_buffer_between_saves():
     """A new error buffer each step would leave the state holding the previous one alive
     (d numbers more than the window's nbytes) until the next state_dict()."""
-    optimizer, _ = _stepped(lambda p: MFAC(p, num_grads=4, density=0.25), steps=5)
+    optimizer, _ = _stepped(lambda p: MFAC(p, prior=None, num_grads=4, density=0.25), steps=5)
     record = next(iter(optimizer.state.values()))
     held = next(v for v in record.values() if isinstance(v, dict))["window"]["error"]
     assert held.data_ptr() == optimizer.window._error.data_ptr()

@@ -108,6 +108,8 @@ CONFIGS = {
     "dense, relative damping": {"relative_damp": 0.01},
     "sparse 10%": {"density": 0.1},
     "sparse 10%, graft adam": {"density": 0.1, "graft": "adam"},
+    "dense, Adam's prior": {"prior": "adam"},
+    "sparse 10%, Adam's prior": {"density": 0.1, "prior": "adam"},
 }
 
 

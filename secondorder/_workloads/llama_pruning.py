@@ -64,6 +64,9 @@ class LlamaPruneSetup:
     block_size: int = 128
     mfac_relative_damp: float = 0.01
     mfac_recompute_steps: int | None = None  # None: MFACPruner's default
+    # M-FAC with update="joint": one gradient per calibration sequence, all of them
+    joint_relative_damp: float = 0.1
+    joint_rounds: int = 4
     seed: int = 0
 
     @property
@@ -154,6 +157,23 @@ def _mfac(scope: Scope) -> MethodBuilder:
     return build
 
 
+def _one_sequence_each(data: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration batches cut into batches of one sequence: one M-FAC gradient each."""
+    return [(x[i : i + 1], y[i : i + 1]) for x, y in data for i in range(x.shape[0])]
+
+
+def _mfac_joint(scope: Scope) -> MethodBuilder:
+    def build(model, data, setup, show_progress):
+        sequences = _one_sequence_each(data)
+        return MFACPruner(
+            model, lm_loss, sequences, params=prunable_weights(model), num_grads=len(sequences),
+            block_size=setup.block_size, relative_damp=setup.joint_relative_damp, scope=scope,
+            progress=show_progress, update="joint", rounds=setup.joint_rounds,
+        )  # fmt: skip
+
+    return build
+
+
 #: name -> pruner builder: ``build(model, calibration data, setup, show_progress)``
 METHODS: dict[str, MethodBuilder] = {
     "magnitude (layer)": lambda m, d, s, p: MagnitudePruner(
@@ -166,6 +186,8 @@ METHODS: dict[str, MethodBuilder] = {
     ),
     "M-FAC (global)": _mfac("global"),
     "M-FAC (layer)": _mfac("layer"),
+    "M-FAC joint (global)": _mfac_joint("global"),
+    "M-FAC joint (layer)": _mfac_joint("layer"),
 }
 
 

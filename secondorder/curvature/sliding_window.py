@@ -342,15 +342,17 @@ class SlidingWindow(InverseFisherOperator, ABC):
             coefficients = buffer.copy_(coefficients)
         return self._combine(coefficients, n)
 
-    def solve(self, x: torch.Tensor) -> torch.Tensor:
+    def solve(self, x: torch.Tensor, *, check_finite: bool = True) -> torch.Tensor:
         """``F⁻¹ x = (x − Cᵀ K⁻¹ C x) / λ`` for any vector ``x`` of length ``dim``.
 
         When ``x`` lies mostly in the span of the window and ``λ`` is tiny the two
         terms nearly cancel, and float32 loses ``log10(‖x‖² / (n λ))`` digits
         (all of them at λ = 1e-7 for unit-scale gradients). Use ``dtype=torch.float64``
         there; ``update_solve``, the optimiser's product, has no such cancellation.
+        ``check_finite=False`` skips the check of ``x`` for NaN and Inf (a host
+        synchronisation), for a caller that has checked what ``x`` is made of.
         """
-        x = self._vector(x, "x")
+        x = self._vector(x, "x", check_finite=check_finite)
         n = self.num_stored
         if n == 0:
             return x / self.damp

@@ -134,6 +134,8 @@ class BaseOptimizer(torch.optim.Optimizer):
         self._group_of: dict[torch.Tensor, int] = {}
         self._reset_hook_state()
         self._reset_caches()
+        if "lr" in defaults:  # refuse a bad tensor lr before reading params, as torch.optim does
+            learning_rate(defaults)
         super().__init__(params, defaults)
 
     def _reset_hook_state(self) -> None:

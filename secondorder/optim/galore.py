@@ -122,6 +122,7 @@ class NaturalGaLore(GaLoreAdamW):
         "_windows": dict,
         "_pending": dict,
     }
+    extra_keys = ("history", "damp", "relative_damp")
     _windows: dict[torch.Tensor, SlidingWindowMFAC]
     _pending: dict[torch.Tensor, Any]  # a window's update begun by _prepare, per weight
 

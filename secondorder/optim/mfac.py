@@ -26,27 +26,24 @@ from .base import BaseOptimizer, learning_rate, real_view
 from .functional import graft_norms
 from .nonfinite import check_gradients
 
-__all__ = ["GRAFTS", "MFAC", "MFACGroupConfig", "WindowSettings"]
+__all__ = ["GRAFTS", "MFAC", "PRIORS", "MFACGroupConfig", "WindowSettings"]
 
 #: the optimisers whose per-tensor step norm ``graft`` can give M-FAC's direction
 GRAFTS = ("sgd", "adam", "rmsprop", "adagrad")
-# the group keys that belong to the one window, not to a group
-_WINDOW_KEYS = (
-    "num_grads",
-    "damp",
-    "relative_damp",
-    "storage_dtype",
-    "density",
-    "error_feedback",
-    "graft",
-)
+#: the diagonal priors of the Fisher: ``"adam"``, Adam's ``√v̂ + ε``
+PRIORS = ("adam",)
+#: the settings that belong to the one window, not to a group
+_WINDOW_KEYS = ("num_grads", "damp", "relative_damp", "storage_dtype", "density",
+                "error_feedback", "graft", "prior")  # fmt: skip
+#: the per-coordinate buffers of the state record, besides the window
+_BUFFERS = ("momentum", "graft_exp_avg", "graft_exp_avg_sq", "exp_avg", "exp_avg_sq")
 #: ρ when neither damping is given (chosen by measurement: docs/benchmarks.md)
-DEFAULT_RELATIVE_DAMP = 1e4
+DEFAULT_RELATIVE_DAMP = 3e4
 
 
 @dataclass(frozen=True)
 class WindowSettings:
-    """The settings of MFAC's one gradient window (and its grafting), checked once."""
+    """The settings of MFAC's one gradient window (and its grafting or prior), checked once."""
 
     num_grads: int
     damp: float | None
@@ -55,6 +52,7 @@ class WindowSettings:
     density: float | None
     error_feedback: bool
     graft: str | None
+    prior: str | None
 
     def __post_init__(self) -> None:
         check_positive_int(self.num_grads, "num_grads")
@@ -77,21 +75,26 @@ class WindowSettings:
             )
         if self.graft is not None and self.graft not in GRAFTS:
             raise ValueError(f"graft must be None or one of {GRAFTS}, got {self.graft!r}")
-
-    @classmethod
-    def from_defaults(cls, defaults: dict[str, Any]) -> WindowSettings:
-        return cls(**{key: defaults[key] for key in _WINDOW_KEYS})
+        if self.prior is not None and self.prior not in PRIORS:
+            raise ValueError(f"prior must be None or one of {PRIORS}, got {self.prior!r}")
+        if self.prior is not None and self.graft is not None:
+            raise ValueError(
+                f"prior={self.prior!r} and graft={self.graft!r} both set the step's scale: the "
+                "prior gives every coordinate Adam's, so it takes graft=None"
+            )
 
 
 @dataclass(frozen=True)
 class MFACGroupConfig:
-    """The settings of MFAC that may differ per parameter group."""
+    """The settings of MFAC that may differ per parameter group (``prior`` is the window's,
+    read here for the checks it implies)."""
 
     lr: float
     momentum: float
     weight_decay: float
     betas: tuple[float, float]
     eps: float
+    prior: str | None
 
     def __post_init__(self) -> None:
         if not self.lr >= 0:
@@ -105,11 +108,34 @@ class MFACGroupConfig:
             raise ValueError(f"betas must be in [0, 1), got {self.betas!r}")
         if not self.eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
+        if self.prior is not None and self.momentum:
+            raise ValueError(
+                f"momentum={self.momentum} with prior={self.prior!r}: the prior's step already "
+                "averages the gradients (Adam's first moment, betas[0]); give momentum=0"
+            )
+        if self.prior is not None and not self.eps > 0:
+            raise ValueError(f"prior={self.prior!r} needs eps > 0, got {self.eps!r}")
 
     @classmethod
     def from_group(cls, group: dict[str, Any]) -> MFACGroupConfig:
         return cls(learning_rate(group), group["momentum"], group["weight_decay"],
-                   tuple(group["betas"]), group["eps"])  # fmt: skip
+                   tuple(group["betas"]), group["eps"], group["prior"])  # fmt: skip
+
+
+def moving_average(
+    old: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    active: torch.Tensor,
+    *,
+    square: bool = False,
+) -> torch.Tensor:
+    """``β · old + (1 − β) · g`` (``g²`` if ``square``) where ``active``, ``old`` elsewhere:
+    Adam's first (second) moment, per coordinate, as a new tensor."""
+    new = (1 - beta) * g
+    if square:
+        new = new * g
+    return torch.where(active, beta * old + new, old)
 
 
 class MFAC(BaseOptimizer):
@@ -127,110 +153,76 @@ class MFAC(BaseOptimizer):
         v &\leftarrow \mu v + (1 - \mu) u \quad \text{(when momentum } \mu > 0)\\
         w &\leftarrow w - \text{lr} \cdot v
 
-    ``F⁻¹ g`` comes from a :class:`~secondorder.curvature.SlidingWindowMFAC` spanning the
-    parameters, as one flat vector. ``lr``, ``momentum``, ``weight_decay`` and the grafting
-    optimiser's ``betas`` and ``eps`` may differ per parameter group; everything in
-    :class:`WindowSettings` belongs to the one window, and a group that sets another value
-    of it is refused.
+    ``F⁻¹ g`` comes from one :class:`~secondorder.curvature.SlidingWindowMFAC` spanning the
+    parameters as one flat vector (README, "The M-FAC optimiser", for which parameters, the
+    state and distributed runs). ``lr``, ``momentum``, ``weight_decay``, ``betas`` and
+    ``eps`` may differ per parameter group; a group that sets another value of a
+    :class:`WindowSettings` is refused.
 
     **Damping.** ``damp`` is the paper's absolute ``λ``; ``relative_damp = ρ`` sets
-    ``λ = ρ · (mean squared entry of the gradients in the window)``, recomputed whenever
-    the window's small system is refactored (every step while it fills, then every
-    ``num_grads`` steps), so that the same ``ρ`` means the same thing whatever the scale
-    of the gradients (:class:`~secondorder.curvature.gram_system.GramSystem`). The
-    window's own eigenvalues are at most ``d`` times that mean (``d`` coordinates), so
-    ``ρ`` well below ``d`` preconditions and ``ρ`` above ``d`` leaves ``F⁻¹g ≈ g/λ``.
+    ``λ = ρ · (mean squared entry of the rows in the window)``, recomputed whenever the
+    window's small system is refactored (:class:`~secondorder.curvature.gram_system.GramSystem`).
+    The window's eigenvalues are at most ``d`` times that mean, so ``ρ`` well below ``d``
+    preconditions and ``ρ`` above ``d`` leaves ``F⁻¹g ≈ g/λ``.
+
+    **Grafting** (Agarwal et al. 2020): each parameter tensor's ``u_p`` gets the norm of
+    another optimiser's step ``s_p`` from the same gradient, M-FAC's ``momentum`` applying
+    after: ``"sgd"``: ``s = g``; ``"adam"``: ``s = m̂ / (√v̂ + ε)``, ``torch.optim.Adam``'s
+    step, with ``m ← β₁ m + (1 − β₁) g``, ``v ← β₂ v + (1 − β₂) g²``, ``m̂ = m / (1 − β₁ᵗ)``,
+    ``v̂ = v / (1 − β₂ᵗ)``, ``t`` counting the tensor's steps; ``"rmsprop"``:
+    ``s = g / (√v + ε)``; ``"adagrad"``: ``s = g / (√(Σ g²) + ε)``.
+
+    **Adam's diagonal as prior** (``prior="adam"``): ``F = λ D + (1/n) Σᵢ gᵢgᵢᵀ`` with
+    ``D = √v̂ + ε`` (Adam's moments as above, per coordinate), and the step is
+    ``w ← w − lr · λ F⁻¹ m̂``, applied matrix-free through the whitened rows
+    ``wᵢ = gᵢ / D^{1/2}`` that the window holds (dense or sparse; ``λ`` is the window's):
+
+    .. math::
+
+        \lambda F^{-1} m̂ = D^{-1/2}\, \lambda \big(\lambda I + \tfrac{1}{n}
+            \textstyle\sum_i w_i w_i^\top\big)^{-1} D^{-1/2}\, m̂ .
+
+    As ``λ`` grows the step tends to Adam's, ``D⁻¹ m̂``, so ``lr`` is on Adam's scale; the
+    window adds the low-rank curvature a diagonal misses. ``D`` changes every step while
+    each stored ``wᵢ`` keeps the ``D`` of its own step: ``F`` is exact for the newest
+    gradient, the older ones entering as ``gᵢ`` rescaled by ``(D_now / D_then)^{1/2}``. The
+    prior sets the step's scale, so it takes no ``graft`` and no ``momentum``. A step inserts
+    ``w`` (one pass over the window) and solves for ``D^{-1/2} m̂`` (two passes, and one
+    more host synchronisation than ``update_solve``: the solve's check of its input).
 
     **Defaults** (chosen by the comparison in docs/benchmarks.md, "The MFAC optimiser"):
-    ``graft="adam"``, ``relative_damp=1e4``, ``num_grads=64``, ``momentum=0`` and
-    ``lr=1e-3``, Adam's default rate, since grafting gives each tensor Adam's step norm.
-    ``graft=None, damp=1e-6, num_grads=1024`` is the paper's M-FAC.
+    ``prior="adam"``, ``lr=3e-3``, ``relative_damp=3e4``, ``num_grads=32``, no momentum.
+    ``prior=None, lr=1e-3, relative_damp=1e4, num_grads=64`` is the earlier default (Adam
+    grafting); ``graft=None, damp=1e-6, num_grads=1024`` is the paper's M-FAC.
 
-    **Sparse window.** With ``density``, the window keeps only the top ``⌈density · d⌉``
-    entries of each gradient, with error feedback (EFCP, Modoranu et al. 2023; a
-    :class:`~secondorder.curvature.SparseSlidingWindowMFAC`): ``u = F̂⁻¹ c`` for the
-    compressed accumulator ``c`` of ``g + e`` replaces ``F⁻¹ g``, and the window takes about
-    ``8 · density · num_grads`` bytes per parameter instead of ``4 · num_grads`` (1% keeps
-    a 40th at ``num_grads = 1024``).
-
-    **Grafting** (Agarwal et al. 2020; Distributed Shampoo's ``grafting_config``): M-FAC's
-    direction for each parameter tensor, with the norm of another optimiser's step for that
-    tensor, ``s_p`` above, computed from the same gradient ``g + weight_decay · w``:
-
-    - ``"sgd"``: ``s = g``;
-    - ``"adam"``: ``torch.optim.Adam``'s step, ``s = m̂ / (√v̂ + ε)`` with
-      ``m ← β₁ m + (1 − β₁) g``, ``v ← β₂ v + (1 − β₂) g²`` and their bias corrections
-      ``m̂ = m / (1 − β₁ᵗ)``, ``v̂ = v / (1 − β₂ᵗ)``, ``t`` counting this tensor's steps.
-      Distributed Shampoo grafts Adam's second moment only; the norm here is that of
-      Adam's whole step, which trained better (docs/benchmarks.md);
-    - ``"rmsprop"``: ``s = g / (√v + ε)``, the second moment only, not bias-corrected;
-    - ``"adagrad"``: ``s = g / (√(Σ g²) + ε)``.
-
-    The grafting optimiser's moments are its own: M-FAC's ``momentum`` applies after
-    grafting, to the grafted direction. Under a sharded window the norms need one
-    all-reduce of two numbers per tensor.
-
-    **Which parameters.** The window spans every parameter that requires grad when the
-    optimiser is built. A parameter frozen then (or added later with ``add_param_group``)
-    joins the window at the first step where it has a gradient: the window grows, its
-    stored gradients being zero there (not possible for a sharded window, which raises
-    instead). A parameter of the window whose ``.grad`` is ``None`` enters as zeros and is
-    neither updated nor decayed; its momentum and grafting moments are left as they were.
-    A step where no parameter has a gradient does nothing. A gradient with NaN or Inf
-    raises :class:`~secondorder.errors.NonFiniteError` before anything changes. Complex
-    parameters are handled as pairs of real numbers (``torch.view_as_real``), as
-    ``torch.optim.AdamW`` does.
-
-    The window, the momentum and the grafting moments are float32 (float64 if every
-    parameter is float64), whatever the parameters' dtype, so bf16 models work. They
-    live in ``self.state`` of the first parameter, under a key naming the rank and world
-    size (``"mfac"`` in one process), since under sharding each rank holds its own part:
-    ``{"steps", "members", "window", "momentum", "graft_exp_avg", "graft_exp_avg_sq"}``,
-    the window's tensors being the live ones (``state_dict()`` loads with
-    ``weights_only=True`` and through ``torch.distributed.checkpoint``). Each parameter's
-    own ``state[p]["step"]`` counts the steps where it had a gradient.
+    **Sparse window.** With ``density``, the window keeps the top ``⌈density · d⌉`` entries
+    of each row, with error feedback (EFCP, Modoranu et al. 2023;
+    :class:`~secondorder.curvature.SparseSlidingWindowMFAC`): ``F̂⁻¹ c`` for the compressed
+    accumulator ``c`` of ``g + e`` replaces ``F⁻¹ g``.
 
     Args:
-        params: parameters or parameter groups, as for any ``torch.optim`` optimiser.
-        lr: learning rate (with ``graft``, on the grafting optimiser's scale).
-        num_grads: gradients in the window (512 to 1024 in the paper; 64 by default).
-        damp: absolute Fisher damping ``λ > 0`` (1e-5 to 1e-6 in the paper). Without
-            ``damp`` or ``relative_damp``, ``relative_damp=1e4``.
+        params: parameters or parameter groups.
+        lr: learning rate (with ``graft`` or ``prior``, on Adam's scale).
+        num_grads: gradients in the window.
+        damp: absolute damping ``λ > 0``; without ``damp`` or ``relative_damp``,
+            ``relative_damp=3e4``.
         momentum: ``μ`` in ``[0, 1)``.
         weight_decay: L2 coefficient added to the gradient.
-        storage_dtype: dtype of the gradient window; ``torch.bfloat16`` halves its memory.
-        process_group: under data parallelism (DDP), shard the window over the ranks of
-            this group: each rank keeps the last ``num_grads`` gradients only for its
-            contiguous ``1/world`` of the flat coordinates, so the window's memory per
-            rank is ``num_grads · d / world``. A step all-reduces ``num_grads`` partial dot
-            products (independent of ``d``), solves the same small system on every rank,
-            forms this rank's shard of the update and all-gathers the update (``d``
-            numbers, as much as DDP's gradient all-reduce). The gradients must be the same
-            on every rank, as DDP leaves them. ``state_dict()`` then holds this rank's
-            shard: save one per rank and resume on the same number of ranks. With
-            ``density``, each rank keeps the top entries of its own shard (blockwise
-            top-k, not global).
-        relative_damp: ``ρ > 0`` for damping relative to the gradients' scale (instead of
-            ``damp``; give at most one of the two).
-        density: ``None`` for the dense window; a number in ``(0, 1]`` for the sparse window
-            keeping that fraction of each gradient (the reference uses 0.01).
-        error_feedback: with ``density``, carry what compression drops into the next step
-            (EFCP); ``False`` is plain top-k, an ablation.
-        graft: the optimiser whose per-tensor step norms M-FAC takes: ``"adam"`` (the
-            default), ``"sgd"``, ``"rmsprop"`` or ``"adagrad"``; ``None`` for the paper's
-            M-FAC, whose step is ``lr · F⁻¹g`` itself.
-        betas: the grafting optimiser's ``(β₁, β₂)`` (``"adam"`` uses both, ``"rmsprop"``
-            ``β₂``).
-        eps: the grafting optimiser's ``ε``.
-        nonfinite: ``"raise"`` (NaN or Inf in a gradient raises, nothing changed) or
-            ``"skip"`` (the step is skipped, counted in ``state[first parameter]
-            ["skipped_steps"]`` and warned about, as ``torch.amp.GradScaler`` does). Not
-            ``"skip_on_device"`` (see :mod:`secondorder.optim.nonfinite` for why).
-
-    Under FSDP2 (parameters sharded by ``fully_shard``) no ``process_group`` is needed: each
-    rank's window covers the rows of every weight that FSDP2 gave it, the dot products are
-    all-reduced over the parameters' group, and each rank updates its own rows, so nothing
-    is gathered at all.
+        storage_dtype: dtype of the window (``torch.bfloat16`` halves its memory).
+        process_group: under DDP, shard the window's coordinates over the ranks of this
+            group (the gradients must be the same on every rank); under FSDP2 none is needed.
+        relative_damp: ``ρ > 0``, damping relative to the window's scale (not with ``damp``).
+        density: ``None`` for the dense window, or the fraction in ``(0, 1]`` of each row
+            that the sparse window keeps.
+        error_feedback: with ``density``, carry what compression drops into the next step.
+        graft: ``"adam"``, ``"sgd"``, ``"rmsprop"``, ``"adagrad"``, ``None`` (the paper's
+            step ``lr · F⁻¹g``) or ``"auto"``: ``"adam"`` without a prior, ``None`` with one.
+        prior: ``"adam"`` for Adam's diagonal as the Fisher's prior, ``None`` for ``λ I``,
+            or ``"auto"`` (the default): ``"adam"`` unless a ``graft`` is given.
+        betas: Adam's ``(β₁, β₂)`` for the prior or the graft (``"rmsprop"`` uses ``β₂``).
+        eps: the ``ε`` of the prior (``> 0``) or of the graft.
+        nonfinite: ``"raise"`` or ``"skip"`` (:mod:`secondorder.optim.nonfinite`; not
+            ``"skip_on_device"``, since a window's insertion takes host decisions).
     """
 
     nonfinite_modes = ("raise", "skip")
@@ -241,8 +233,8 @@ class MFAC(BaseOptimizer):
     def __init__(
         self,
         params: Iterable[torch.Tensor] | Iterable[dict[str, Any]],
-        lr: float = 1e-3,
-        num_grads: int = 64,
+        lr: float = 3e-3,
+        num_grads: int = 32,
         damp: float | None = None,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
@@ -252,24 +244,27 @@ class MFAC(BaseOptimizer):
         relative_damp: float | None = None,
         density: float | None = None,
         error_feedback: bool = True,
-        graft: str | None = "adam",
+        graft: str | None = "auto",
+        prior: str | None = "auto",
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         nonfinite: str = "raise",
     ) -> None:
-        if nonfinite == "skip_on_device":
+        if nonfinite == "skip_on_device":  # the base's refusal, with the reason
             raise ValueError(
                 "MFAC does not support nonfinite='skip_on_device': inserting a gradient into "
-                "its window advances the ring's bookkeeping on the host and updates the n × n "
-                "factor with decisions taken there (refactor or not), which a mask on the "
-                "device cannot undo; and its step already reads the host once (the window's "
-                "verdict), so nonfinite='skip' skips at no extra cost"
+                "its window takes decisions on the host (the ring, the factor) that a mask on "
+                "the device cannot undo, and nonfinite='skip' costs no extra synchronisation"
             )
         if damp is None and relative_damp is None:
             relative_damp = DEFAULT_RELATIVE_DAMP
+        if prior == "auto":
+            prior = "adam" if graft == "auto" else None
+        if graft == "auto":
+            graft = "adam" if prior is None else None
         storage = None if storage_dtype is None else str(storage_dtype).removeprefix("torch.")
         settings = WindowSettings(num_grads, damp, relative_damp, storage, density,
-                                  error_feedback, graft)  # fmt: skip
+                                  error_feedback, graft, prior)  # fmt: skip
         self.process_group = process_group
         self._settings = settings
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay,
@@ -277,7 +272,11 @@ class MFAC(BaseOptimizer):
                     **{key: getattr(settings, key) for key in _WINDOW_KEYS}}  # fmt: skip
         super().__init__(params, defaults, nonfinite=nonfinite)
         self._layout = self._new_layout([p for p in self._params() if p.requires_grad])
-        self._anchor_state()[self._state_key(self._layout)] = self._new_record(self._layout)
+        # the window's state and buffers, allocated up front (torch.distributed.checkpoint
+        # loads into a fresh optimiser's tensors); each parameter's "step" is add_param_group's
+        record = {"steps": 0, "members": self._member_indices(self._layout), "window": None}
+        self._complete(record, self._layout)
+        self.state[self._params()[0]][self._state_key(self._layout)] = record
 
     # ----------------------------------------------------------------- groups and settings
     def _params(self) -> list[torch.Tensor]:
@@ -316,9 +315,8 @@ class MFAC(BaseOptimizer):
             gather_group = window_group = self.process_group
         else:  # FSDP2: the window spans this rank's rows, nothing is gathered
             shard, gather_group, window_group = Shard(0, 1, sum(sizes)), None, fsdp_group
-        window = self._new_window(shard.size, device,
-                                  statistics_dtype(*(p.dtype.to_real() for p in members)),
-                                  window_group)  # fmt: skip
+        dtype = statistics_dtype(*(p.dtype.to_real() for p in members))
+        window = self._new_window(shard.size, device, dtype, window_group)
         # the member each coordinate of this rank's shard belongs to (padding: len(members))
         ends = torch.tensor(sizes).cumsum(0)
         coordinates = torch.arange(shard.start, shard.start + shard.size)
@@ -333,15 +331,10 @@ class MFAC(BaseOptimizer):
         process_group: torch.distributed.ProcessGroup | None,
     ) -> SlidingWindow:
         settings = self._settings
-        options: dict[str, Any] = {
-            "device": device,
-            "dtype": dtype,
-            "storage_dtype": None
-            if settings.storage_dtype is None
-            else getattr(torch, settings.storage_dtype),
-            "process_group": process_group,
-            "relative_damp": settings.relative_damp,
-        }
+        storage = None if settings.storage_dtype is None else getattr(torch, settings.storage_dtype)
+        options: dict[str, Any] = {"device": device, "dtype": dtype, "storage_dtype": storage,
+                                   "process_group": process_group,
+                                   "relative_damp": settings.relative_damp}  # fmt: skip
         damp = 1e-6 if settings.damp is None else settings.damp  # unused when relative
         if settings.density is None:
             return SlidingWindowMFAC(dim, settings.num_grads, damp, **options)
@@ -377,9 +370,6 @@ class MFAC(BaseOptimizer):
         return window
 
     # ----------------------------------------------------------------- the state
-    def _anchor_state(self) -> dict[str, Any]:
-        return self.state[self.param_groups[0]["params"][0]]
-
     def _state_key(self, layout: _Layout) -> str:
         """Where this rank's record lives in the first parameter's state."""
         rank, world = rank_and_world(self.process_group)
@@ -388,20 +378,12 @@ class MFAC(BaseOptimizer):
         return "mfac" if world == 1 else f"mfac_rank{rank}_of_{world}"
 
     def _record(self) -> dict[str, Any]:
-        return self._anchor_state()[self._state_key(self._current_layout())]
+        return self.state[self._params()[0]][self._state_key(self._current_layout())]
 
-    def _new_record(self, layout: _Layout) -> dict[str, Any]:
-        """The state of a new window over ``layout``: the momentum (if a group uses it) and
-        grafting buffers at zero, allocated up front so that a fresh optimiser's state has
-        every tensor a saved one has (which is what ``torch.distributed.checkpoint`` loads
-        into)."""
+    def _member_indices(self, layout: _Layout) -> list[int]:
+        """Where ``layout``'s members are in the flat list of every group's parameters."""
         index = {id(p): i for i, p in enumerate(self._params())}
-        record: dict[str, Any] = {"steps": 0, "members": [index[id(p)] for p in layout.members],
-                                  "window": None}  # fmt: skip
-        for p in self._params():
-            self.state[p].setdefault("step", torch.tensor(0.0))
-        self._complete(record, layout)
-        return record
+        return [index[id(p)] for p in layout.members]
 
     def _complete(self, record: dict[str, Any], layout: _Layout) -> None:
         """Point ``record`` at the window's live state, and add the buffers it lacks."""
@@ -409,29 +391,33 @@ class MFAC(BaseOptimizer):
         if window is None:
             return
         record["window"] = window.state_dict()
-        zeros = torch.zeros(window.dim, dtype=window.dtype, device=window.device)
-        if "momentum" not in record and any(g["momentum"] for g in self.param_groups):
-            record["momentum"] = zeros.clone()
-        if self._settings.graft in ("adam", "rmsprop", "adagrad"):
-            record.setdefault("graft_exp_avg_sq", zeros.clone())
-        if self._settings.graft == "adam":
-            record.setdefault("graft_exp_avg", zeros.clone())
+        wanted = {
+            "momentum": any(group["momentum"] for group in self.param_groups),
+            "graft_exp_avg_sq": self._settings.graft in ("adam", "rmsprop", "adagrad"),
+            "graft_exp_avg": self._settings.graft == "adam",
+            "exp_avg": self._settings.prior == "adam",
+            "exp_avg_sq": self._settings.prior == "adam",
+        }
+        for name in _BUFFERS:
+            if wanted[name] and name not in record:
+                record[name] = torch.zeros(window.dim, dtype=window.dtype, device=window.device)
 
     def _current_layout(self) -> _Layout:
         """The layout, rebuilt from the state after a load or a copy."""
         if self._layout is None:
-            records = [v for k, v in self._anchor_state().items() if k.startswith("mfac")]
+            anchor = self.state[self._params()[0]]
+            record = next(v for k, v in anchor.items() if k.startswith("mfac"))
             params = self._params()
-            layout = self._new_layout([params[i] for i in records[0]["members"]])
+            layout = self._new_layout([params[i] for i in record["members"]])
             if layout.window is not None:
-                layout.window.load_state_dict(records[0]["window"])
+                layout.window.load_state_dict(record["window"])
             self._layout = layout
-            self._complete(records[0], layout)
+            self._complete(record, layout)
         return self._layout
 
     def _grow(self, newcomers: list[torch.Tensor]) -> None:
         """Add parameters to the window: their coordinates are appended, zero in every stored
-        gradient (and in the error, momentum and grafting buffers)."""
+        gradient (and in the error, momentum and moment buffers)."""
         old = self._current_layout()
         if old.sharded or any(row_shard(p) is not None for p in newcomers):
             raise RuntimeError(
@@ -445,11 +431,10 @@ class MFAC(BaseOptimizer):
         if old.window is not None:
             layout.window.grow_from(old.window)
         extra = layout.shard.size - old.shard.size
-        for name in ("momentum", "graft_exp_avg", "graft_exp_avg_sq"):
+        for name in _BUFFERS:
             if name in record:
                 record[name] = torch.cat([record[name], record[name].new_zeros(extra)])
-        index = {id(p): i for i, p in enumerate(self._params())}
-        record["members"] = [index[id(p)] for p in layout.members]
+        record["members"] = self._member_indices(layout)
         self._layout = layout
         self._complete(record, layout)
 
@@ -483,7 +468,7 @@ class MFAC(BaseOptimizer):
             raise ValueError("the saved state and this optimiser disagree on having a window")
         if layout.window is not None:
             layout.window.check_state_dict(record["window"])
-        for name in ("momentum", "graft_exp_avg", "graft_exp_avg_sq"):
+        for name in _BUFFERS:
             if name in record and tuple(record[name].shape) != (layout.shard.size,):
                 raise ValueError(
                     f"saved {name} has shape {tuple(record[name].shape)}, expected "
@@ -506,26 +491,18 @@ class MFAC(BaseOptimizer):
             if self.process_group is None:  # before the window grows: a refused step
                 check_gradients(params)  # must leave everything as it was
             self._grow(newcomers)
-        layout, record = self._current_layout(), self._record()
+        layout = self._current_layout()
         groups = self._member_groups()
         flat, has_grad = self._flat_gradient(groups)
         g = layout.shard.take(flat)
-        try:
-            # The window checks g for NaN and Inf in the same host synchronisation as its
-            # factor, and takes the gradient out again if it must (agreeing over the ranks
-            # of a sharded window): no separate check of the gradients, and no sync for it.
-            update = self.window.update_solve(g)
-        except NonFiniteError:
-            if self.process_group is None:  # name the parameter (under DDP sharding, the
-                check_gradients(params)  # window names the shards)
-            raise
-        record["steps"] += 1
-        record["window"] = self.window.state_dict()
-        for p, active in zip(layout.members, has_grad, strict=True):
-            if active:
-                self.state[p]["step"] = self.state[p]["step"] + 1
+        counts = None  # each member's step count, this step's included
+        if "adam" in (self._settings.graft, self._settings.prior):
+            counts = self._step_counts(has_grad)
+        update = self._precondition(g, counts, has_grad, groups, params)
+        if counts is not None:
+            layout.step_counts = counts
         if self._settings.graft is not None:
-            self._graft(update, g, has_grad, groups)
+            self._graft(update, g, has_grad, groups, counts)
         if any(group["momentum"] for group in groups):
             update = self._apply_momentum(update, has_grad, groups)
         direction = all_gather_shards(update, layout.shard, layout.gather_group)
@@ -538,6 +515,45 @@ class MFAC(BaseOptimizer):
                 target.add_(piece, alpha=-learning_rate(group))
             start += size
 
+    def _precondition(
+        self,
+        g: torch.Tensor,
+        counts: torch.Tensor | None,
+        has_grad: list[bool],
+        groups: list[dict[str, Any]],
+        params: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """Insert this step's row into the window and return ``u``: ``F⁻¹ g``, or with the
+        prior ``λ F⁻¹ m̂``. The state is written once the window has taken the row."""
+        record = self._record()
+        if self._settings.prior is not None:
+            assert counts is not None
+            exp_avg, exp_avg_sq, m_hat, root = self._adam_prior(g, counts, has_grad, groups)
+        try:
+            # The window checks the row for NaN and Inf in the same host synchronisation as
+            # its factor, and takes it out again if it must (agreeing over the ranks of a
+            # sharded window): no separate check of the gradients, and no sync for it.
+            if self._settings.prior is None:
+                update = self.window.update_solve(g)
+            else:
+                self.window.update(g / root)
+        except NonFiniteError:
+            if self.process_group is None:  # name the parameter (under DDP sharding, the
+                check_gradients(params)  # window names the shards)
+            raise
+        record["steps"] += 1
+        record["window"] = self.window.state_dict()
+        for p, active in zip(self._current_layout().members, has_grad, strict=True):
+            if active:
+                self.state[p]["step"] = self.state[p]["step"] + 1
+        if self._settings.prior is None:
+            return update
+        record["exp_avg"], record["exp_avg_sq"] = exp_avg, exp_avg_sq
+        # λ F⁻¹ m̂ = D^(-1/2) · λ (λI + (1/n) Σ wᵢwᵢᵀ)⁻¹ · D^(-1/2) m̂; m̂ and D come from
+        # gradients the window's update found finite, and D ≥ ε > 0: no second check
+        whitened = m_hat / root
+        return self.window.solve(whitened, check_finite=False).mul_(self.window.damp).div_(root)
+
     def _member_groups(self) -> list[dict[str, Any]]:
         group_of = {id(p): group for group in self.param_groups for p in group["params"]}
         return [group_of[id(p)] for p in self._current_layout().members]
@@ -549,11 +565,10 @@ class MFAC(BaseOptimizer):
         dtype = self.window.dtype
         pieces, has_grad = [], []
         for p, size, group in zip(layout.members, layout.sizes, groups, strict=True):
+            has_grad.append(p.grad is not None)
             if p.grad is None:
                 pieces.append(torch.zeros(size, dtype=dtype, device=p.device))
-                has_grad.append(False)
                 continue
-            has_grad.append(True)
             g = real_view(local(p.grad)).reshape(-1).to(dtype)
             if group["weight_decay"]:
                 w = real_view(local(p.detach())).reshape(-1).to(dtype)
@@ -561,52 +576,65 @@ class MFAC(BaseOptimizer):
             pieces.append(g)
         return torch.cat(pieces), has_grad
 
-    def _per_member(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
-        """One value per member and a zero for the padding, on the window's device: cached by
-        value, since building it copies host data to the device, which on a GPU waits for
-        everything queued (the values are settings, and which members have a gradient: the
-        same step after step)."""
+    # ----------------------------------------------------------------- per-coordinate maths
+    def _per_member(
+        self, values: list[float], dtype: torch.dtype, padding: float = 0.0
+    ) -> torch.Tensor:
+        """One value per member and ``padding`` for the padding, on the window's device:
+        cached by value, since building it copies host data to the device, which on a GPU
+        waits for everything queued (settings, and which members have a gradient: the same
+        step after step)."""
         cache = self._current_layout().constants
-        key = ("member", tuple(values), dtype)
+        key = ("member", tuple(values), dtype, padding)
         if key not in cache:
             if len(cache) >= 32:  # settings that change every step (a schedule) do not pile up
                 cache.clear()
             device = self._current_layout().segments.device
-            cache[key] = torch.tensor([*values, 0.0], dtype=dtype, device=device)
+            cache[key] = torch.tensor([*values, padding], dtype=dtype, device=device)
         return cache[key]
 
-    def _per_coordinate(self, values: list[float], dtype: torch.dtype) -> torch.Tensor:
-        """One value per member, spread over this rank's shard (zero on the padding); cached
-        as :meth:`_per_member`."""
+    def _per_coordinate(
+        self, values: list[float], dtype: torch.dtype, padding: float = 0.0
+    ) -> torch.Tensor:
+        """:meth:`_per_member` spread over this rank's shard, cached as well."""
         cache = self._current_layout().constants
-        key = ("coordinate", tuple(values), dtype)
+        key = ("coordinate", tuple(values), dtype, padding)
         if key not in cache:
-            cache[key] = self._per_member(values, dtype)[self._current_layout().segments]
+            cache[key] = self._per_member(values, dtype, padding)[self._current_layout().segments]
         return cache[key]
+
+    def _beta(self, groups: list[dict[str, Any]], which: int, dtype: torch.dtype) -> torch.Tensor:
+        """``betas[which]`` of each coordinate's group."""
+        return self._per_coordinate([group["betas"][which] for group in groups], dtype)
 
     def _step_counts(self, has_grad: list[bool]) -> torch.Tensor:
         """Each member's step count, this step's included (and 0 for the padding), on the
-        device: read from the ``step`` tensors (on the CPU) once per layout and load, then
-        advanced with the members that have a gradient, so that no step copies counts to
-        the device. Called once per step."""
+        device: the counts before it are read from the ``step`` tensors (on the CPU) once
+        per layout and load, and kept in ``layout.step_counts`` once the step is taken, so
+        that no step copies counts to the device."""
         layout = self._current_layout()
         if layout.step_counts is None:
             counts = [float(self.state[p]["step"]) for p in layout.members]
             layout.step_counts = torch.tensor(
                 [*counts, 0.0], dtype=torch.float64, device=layout.segments.device
             )
-        else:
-            layout.step_counts.add_(self._per_member([float(h) for h in has_grad], torch.float64))
-        return layout.step_counts
+        return layout.step_counts + self._per_member([float(h) for h in has_grad], torch.float64)
 
-    def _bias_correction(
-        self, counts: torch.Tensor, groups: list[dict[str, Any]], which: int, dtype: torch.dtype
-    ) -> torch.Tensor:
-        """``1 − βᵗ`` per coordinate (1 where ``t = 0``) for ``β = betas[which]`` of each
-        member's group and ``t`` its step count."""
-        beta = self._per_member([group["betas"][which] for group in groups], torch.float64)
-        corrections = torch.where(counts > 0, 1 - beta**counts, 1.0)
-        return corrections.to(dtype)[self._current_layout().segments]
+    def _bias_corrected(
+        self,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+        counts: torch.Tensor,
+        groups: list[dict[str, Any]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``m̂ = m / (1 − β₁ᵗ)`` and ``v̂ = v / (1 − β₂ᵗ)``, ``t`` each member's step count
+        (no correction where ``t = 0``)."""
+        corrected = []
+        for which, moment in enumerate((exp_avg, exp_avg_sq)):
+            beta = self._per_member([group["betas"][which] for group in groups], torch.float64)
+            correction = torch.where(counts > 0, 1 - beta**counts, 1.0)
+            corrected.append(moment / correction.to(moment.dtype)[self._current_layout().segments])
+        return corrected[0], corrected[1]
 
     def _graft(
         self,
@@ -614,28 +642,27 @@ class MFAC(BaseOptimizer):
         g: torch.Tensor,
         has_grad: list[bool],
         groups: list[dict[str, Any]],
+        counts: torch.Tensor | None,
     ) -> None:
         """Scale each member's part of ``update`` (in place) to the norm of the grafting
-        optimiser's step for that member (the maths is in the class docstring)."""
-        kind = self._settings.graft
+        optimiser's step for that member."""
+        kind, record = self._settings.graft, self._record()
         step = g
         if kind != "sgd":
             active = self._per_coordinate([float(h) for h in has_grad], torch.bool)
             eps = self._per_coordinate([group["eps"] for group in groups], g.dtype)
-            second = self._record()["graft_exp_avg_sq"]
+            second = record["graft_exp_avg_sq"]
             if kind == "adagrad":
                 second.add_(torch.where(active, g * g, 0.0))
             else:
-                beta2 = self._per_coordinate([group["betas"][1] for group in groups], g.dtype)
-                second.copy_(torch.where(active, beta2 * second + (1 - beta2) * g * g, second))
+                beta2 = self._beta(groups, 1, g.dtype)
+                second.copy_(moving_average(second, g, beta2, active, square=True))
             numerator, denominator = g, second
             if kind == "adam":  # torch.optim.Adam's step: both moments, bias-corrected
-                first = self._record()["graft_exp_avg"]
-                beta1 = self._per_coordinate([group["betas"][0] for group in groups], g.dtype)
-                first.copy_(torch.where(active, beta1 * first + (1 - beta1) * g, first))
-                counts = self._step_counts(has_grad)
-                numerator = first / self._bias_correction(counts, groups, 0, g.dtype)
-                denominator = second / self._bias_correction(counts, groups, 1, g.dtype)
+                assert counts is not None
+                first = record["graft_exp_avg"]
+                first.copy_(moving_average(first, g, self._beta(groups, 0, g.dtype), active))
+                numerator, denominator = self._bias_corrected(first, second, counts, groups)
             step = numerator / (denominator.sqrt() + eps)
         segments = self._current_layout().segments
         norms = graft_norms(update, step, segments, len(groups) + 1)  # members and padding
@@ -643,6 +670,24 @@ class MFAC(BaseOptimizer):
         direction, target = norms[0].sqrt(), norms[1].sqrt()
         scale = torch.where(direction > 0, target / direction, 0.0)
         update.mul_(scale.to(update.dtype)[segments])
+
+    def _adam_prior(
+        self,
+        g: torch.Tensor,
+        counts: torch.Tensor,
+        has_grad: list[bool],
+        groups: list[dict[str, Any]],
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Adam's moments after this step (new tensors, for the state once the step is
+        taken), ``m̂``, and ``D^(1/2)`` for ``D = √v̂ + ε`` (1 on the padding)."""
+        record = self._record()
+        active = self._per_coordinate([float(h) for h in has_grad], torch.bool)
+        eps = self._per_coordinate([group["eps"] for group in groups], g.dtype, padding=1.0)
+        exp_avg = moving_average(record["exp_avg"], g, self._beta(groups, 0, g.dtype), active)
+        exp_avg_sq = moving_average(record["exp_avg_sq"], g, self._beta(groups, 1, g.dtype),
+                                    active, square=True)  # fmt: skip
+        m_hat, v_hat = self._bias_corrected(exp_avg, exp_avg_sq, counts, groups)
+        return exp_avg, exp_avg_sq, m_hat, (v_hat.sqrt() + eps).sqrt()
 
     def _apply_momentum(
         self, update: torch.Tensor, has_grad: list[bool], groups: list[dict[str, Any]]
@@ -652,10 +697,10 @@ class MFAC(BaseOptimizer):
         record = self._record()
         if "momentum" not in record:
             record["momentum"] = torch.zeros_like(update)
-        mu = self._per_coordinate(
-            [group["momentum"] if h else 0.0 for group, h in zip(groups, has_grad, strict=True)],
-            update.dtype,
-        )
+        momenta = [
+            group["momentum"] if h else 0.0 for group, h in zip(groups, has_grad, strict=True)
+        ]
+        mu = self._per_coordinate(momenta, update.dtype)
         moving = mu > 0
         velocity = torch.where(
             moving, mu * record["momentum"] + (1 - mu) * update, record["momentum"]
@@ -676,7 +721,7 @@ class _Layout:
     segments: torch.Tensor  # the member of each coordinate of the shard
     # per-member and per-coordinate constants on the device (MFAC._per_member)
     constants: dict[tuple, torch.Tensor] = field(default_factory=dict)
-    # each member's step count on the device, for Adam's bias correction (None: not read yet)
+    # each member's step count before this step, on the device (None: not read yet)
     step_counts: torch.Tensor | None = None
 
     @property

@@ -33,19 +33,9 @@ without ``rank`` *is* AdamW; moments are float32 (float64 for float64 weights) f
 weight dtype; a rank larger than the compressed dimension is an error, not a silent
 clamp; conv weights are reshaped to matrices instead of GaLore's broken Tucker path.
 
-Data parallelism. Under DDP every rank holds the same gradient, so every rank computes
-the same step; ``process_group`` additionally broadcasts each new basis from the group's
-first rank, so that the ranks share it bit for bit even where an SVD is not
-deterministic. Under FSDP2 (``fully_shard``, parameters sharded by rows) each rank
-steps its own rows:
-
-- projected on the right (the compressed side is the columns, whole on every rank):
-  ``X P``, the moments and the update are this rank's rows, with no communication
-  between refreshes; a refresh all-gathers the gradient for the SVD, or all-reduces
-  the ``cols`` DCT column scores;
-- projected on the left (the rows, split over the ranks): ``Pᵀ G`` is summed over the
-  ranks, one all-reduce of ``r × cols`` numbers per step, and the moments (``r × cols``)
-  are the same on every rank; a refresh all-gathers the gradient.
+Data parallelism: under DDP ``process_group`` broadcasts each new basis from the group's
+first rank; under FSDP2 each rank steps its own rows (docs/guides/distributed.md says what
+each side of the projection communicates).
 """
 
 from __future__ import annotations
@@ -155,14 +145,16 @@ class ProjectedAdam(AdamWCore):
             masks a DCT refresh on the device; an SVD refresh decides on the host).
         process_group: under DDP, broadcast every new basis from the group's first rank.
             Not needed under FSDP2, whose parameters carry their group.
-        **options: further group settings a subclass reads (e.g. NaturalGaLore's
-            ``history``), checked by its :meth:`_validate_group`.
+        **options: a subclass's own group settings (its ``extra_keys``: NaturalGaLore's
+            ``history``, say); any other keyword is a ``TypeError``, as in ``torch.optim``.
     """
 
     #: each weight's basis, kept from one step to the next while its state's choice stays
     _transient: ClassVar[dict[str, Callable[[], Any]]] = {"_bases": dict}
     _bases: dict[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]
     masks_writes = True
+    #: the group settings a subclass adds (NaturalGaLore's window), passed as keywords
+    extra_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -188,6 +180,9 @@ class ProjectedAdam(AdamWCore):
                     "correct_bias": correct_bias, "rank": rank, "update_proj_gap": update_proj_gap,
                     "scale": scale, "proj_type": proj_type, "on_refresh": on_refresh}  # fmt: skip
         extra = {k: options.pop(k) for k in list(options) if k not in _BASE_OPTIONS}
+        unknown = sorted(set(extra) - set(self.extra_keys))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected keyword arguments {unknown}")
         super().__init__(params, {**defaults, **extra}, **options)
 
     # ----------------------------------------------------------------- settings

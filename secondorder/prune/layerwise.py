@@ -10,7 +10,16 @@ from torch import nn
 
 from .._checks import ensure_fits
 from .._progress import progress
-from .calibration import InputStatistic, calibrate, group_by_block, linear_weights
+from .calibration import (
+    BlockInputs,
+    InputStatistic,
+    blocks_on_device,
+    calibrate,
+    calibration_mode,
+    group_by_block,
+    linear_weights,
+    on_device,
+)
 from .pruners import Pruner, _Goal
 from .targets import ParamSpec, PruneTarget
 
@@ -25,11 +34,20 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
 
     Every step (see :meth:`Pruner.prune`) goes through the blocks in order
     (:func:`~.calibration.group_by_block`: the decoder layers of a transformer,
-    else single layers); for each block it runs the model on ``data`` up to the
-    end of the block, with the blocks before it already pruned, collects the
-    statistic of every layer of the block, and then prunes those layers in
-    registration order. Every layer is brought to the same sparsity (``scope`` is
-    ``"layer"``).
+    else single layers). Each block is calibrated on what the blocks before it,
+    already pruned, output: the statistic of every layer of the block is
+    collected, then those layers are pruned in registration order. Every layer
+    is brought to the same sparsity (``scope`` is ``"layer"``).
+
+    When each block's output is the next block's input (a transformer's decoder
+    layers), calibration is sequential, as in the SparseGPT, GPTQ and Wanda
+    references: one pass of the model records the first block's inputs and the
+    arguments every block receives, then each block runs on the cached inputs to
+    calibrate, is pruned, and runs again to give the next block its inputs (cost
+    linear in depth). Otherwise (an ``nn.Sequential`` MLP, whose layers are
+    blocks with activations between them) the model runs from its input again
+    for every block, quadratic in depth. Both give the same masks
+    (:mod:`.calibration`).
 
     Subclasses define the statistic (:meth:`_statistic`), how a layer is pruned
     from it (:meth:`_prune_layer`) and the memory that takes (:meth:`_layer_bytes`).
@@ -39,10 +57,19 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
         data: re-iterable of calibration batches (a list, a DataLoader): tensors of
             inputs, dicts of keyword inputs, or ``(inputs, targets)`` pairs whose
             targets are ignored (see :func:`~.calibration.run_model`). Iterated
-            once per block and step.
+            once per step (sequential calibration), else once per block and step.
         params: the weights to prune, which must be ``nn.Linear`` weights (given as
             for :class:`Pruner`); ``None`` for every ``nn.Linear`` but the output
             layer (:func:`~.calibration.linear_weights`).
+        device: where blocks are calibrated and pruned, one at a time: each block
+            is moved there for its turn and back after, while the rest of the
+            model stays where it is, so a model larger than the device's memory
+            can be pruned. ``None``: where the weights are.
+        offload_activations: keep the cached inputs of the blocks (and the
+            arguments they take) on the CPU, moving one batch at a time to
+            ``device``; else they stay on ``device``.
+        sequential: ``False`` forces the re-run calibration (for comparison); it
+            applies anyway when the blocks are not chained.
         progress: show a progress bar over the blocks.
     """
 
@@ -55,6 +82,9 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
         data: Iterable[Any],
         *,
         params: Iterable[ParamSpec] | None = None,
+        device: torch.device | str | None = None,
+        offload_activations: bool = False,
+        sequential: bool = True,
         progress: bool = True,
     ) -> None:
         super().__init__(model, linear_weights(model) if params is None else params, scope="layer")
@@ -66,6 +96,12 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
                 )
         self.data = data
         self.progress = progress
+        self.sequential = bool(sequential)
+        self.offload_activations = bool(offload_activations)
+        #: where the model's weights are and its inputs go
+        self.home_device = self.device
+        if device is not None:
+            self.device = _as_device(device)
         self.blocks = group_by_block(model, self.targets)
 
     def _statistic(self, target: PruneTarget) -> StatisticT:
@@ -97,11 +133,41 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
 
     def _prune_step(self, goal: _Goal) -> None:
         self._check_memory()
-        for block, targets in progress(
-            self.blocks, desc=f"{self.method}: blocks", enabled=self.progress
-        ):
-            statistics = {target.module: self._statistic(target) for target in targets}
-            calibrate(self.model, self.data, block, statistics, self.device)
-            for target in targets:
-                weight, kept = self._prune_layer(target, statistics[target.module], goal)
-                target.assign(weight.to(target.parameter.dtype), kept)
+        modules = [block for block, _ in self.blocks]
+        with calibration_mode(self.model):
+            inputs = None
+            if self.sequential:
+                storage = torch.device("cpu") if self.offload_activations else self.device
+                inputs = BlockInputs.capture(
+                    self.model, self.data, modules, input_device=self.home_device,
+                    storage=storage, device=self.device,
+                )  # fmt: skip
+            for index, (block, targets) in enumerate(
+                progress(self.blocks, desc=f"{self.method}: blocks", enabled=self.progress)
+            ):
+                statistics = {target.module: self._statistic(target) for target in targets}
+                if inputs is None:
+                    with blocks_on_device(modules, self.device):
+                        calibrate(self.model, self.data, block, statistics, self.home_device)
+                with on_device(block, self.device):
+                    if inputs is not None:
+                        inputs.calibrate(block, index, statistics, self.device)
+                    for target in targets:
+                        weight, kept = self._prune_layer(target, statistics[target.module], goal)
+                        target.assign(weight.to(target.parameter.dtype), kept)
+                    if inputs is not None and index + 1 < len(self.blocks):
+                        inputs.advance(block, index, self.device)
+
+
+def _as_device(device: torch.device | str) -> torch.device:
+    """``device`` as a ``torch.device``, with the current CUDA device's index filled in."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be a torch.device or its name, got {device!r}") from error
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}, but CUDA is not available")
+        if resolved.index is None:
+            resolved = torch.device("cuda", torch.cuda.current_device())
+    return resolved

@@ -69,15 +69,20 @@ class HessianStatistic:
 
 
 def damped_hessian(hessian: torch.Tensor, relative_damp: float) -> torch.Tensor:
-    """``H + λI`` in float64, ``λ = relative_damp · mean diag(H)``, dead inputs decoupled.
+    """``H + λI`` in float64, ``λ = relative_damp · mean_j H_jj`` over the live inputs.
 
-    Input features that are zero on every calibration token (``H_jj = 0``) get
-    ``H_jj = 1`` first: their row and column of ``H`` are zero, so this decouples them.
+    A dead input, zero on every calibration token (``H_jj = 0``), gets ``H_jj = 1``: its
+    row and column of ``H`` are zero, so this decouples it, and its value reaches nothing
+    but the dead input's own weights. Leaving the dead inputs out of the mean keeps
+    ``λ / H`` and so the result unchanged when the inputs are scaled; the references take
+    the mean after setting them to 1, which equals this when no input is dead.
     """
     H = hessian.to(torch.float64).clone()
     diagonal = H.diagonal()
-    diagonal[diagonal == 0] = 1
-    diagonal += relative_damp * float(diagonal.mean())
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    live_mean = float(diagonal[~dead].mean()) if not bool(dead.all()) else 1.0
+    diagonal += relative_damp * live_mean
     return H
 
 

@@ -15,11 +15,13 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.nn.utils import prune as torch_prune
 
 from .._checks import check_finite, check_positive_int, ensure_fits
 from .._common import to_device
 from .._progress import progress
 from ..curvature.mfac import DenseMFAC
+from .block_obs import block_inverse_fisher, remove_jointly, to_blocks
 from .masks import count_to_prune, prune_lowest, prune_n_m
 from .obs import obs_saliency, obs_update, relative_damping
 from .targets import ParamSpec, PruneTarget, resolve_targets
@@ -27,6 +29,7 @@ from .targets import ParamSpec, PruneTarget, resolve_targets
 __all__ = ["MFACPruner", "MagnitudePruner", "Pruner"]
 
 Scope = Literal["global", "layer"]
+Removal = Literal["sum", "joint"]
 # Maps which alive weights to remove (a boolean over them) to their new values.
 Update = Callable[[torch.Tensor], torch.Tensor]
 
@@ -104,6 +107,10 @@ class Pruner:
                 in every group of ``m`` consecutive weights along a row of
                 ``weight.reshape(out_features, -1)`` (``(2, 4)``: the pattern of
                 sparse tensor cores). Every row length must be a multiple of ``m``.
+                ``n`` counts the weights *kept*: the SparseGPT and Wanda reference
+                code's ``prunen``/``prunem`` count those removed (their ``prunen=2,
+                prunem=4`` is ``n_m=(2, 4)`` only because half go; their
+                ``prunen=1, prunem=4`` is ``n_m=(3, 4)``).
             recompute_steps: number of steps; each removes the same fraction of
                 the remaining weights (for N:M, lowers ``m → n`` evenly) and
                 re-scores. Defaults to the class's ``default_recompute_steps``.
@@ -125,6 +132,22 @@ class Pruner:
                 target.restore(state)
             raise
         return self.sparsity
+
+    def make_permanent(self) -> list[str]:
+        """Make the masks of the pruned weights permanent (``torch.nn.utils.prune.remove``).
+
+        Call it once pruning is done and before saving the model: each weight
+        becomes a plain parameter again, zero where pruned, and ``state_dict()``
+        or ``save_pretrained`` store it under its usual name (see
+        :func:`~.targets.remove_masks`). Returns the names of the weights made
+        permanent. Fine-tuning afterwards no longer keeps the pruned weights at zero.
+        """
+        made = []
+        for target in self.targets:
+            if target.is_reparametrized:
+                torch_prune.remove(target.module, target.name)
+                made.append(target.qualname)
+        return made
 
     def _score(self, weights: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, Update]:
         """Scores of the alive ``weights`` (lowest removed first) and how the kept ones change.
@@ -265,6 +288,20 @@ class MFACPruner(Pruner):
             absolute damping of the reference implementation.
         scope: ``"global"`` or ``"layer"`` (see :class:`Pruner`).
         progress: show a progress bar while collecting gradients.
+        update: ``"sum"``: the M-FAC paper's step above, the single-weight updates
+            summed over the blocks of the alive weights. ``"joint"``: exact OBS for
+            the weights removed from each block together (:mod:`.block_obs`), on
+            blocks of ``block_size`` consecutive weights of each tensor, removed in
+            ``rounds`` rounds per step, each re-scored with the weights and inverse
+            Fisher the previous round left (for N:M, one weight of each group per
+            round): recomputation without new gradients, so ``recompute_steps``
+            defaults to 1. Explicit ``B × B`` inverses, one tensor's at a time
+            (all of them for a sparsity ranked globally): ``block_size`` is required.
+            Exact steps trust the Fisher further than summed ones, so they want
+            more gradients (``num_grads`` of at least ``block_size``) and more
+            damping; ``docs/benchmarks.md`` has the measurements.
+        rounds: removal rounds per step for an unstructured sparsity with
+            ``update="joint"``, equal fractions of the remaining weights.
     """
 
     default_recompute_steps = 16
@@ -282,8 +319,18 @@ class MFACPruner(Pruner):
         relative_damp: float = 0.01,
         scope: Scope = "global",
         progress: bool = True,
+        update: Removal = "sum",
+        rounds: int = 4,
     ) -> None:
         super().__init__(model, params, scope=scope)
+        if update not in ("sum", "joint"):
+            raise ValueError(f"update must be 'sum' or 'joint', got {update!r}")
+        if update == "joint" and block_size is None:
+            raise ValueError("update='joint' needs a block_size (explicit B x B inverses)")
+        self.update = update
+        self.rounds = check_positive_int(rounds, "rounds")
+        if update == "joint":
+            self.default_recompute_steps = 1  # the rounds recompute without new gradients
         self.loss_fn = loss_fn
         self.data = data
         self.num_grads = check_positive_int(num_grads, "num_grads")
@@ -296,6 +343,80 @@ class MFACPruner(Pruner):
             raise ValueError("damp and relative_damp are both 0: the Fisher needs damping > 0")
         self.progress = progress
         self._batches: Iterator[tuple[Any, Any]] | None = None
+
+    def _prune_step(self, goal: _Goal) -> None:
+        if self.update == "sum":
+            super()._prune_step(goal)
+        else:
+            self._prune_step_jointly(goal)
+
+    def _prune_step_jointly(self, goal: _Goal) -> None:
+        """One step of ``update="joint"``: gradients once, then exact block OBS in rounds.
+
+        Tensors are independent unless an unstructured sparsity is ranked globally: they
+        are then pruned one at a time, so that one tensor's inverses are held at once."""
+        alive = torch.cat([t.mask().flatten() for t in self.targets])
+        if not self._select(goal, torch.zeros(alive.shape, device=self.device), alive).any():
+            return
+        grads = self.collect_gradients(torch.ones_like(alive))  # pruned weights: zero gradients
+        damp = self.damp + relative_damping(grads, self.relative_damp) * alive.numel() / max(
+            1, int(alive.sum())
+        )  # the mean diagonal over the alive weights
+        rounds = self._rounds(goal, alive)
+        if goal.sparsity is not None and self.scope == "global":
+            self._remove_in_rounds(self.targets, grads, alive, damp, rounds)
+            return
+        sizes = [t.parameter.numel() for t in self.targets]
+        parts = zip(self.targets, grads.split(sizes, 1), alive.split(sizes), strict=True)
+        for target, part, part_alive in parts:
+            self._remove_in_rounds([target], part, part_alive.clone(), damp, rounds)
+
+    def _remove_in_rounds(
+        self,
+        targets: list[PruneTarget],
+        grads: torch.Tensor,
+        alive: torch.Tensor,
+        damp: float,
+        rounds: list[_Goal],
+    ) -> None:
+        """Prune ``targets`` (all of them, or one) through ``rounds`` of exact block OBS."""
+        size = self.block_size
+        assert size is not None
+        sizes = [t.parameter.numel() for t in targets]
+        inverses = [block_inverse_fisher(g, size, damp, self._dtype) for g in grads.split(sizes, 1)]
+        weights = [to_blocks(t.weight().flatten().to(self._dtype), size) for t in targets]
+        for number, round_goal in enumerate(rounds, start=1):
+            scores = torch.cat(
+                [
+                    obs_saliency(to_blocks_flat(w, n), to_blocks_flat(h.diagonal(0, -2, -1), n))
+                    for w, h, n in zip(weights, inverses, sizes, strict=True)
+                ]
+            ).masked_fill(~alive, math.inf)
+            if len(targets) == len(self.targets):
+                removed = self._select(round_goal, scores, alive)
+            else:
+                removed = _select_in_tensor(targets[0], round_goal, scores, alive)
+            for w, h, r in zip(weights, inverses, removed.split(sizes), strict=True):
+                remove_jointly(w, h, to_blocks(r, size, False), downdate=number < len(rounds))
+            alive &= ~removed
+        for target, w, a, n in zip(targets, weights, alive.split(sizes), sizes, strict=True):
+            shape = target.parameter.shape
+            target.assign(
+                to_blocks_flat(w, n).reshape(shape).to(target.parameter.dtype), a.reshape(shape)
+            )
+
+    def _rounds(self, goal: _Goal, alive: torch.Tensor) -> list[_Goal]:
+        """The removal rounds of one joint step: N:M lowered one weight per group at a time,
+        an unstructured sparsity reached in ``rounds`` equal fractions of the remaining weights."""
+        if goal.sparsity is None:
+            return [_Goal(n=k, m=goal.m) for k in range(goal.m - 1, goal.n - 1, -1)]
+        current = 1 - float(alive.float().mean())
+        ratio = (1 - goal.sparsity) / (1 - current)
+        steps = [
+            _Goal(sparsity=1 - (1 - current) * ratio ** (j / self.rounds))
+            for j in range(1, self.rounds)
+        ]
+        return [*steps, goal]
 
     def _score(self, weights: torch.Tensor, alive: torch.Tensor) -> tuple[torch.Tensor, Update]:
         grads = self.collect_gradients(alive)
@@ -324,8 +445,7 @@ class MFACPruner(Pruner):
         dim = int(alive.sum())
         itemsize = torch.empty(0, dtype=self._dtype).element_size()
         ensure_fits(
-            self.num_grads * dim * itemsize
-            + DenseMFAC.estimate_bytes(self.num_grads, dim, self.block_size, self._dtype),
+            self.num_grads * dim * itemsize + self._inverse_bytes(dim),
             self.device,
             what=f"{self.num_grads} gradients of {dim} weights and their M-FAC inverse",
             advice="lower num_grads or block_size",
@@ -354,11 +474,22 @@ class MFACPruner(Pruner):
                 grads[row] = flat[alive_index]
         finally:
             self.model.train(was_training)
-        finite = torch.isfinite(grads).all(dim=1)
-        if not bool(finite.all()):
-            row = int((~finite).nonzero()[0])
+        # A NaN or Inf makes its row's sum non-finite: no [num_grads, d] mask (a peak of
+        # several times the gradients' size in torch's reduction)
+        for row in (~torch.isfinite(grads.sum(dim=1))).nonzero().flatten().tolist():
             check_finite(grads[row], f"the gradient of pruning batch {row}")
         return grads
+
+    def _inverse_bytes(self, dim: int) -> int:
+        """Peak bytes of the inverse Fisher of ``dim`` weights beyond the gradients: the
+        ``DenseMFAC`` of the summed update, or the joint update's explicit ``B × B`` blocks
+        of every tensor (ranked globally) or of the largest one, twice for temporaries."""
+        if self.update == "sum":
+            return DenseMFAC.estimate_bytes(self.num_grads, dim, self.block_size, self._dtype)
+        sizes = [t.parameter.numel() for t in self.targets]
+        held = sum(sizes) if self.scope == "global" else max(sizes)
+        itemsize = torch.empty(0, dtype=self._dtype).element_size()
+        return 2 * held * (self.block_size or 1) * itemsize
 
     def _next_batch(self) -> tuple[Any, Any]:
         for _ in range(2):
@@ -374,6 +505,25 @@ class MFACPruner(Pruner):
             "data yielded no batches; pass a re-iterable of (inputs, targets) such as a "
             "list or a DataLoader"
         )
+
+
+def _select_in_tensor(
+    target: PruneTarget, goal: _Goal, scores: torch.Tensor, alive: torch.Tensor
+) -> torch.Tensor:
+    """The alive weights of one tensor to remove for ``goal``: its N:M groups, or its own
+    sparsity (what :meth:`Pruner._select` does per tensor)."""
+    if goal.sparsity is None:
+        rows = target.parameter.shape[0]
+        removed = prune_n_m(scores.reshape(rows, -1), alive.reshape(rows, -1), goal.n, goal.m)
+        return removed.flatten()
+    return prune_lowest(
+        scores, alive, count_to_prune(goal.sparsity, alive.numel(), int((~alive).sum()))
+    )
+
+
+def to_blocks_flat(blocks: torch.Tensor, numel: int) -> torch.Tensor:
+    """The first ``numel`` entries of ``[blocks, B]`` blocks, flat (the padding dropped)."""
+    return blocks.reshape(-1)[:numel]
 
 
 def _best_of_each(scores: torch.Tensor, alive: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -133,8 +133,10 @@ def sparsegpt_prune(
     Args:
         weight: the layer's weights; computed on in their dtype (float32 for half
             precision), with the factor ``U`` formed in float64.
-        hessian: ``[cols, cols]``, ``H = (2/N) X Xᵀ`` (any positive scale: the
-            damping is relative and the updates do not depend on it).
+        hessian: ``[cols, cols]``, ``H = (2/N) X Xᵀ``. Any positive multiple gives
+            the same result (up to rounding): the damping is relative to the mean
+            diagonal over the live inputs (:func:`~.obs_sweep.damped_hessian`), and
+            inputs that are always zero are decoupled, whatever the scale.
         alive: ``[rows, cols]`` boolean, the weights not pruned yet (default all).
             Pruned weights stay pruned: they are held at zero, the other weights
             compensating, and count towards the sparsity.
@@ -231,8 +233,15 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
         params: ``nn.Linear`` weights to prune; ``None`` for all but the output layer.
         block_size: columns per block: the mask of a block is chosen when the block
             is reached, and updates to the right of it are applied once per block.
-        relative_damp: ``λ = relative_damp · mean diag(H)`` (``>= 0``).
+        relative_damp: ``λ = relative_damp · mean diag(H)`` over the inputs that
+            are not always zero (``>= 0``).
+        device, offload_activations, sequential: where blocks are pruned, where
+            their cached inputs are kept, and the calibration (see
+            :class:`~.layerwise.LayerwisePruner`).
         progress: show a progress bar over the blocks of the model.
+
+    ``prune(n_m=(n, m))`` keeps ``n`` weights of every ``m`` (the reference's
+    ``prunen``/``prunem`` count the weights removed).
     """
 
     method = "SparseGPT"
@@ -245,11 +254,17 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
         params: Iterable[ParamSpec] | None = None,
         block_size: int = 128,
         relative_damp: float = 0.01,
+        device: torch.device | str | None = None,
+        offload_activations: bool = False,
+        sequential: bool = True,
         progress: bool = True,
     ) -> None:
         self.block_size = check_positive_int(block_size, "block_size")
         self.relative_damp = _non_negative(relative_damp, "relative_damp")
-        super().__init__(model, data, params=params, progress=progress)
+        super().__init__(
+            model, data, params=params, device=device, offload_activations=offload_activations,
+            sequential=sequential, progress=progress,
+        )  # fmt: skip
         #: codes and grids of the weights quantized by ``prune(..., bits=...)``, by name
         self.quantized: dict[str, QuantizedWeight] = {}
         self._quantization: dict[str, Any] = {}

@@ -5,6 +5,12 @@ stores it: the parameter ``name_orig``, the buffer ``name_mask`` and a forward
 pre-hook that sets ``name = name_orig * name_mask``. Masks made here and by
 ``torch.nn.utils.prune`` are therefore interchangeable, ``prune.remove(module, name)``
 makes one permanent, and ``model.state_dict()`` holds the masks.
+
+To keep a pruned model, make its masks permanent first (:func:`remove_masks`):
+a Hugging Face model saved with ``save_pretrained`` while it still holds
+``weight_orig`` and ``weight_mask`` loads back with its weights missing and
+re-initialised. :func:`check_masks_removed` refuses such a model before anything
+is written.
 """
 
 from __future__ import annotations
@@ -18,7 +24,15 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 from torch.utils.hooks import RemovableHandle
 
-__all__ = ["PruneTarget", "apply_masks", "keep_masks_applied", "load_pruned_state_dict"]
+__all__ = [
+    "PruneTarget",
+    "apply_masks",
+    "check_masks_removed",
+    "keep_masks_applied",
+    "load_pruned_state_dict",
+    "refresh_pruned_weights",
+    "remove_masks",
+]
 
 ParamSpec = nn.Parameter | str | tuple[nn.Module, str]
 
@@ -170,12 +184,72 @@ def _target(module: nn.Module, name: str, module_name: str) -> PruneTarget:
     return PruneTarget(module, name, f"{module_name}.{name}" if module_name else name)
 
 
+def _masked_weights(model: nn.Module) -> Iterable[tuple[str, nn.Module, str]]:
+    """``(qualified name, module, name)`` of every weight held as ``name_orig`` and ``name_mask``."""
+    for module_name, module in model.named_modules():
+        for key, mask in list(module._buffers.items()):
+            name = key.removesuffix("_mask")
+            if key.endswith("_mask") and mask is not None and f"{name}_orig" in module._parameters:
+                yield (f"{module_name}.{name}" if module_name else name), module, name
+
+
 def _reparametrized_weights(model: nn.Module) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-    for module in model.modules():
-        for key, mask in module._buffers.items():
-            parameter = module._parameters.get(f"{key.removesuffix('_mask')}_orig")
-            if key.endswith("_mask") and parameter is not None and mask is not None:
-                yield parameter, mask
+    for _, module, name in _masked_weights(model):
+        parameter, mask = module._parameters[f"{name}_orig"], module._buffers[f"{name}_mask"]
+        assert parameter is not None and mask is not None
+        yield parameter, mask
+
+
+@torch.no_grad()
+def refresh_pruned_weights(module: nn.Module) -> None:
+    """Set every pruned ``name`` in ``module`` to ``name_orig * name_mask`` again.
+
+    ``torch.nn.utils.prune`` keeps that product as a plain attribute, which
+    ``module.to(device)`` does not move: after a move it still sits on the old device.
+    """
+    for _, owner, name in _masked_weights(module):
+        parameter, mask = owner._parameters[f"{name}_orig"], owner._buffers[f"{name}_mask"]
+        assert parameter is not None and mask is not None
+        setattr(owner, name, parameter * mask)
+
+
+def remove_masks(model: nn.Module) -> list[str]:
+    """Make every mask of ``model`` permanent: ``torch.nn.utils.prune.remove`` on each pruned weight.
+
+    Each ``name_orig`` / ``name_mask`` pair becomes the plain parameter ``name``
+    holding the pruned values (zeros where the mask is zero), so that
+    ``model.state_dict()``, ``torch.save`` and a Hugging Face model's
+    ``save_pretrained`` store the weights under their usual names. Pruning the
+    model again starts from these weights with fresh, all-kept masks. Returns
+    the qualified names of the weights made permanent.
+    """
+    removed = []
+    for qualname, module, name in list(_masked_weights(model)):
+        torch_prune.remove(module, name)
+        removed.append(qualname)
+    return removed
+
+
+def check_masks_removed(model: nn.Module) -> None:
+    """Raise ``ValueError`` if ``model`` still holds masks, before it is saved.
+
+    A Hugging Face model saved by ``save_pretrained`` with its masks writes
+    ``weight_orig`` and ``weight_mask``; ``from_pretrained`` then finds no
+    ``weight`` and initialises it at random. Call this before saving (or call
+    :func:`remove_masks`, which makes the masks permanent).
+
+    Raises:
+        ValueError: naming the masked weights.
+    """
+    names = [qualname for qualname, _, _ in _masked_weights(model)]
+    if names:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        raise ValueError(
+            f"the model still holds pruning masks ({shown}): saved like this, the weights are "
+            "stored as weight_orig and weight_mask and a Hugging Face from_pretrained "
+            "re-initialises them; call secondorder.prune.remove_masks(model) (or the pruner's "
+            "make_permanent()) before saving"
+        )
 
 
 @torch.no_grad()

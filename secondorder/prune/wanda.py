@@ -63,7 +63,13 @@ class WandaPruner(LayerwisePruner[InputNormStatistic]):
         model: the model; pruned in place.
         data: calibration batches (see :class:`~.layerwise.LayerwisePruner`).
         params: ``nn.Linear`` weights to prune; ``None`` for all but the output layer.
+        device, offload_activations, sequential: where blocks are pruned, where
+            their cached inputs are kept, and the calibration (see
+            :class:`~.layerwise.LayerwisePruner`).
         progress: show a progress bar over the blocks of the model.
+
+    ``prune(n_m=(n, m))`` keeps ``n`` weights of every ``m`` (the reference's
+    ``prune_n``/``prune_m`` count the weights removed).
     """
 
     method = "Wanda"

@@ -24,7 +24,6 @@ here they are zeroed first. ``docs/benchmarks.md`` has the side-by-side numbers.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterable
 from typing import Any
 
@@ -173,11 +172,13 @@ class GPTQQuantizer:
         group_size: input columns sharing a grid (``-1``: one grid per output row).
         symmetric: grids symmetric about 0.
         act_order: quantize the input columns by decreasing ``H_jj``.
-        relative_damp: ``λ = relative_damp · mean diag(H)`` (``>= 0``).
+        relative_damp: ``λ = relative_damp · mean diag(H)`` over the inputs that are not
+            always zero (``>= 0``).
         block_size: columns per lazy block (see :func:`gptq_quantize`).
         params: ``nn.Linear`` weights to quantize; ``None`` for all but the output layer.
-        device: where each block is calibrated and quantized (``None``: where the
-            weights are). Needs the sequential calibration of issue 21 in the base.
+        device: where each block is calibrated and quantized, one at a time (``None``:
+            where the weights are).
+        offload_activations: keep the cached inputs of the blocks on the CPU.
         progress: show a progress bar over the blocks of the model.
 
     Raises:
@@ -197,6 +198,7 @@ class GPTQQuantizer:
         block_size: int = 128,
         params: Iterable[ParamSpec] | None = None,
         device: torch.device | str | None = None,
+        offload_activations: bool = False,
         progress: bool = True,
     ) -> None:
         check_quantization(bits, group_size)
@@ -208,16 +210,8 @@ class GPTQQuantizer:
             "block_size": check_positive_int(block_size, "block_size"),
             "relative_damp": _non_negative(relative_damp, "relative_damp"),
         }
-        base: dict[str, Any] = {"params": params, "progress": progress}
-        if device is not None:
-            # Hook for the sequential calibration (issue 21, item 1): the base takes
-            # device= once it moves blocks to a device one at a time.
-            if "device" not in inspect.signature(LayerwisePruner.__init__).parameters:
-                raise NotImplementedError(
-                    "device= needs the layer-wise base's sequential calibration; leave it "
-                    "None to quantize where the weights are"
-                )
-            base["device"] = device
+        base: dict[str, Any] = {"params": params, "progress": progress, "device": device,
+                                "offload_activations": offload_activations}  # fmt: skip
         self._layers = _GPTQLayers(model, data, settings, **base)
         self.model = model
         self.settings = settings
