@@ -1,5 +1,7 @@
 """The pruning scripts run end to end on the real digits (smoke tests; quality is in the benchmark)."""
 
+import re
+
 from _bars import record_bars
 
 from secondorder._workloads import llama_pruning as llm_pruning
@@ -48,7 +50,10 @@ def test_cli_prune_llama_quick(tmp_path, capsys):
     out = capsys.readouterr().out
     for method in llm_pruning.METHODS:
         assert method in out
+    for method, (pattern, _) in llm_pruning.QUANTIZATIONS.items():
+        assert re.search(rf"^ *{re.escape(method)} +{re.escape(pattern)} +\d\.\d{{3}}$", out, re.M)
     table = (tmp_path / "llama_pruning.md").read_text()
     assert "| M-FAC (layer) | 70% |" in table and "peak memory" in table
+    assert "| GPTQ | 4-bit g128 |" in table and "| SparseGPT + GPTQ | 50% + 4-bit g128 |" in table
     assert (tmp_path / "llama_pruning.png").exists()
     assert not (tmp_path / "cache").exists()  # --quick trains in seconds and caches nothing

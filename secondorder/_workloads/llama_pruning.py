@@ -5,7 +5,8 @@ on the standard library's text and cached under ``runs/``; copies of it are
 pruned to 50%, 70% and 2:4 sparsity of the attention and MLP matrices
 (embeddings and the output layer stay dense) by every method, from the same 128
 calibration sequences of training text, and scored by the held-out loss in nats
-per byte. Used by ``secondorder prune --models llama``, the demo's pruning section
+per byte. Copies are also quantized to 4 bits by GPTQ, and pruned to 50% and quantized
+in one SparseGPT sweep. Used by ``secondorder prune --models llama``, the demo's pruning section
 and ``benchmarks/prune_bench.py --part llama``.
 """
 
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +27,7 @@ from torch import nn
 from .._progress import progress
 from ..prune import MagnitudePruner, MFACPruner, Pruner, SparseGPTPruner, WandaPruner
 from ..prune.pruners import Scope
+from ..quantize import GPTQQuantizer
 from .data import TextCorpus, load_stdlib_corpus
 from .language_model import (
     LMSetup,
@@ -188,6 +191,35 @@ METHODS: dict[str, MethodBuilder] = {
 }
 
 
+def _gptq(model: nn.Module, data: list, setup: LlamaPruneSetup, show_progress: bool) -> float:
+    GPTQQuantizer(
+        model, data, bits=4, group_size=128, params=prunable_weights(model),
+        block_size=setup.block_size, progress=show_progress,
+    ).quantize()  # fmt: skip
+    return 0.0
+
+
+def _sparsegpt_4bit(
+    model: nn.Module, data: list, setup: LlamaPruneSetup, show_progress: bool
+) -> float:
+    pruner = SparseGPTPruner(
+        model, data, params=prunable_weights(model), block_size=setup.block_size,
+        progress=show_progress,
+    )  # fmt: skip
+    return pruner.prune(0.5, bits=4, group_size=128)
+
+
+Quantization = Callable[[nn.Module, list, LlamaPruneSetup, bool], float]
+
+#: name -> (what it does, as the ``pattern`` of its run; ``compress(model, calibration data,
+#: setup, show_progress)``, which compresses in place and returns the sparsity reached):
+#: 4-bit asymmetric grids of 128 input columns
+QUANTIZATIONS: dict[str, tuple[str, Quantization]] = {
+    "GPTQ": ("4-bit g128", _gptq),
+    "SparseGPT + GPTQ": ("50% + 4-bit g128", _sparsegpt_4bit),
+}
+
+
 @dataclass(frozen=True)
 class PruneRun:
     """One ``prune()`` call on a copy of the dense model."""
@@ -209,28 +241,40 @@ def prune_once(
     *,
     show_progress: bool = False,
 ) -> PruneRun:
-    """Prune a fresh copy of the dense model with ``method`` to ``pattern``; time it, measure its peak memory."""
+    """Prune a fresh copy of the dense model with ``method`` to ``pattern``; time it, measure its peak memory.
+
+    ``method`` is one of :data:`METHODS` (``pattern`` one of :data:`PATTERNS`) or of
+    :data:`QUANTIZATIONS` (``pattern`` the one it names).
+    """
     model = new_model(corpus, setup.model)
     model.load_state_dict(state)
     data = calibration_data(setup, corpus)
-    pruner = METHODS[method](model, data, setup, show_progress)
-    options = dict(PATTERNS[pattern])
-    if method.startswith("M-FAC") and setup.mfac_recompute_steps is not None:
-        options["recompute_steps"] = setup.mfac_recompute_steps
-    with measured(next(model.parameters()).device) as measurement:
-        sparsity = pruner.prune(**options)
+    if method in QUANTIZATIONS:
+        if pattern != QUANTIZATIONS[method][0]:
+            raise ValueError(f"{method} does {QUANTIZATIONS[method][0]!r}, not {pattern!r}")
+        compress = QUANTIZATIONS[method][1]
+        with measured(next(model.parameters()).device) as measurement:
+            sparsity = compress(model, data, setup, show_progress)
+    else:
+        pruner = METHODS[method](model, data, setup, show_progress)
+        options = dict(PATTERNS[pattern])
+        if method.startswith("M-FAC") and setup.mfac_recompute_steps is not None:
+            options["recompute_steps"] = setup.mfac_recompute_steps
+        with measured(next(model.parameters()).device) as measurement:
+            sparsity = pruner.prune(**options)
     loss = validation_loss(model, corpus, setup.model)
     return PruneRun(method, pattern, loss, sparsity, measurement.seconds, measurement.peak_bytes)
 
 
 @dataclass
 class LlamaComparison:
-    """Every method at every pattern, and the dense model."""
+    """Every method at every pattern, the quantizations, and the dense model."""
 
     setup: LlamaPruneSetup
     dense_loss: float
     train_seconds: float
     runs: list[PruneRun]
+    quantized: list[PruneRun] = field(default_factory=list)
 
     def loss_table(self, bold: bool = True) -> tuple[list[str], list[list[str]]]:
         """Held-out loss, one row per method, one column per pattern (markdown bold on the best of each)."""
@@ -252,9 +296,15 @@ class LlamaComparison:
         rows = [
             [r.method, r.pattern, f"{r.loss:.3f}", f"{r.sparsity:.3f}", f"{r.seconds:.1f}",
              "n/a" if r.peak_bytes is None else f"{r.peak_bytes / 2**20:.0f} MiB"]
-            for r in self.runs
+            for r in [*self.runs, *self.quantized]
         ]  # fmt: skip
         return header, rows
+
+    def quantization_table(self) -> tuple[list[str], list[list[str]]]:
+        """Held-out loss of each quantization, with the dense model's."""
+        rows = [["dense", "float32", f"{self.dense_loss:.3f}"]]
+        rows += [[r.method, r.pattern, f"{r.loss:.3f}"] for r in self.quantized]
+        return ["method", "weights", "held-out loss"], rows
 
     def describe(self) -> str:
         m = self.setup.model
@@ -274,11 +324,13 @@ def compare(
     patterns: Sequence[str] | None = None,
     cache_dir: str | Path | None = "runs/cache",
     show_progress: bool = True,
+    quantizations: Sequence[str] | None = None,
     run: Callable[..., PruneRun] | None = None,
 ) -> LlamaComparison:
-    """Train (or load) the dense model and prune a copy with every method at every pattern.
+    """Train (or load) the dense model; prune a copy with every method at every pattern,
+    and compress one with each of ``quantizations`` (``None``: all of :data:`QUANTIZATIONS`).
 
-    ``run(state, setup, corpus, method, pattern)`` does one pruning call
+    ``run(state, setup, corpus, method, pattern)`` does one call
     (:func:`prune_once` in this process by default; the benchmark runs each in a
     fresh process).
     """
@@ -289,17 +341,18 @@ def compare(
     dense = new_model(corpus, setup.model)
     dense.load_state_dict(state)
     dense_loss = validation_loss(dense, corpus, setup.model)
-    runs = []
-    for method in methods or METHODS:
-        for pattern in patterns or PATTERNS:
-            if run is None:
-                result = prune_once(
-                    state, setup, corpus, method, pattern, show_progress=show_progress
-                )
-            else:
-                result = run(state, setup, corpus, method, pattern)
-            runs.append(result)
-    return LlamaComparison(setup, dense_loss, train_seconds, runs)
+    if run is None:
+        run = partial(prune_once, show_progress=show_progress)
+    runs = [
+        run(state, setup, corpus, method, pattern)
+        for method in methods or METHODS
+        for pattern in patterns or PATTERNS
+    ]
+    quantized = [
+        run(state, setup, corpus, method, QUANTIZATIONS[method][0])
+        for method in (QUANTIZATIONS if quantizations is None else quantizations)
+    ]
+    return LlamaComparison(setup, dense_loss, train_seconds, runs, quantized)
 
 
 def plot_losses(comparison: LlamaComparison, path: Path) -> Path | None:
@@ -351,15 +404,28 @@ def report_text(comparison: LlamaComparison) -> str:
         "ranked globally or per layer. Held-out loss in "
         "nats/byte (best of each column in bold):\n\n"
         + markdown_table(*comparison.loss_table())
-        + "\n\nEach pruning call (peak memory: growth of the process's peak resident set, or "
+        + _quantization_text(comparison)
+        + "\n\nEach call (peak memory: growth of the process's peak resident set, or "
         "of the CUDA allocator's peak, during the call):\n\n"
         + markdown_table(*comparison.detail_table())
+    )
+
+
+def _quantization_text(comparison: LlamaComparison) -> str:
+    if not comparison.quantized:
+        return ""
+    return (
+        "\n\nQuantized: GPTQ to 4 bits (asymmetric min-max grids of 128 input columns, "
+        "1% damping), and SparseGPT pruning to 50% while quantizing the kept weights to "
+        "the same grids in one sweep. Held-out loss in nats/byte:\n\n"
+        + markdown_table(*comparison.quantization_table())
     )
 
 
 __all__ = [
     "METHODS",
     "PATTERNS",
+    "QUANTIZATIONS",
     "QUICK",
     "TITLE",
     "LlamaComparison",

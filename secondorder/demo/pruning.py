@@ -116,6 +116,8 @@ def prune_llama(
     print(f"\ntiny Llama: {comparison.describe()}")
     print(text_table(*comparison.loss_table(bold=False)))
     print()
+    print(text_table(*comparison.quantization_table()))
+    print()
     print(text_table(*comparison.detail_table()))
     out.mkdir(parents=True, exist_ok=True)
     table = out / "llama_pruning.md"
