@@ -733,8 +733,13 @@ def step_time(records: list[dict]) -> str:
 def held_out_rows(task: str, finals: list[dict]) -> list[list[str]]:
     """One row per (family, setting) evaluated on held-out seeds. Every setting that was a
     family's best at some point keeps its row; the current best, the one validation picks,
-    comes first in its family and the others are marked."""
-    best = best_settings(task)
+    comes first in its family and the others are marked. A check's records are picks of the
+    task they were tuned on (recorded as ``tuned_on``), named beside the setting."""
+    picks = {source: best_settings(source) for source in {r.get("tuned_on", task) for r in finals}}
+
+    def is_pick(record: dict) -> bool:
+        return record["settings"] == picks[record.get("tuned_on", task)].get(record["family"])
+
     by_setting: dict[tuple[str, str], list[dict]] = {}
     for record in finals:
         key = (record["family"], json.dumps(record["settings"], sort_keys=True))
@@ -743,14 +748,15 @@ def held_out_rows(task: str, finals: list[dict]) -> list[list[str]]:
     rows = []
     for (family, _), records in sorted(
         by_setting.items(),
-        key=lambda item: (order.index(item[0][0]), item[1][0]["settings"] != best.get(item[0][0])),
+        key=lambda item: (order.index(item[0][0]), not is_pick(item[1][0])),
     ):
-        chosen = records[0]["settings"] == best.get(family)
+        chosen = is_pick(records[0])
+        source = f" ({records[0]['tuned_on']}'s pick)" if "tuned_on" in records[0] else ""
         losses = [r["loss"] for r in records]
         accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
         rows.append(
             [family if chosen else f"{family} (not chosen by validation)",
-             describe(records[0]["settings"]),
+             describe(records[0]["settings"]) + source,
              f"{mean_std(losses)} ({len(records)} seeds)",
              mean_std(accuracies) if len(accuracies) > 1 else "—",
              step_time(records), format_bytes(records[0]["state_bytes"])]
@@ -784,8 +790,7 @@ def report(every_setting: bool = False) -> None:
             print(markdown_table(["optimiser", "setting", "validation loss"], rows))
         finals = read_records(SWEEP_DIR / f"final-{task}.jsonl")
         if finals:
-            source = "" if tuned_on(task) == task else f", at the picks of {tuned_on(task)}"
-            print(f"\n### {task}: held-out, mean ± std over seeds{source}\n")
+            print(f"\n### {task}: held-out, mean ± std over seeds\n")
             header = [
                 "optimiser",
                 "setting",
