@@ -6,6 +6,8 @@
     python benchmarks/optim_sweep.py --part tune --task llama300    # the comparison's sweep
     python benchmarks/optim_sweep.py --part final --task llama300   # its seeds at the best points
     python benchmarks/optim_sweep.py --part report                  # its tables
+    python benchmarks/optim_sweep.py --part long                    # 3,000 steps, the best
+    python benchmarks/optim_sweep.py --part final --task llama-heldout  # the held-out check
 
 cnn       each optimiser of the demo over a small grid, on the demo's CNN and data split.
 logistic  multinomial logistic regression on the raw digits (a convex problem): SGD, SGD with
@@ -17,13 +19,24 @@ sparse    dense M-FAC against the sparse window at 1%, 5% and 10% density, with 
 tune      the comparison of issue 15, step 1: every optimiser family over a coarse grid (3-4
           learning rates; 3 relative dampings for M-FAC), one seed, scored on a validation
           split (digits: 20% of the training images; the tiny Llama: the first half of the
-          held-out text). Tasks: llama300, llama1000 (warm-up then cosine), cnn (the demo's,
-          15 epochs), logistic (2 epochs). Appends to runs/sweep/tune-<task>.jsonl and skips
-          what is already there, so an interrupted sweep resumes.
+          held-out text). Tasks: llama300, llama1000, llama3000 (warm-up then cosine), cnn
+          (the demo's, 15 epochs), logistic (2 epochs). Appends to runs/sweep/tune-<task>.jsonl
+          and skips what is already there, so an interrupted sweep resumes. The families:
+          the first comparison's (AdamW, SGD with momentum, GaLore, M-FAC's variants) and
+          the entries of FAMILIES (Muon with AdamW, heavyball's SOAP, and the library's
+          newer classes once they exist), each skipped with a message where it cannot run.
 final     step 2: each family at its best point, seeds 1..3 (1..5 on the CNN), trained on the
           whole training split and scored on held-out data (digits: the test images; Llama:
           the second half of the held-out text). Appends to runs/sweep/final-<task>.jsonl.
 report    the tables of both steps, from the .jsonl files.
+long      the 3,000-step Llama (3 seeds) for the --family given (repeatable), or for the
+          three best families of the 1,000-step held-out results (300 if those are missing)
+          and AdamW: each tuned around its shorter pick (a third, once and three times its
+          rate), then held out.
+llama-heldout  a check on data and a model the sweep never saw: the reference manual's
+          prose (pydoc's topics) instead of Python source, a Llama of 3 layers of 96 instead
+          of 2 of 128, 500 steps. Not tuned: --part final runs each family at its
+          llama1000 pick (llama300's where that sweep has not run).
 window    how many gradients grafted M-FAC needs: its tuned setting of the 300-step Llama at
           num_grads 16, 64 and 256 (seed 0, validation split; runs/sweep/window-llama300.jsonl).
 """
@@ -32,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import itertools
 import json
 import statistics
@@ -42,9 +56,17 @@ from pathlib import Path
 import torch
 from timing import format_bytes
 
+import secondorder.optim
 from secondorder._workloads import language_model as lm
-from secondorder._workloads.data import Split, TextCorpus, load_digits, load_stdlib_corpus
+from secondorder._workloads.data import (
+    Split,
+    TextCorpus,
+    load_digits,
+    load_stdlib_corpus,
+    load_stdlib_prose,
+)
 from secondorder._workloads.models import digits_cnn
+from secondorder._workloads.peers import heavyball, heavyball_soap, muon_with_adamw
 from secondorder._workloads.report import markdown_row, markdown_table
 from secondorder._workloads.training import train_classifier
 from secondorder.demo import lowrank
@@ -269,27 +291,118 @@ LEARNING_RATES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """An optimiser family of the comparison, as one entry of :data:`FAMILIES`.
+
+    ``build(model, settings)`` makes the optimiser; ``rates`` are its learning rates per
+    kind of task ("llama", "cnn", "logistic"; a kind left out is not run); ``others`` are
+    the further settings crossed with each rate; ``missing()`` says why the family cannot
+    run here (a peer not installed, a class not written yet), or ``None`` when it can.
+    """
+
+    build: Callable[[torch.nn.Module, dict], torch.optim.Optimizer]
+    rates: dict[str, tuple[float, ...]]
+    others: tuple[dict, ...] = ({},)
+    missing: Callable[[], str | None] = lambda: None
+
+    def grid(self, kind: str) -> list[dict]:
+        return [
+            {"lr": lr, **other} for lr, other in itertools.product(self.rates[kind], self.others)
+        ]
+
+
+def ours(name: str):
+    """``secondorder.optim.<name>``, or ``None`` while the library has no such class."""
+    return getattr(secondorder.optim, name, None)
+
+
+def mfac_has_prior() -> bool:
+    return "prior" in inspect.signature(MFAC).parameters
+
+
+#: the learning rates of the peers and of the library's newer families (issue 20)
+PEER_RATES = (1e-3, 3e-3, 1e-2)
+
+#: every family beyond the original grids: a new one is one entry here. Peers and newer
+#: classes of the library are skipped, with a message, where they are missing. Everything
+#: runs without weight decay, as the sweep's AdamW does.
+FAMILIES: dict[str, Family] = {
+    # Muon on the hidden matrices, AdamW (same lr) on embeddings, norms and the output layer;
+    # the logistic regression has no hidden matrix
+    "Muon": Family(
+        lambda model, s: muon_with_adamw(model, **s),
+        {"llama": PEER_RATES, "cnn": PEER_RATES},
+    ),
+    "heavyball SOAP": Family(
+        lambda model, s: heavyball_soap(model.parameters(), weight_decay=0.0, **s),
+        {"llama": PEER_RATES, "cnn": PEER_RATES, "logistic": (1e-2, 3e-2, 1e-1)},
+        missing=lambda: (
+            None
+            if heavyball()
+            else "heavyball is not installed (pip install --no-deps heavyball==3.2.1)"
+        ),
+    ),
+    "SOAP": Family(
+        lambda model, s: ours("SOAP")(model.parameters(), weight_decay=0.0, **s),
+        {"llama": PEER_RATES, "cnn": PEER_RATES, "logistic": (1e-2, 3e-2, 1e-1)},
+        missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
+    ),
+    # issue 20's prototype: 32 gradients, λ = 3e4 · mean(w²), lr 3e-3
+    "MFAC (Adam prior)": Family(
+        lambda model, s: MFAC(model.parameters(), **s),
+        {"llama": PEER_RATES, "cnn": PEER_RATES},
+        others=tuple(
+            {"prior": "adam", "relative_damp": rho, "num_grads": 32} for rho in (3e3, 3e4, 3e5)
+        ),
+        missing=lambda: None if mfac_has_prior() else "MFAC has no prior= yet",
+    ),
+}
+
+
+def available_families(kind: str) -> dict[str, Family]:
+    """The entries of :data:`FAMILIES` that can run on a task of ``kind``; a message for each
+    missing one."""
+    chosen = {}
+    for name, family in FAMILIES.items():
+        reason = family.missing()
+        if reason is not None:
+            print(f"skipping {name}: {reason}", flush=True)
+        elif kind in family.rates:
+            chosen[name] = family
+    return chosen
+
+
 def families(task: str) -> dict[str, list[dict]]:
     """Each optimiser family's grid of settings for ``task``. For the 1,000-step Llama, the
     300-step best of each family and one learning rate on either side of it (the best rate
-    moves with the budget), when the 300-step sweep has run; its whole grid otherwise."""
-    if task == "llama1000":
-        shorter = best_settings("llama300")
-        if shorter:
-            grid = {
-                family: [{**best, "lr": best["lr"] * factor} for factor in (1 / 3, 1.0, 3.0)]
-                for family, best in shorter.items()
-            }
-            # grafted M-FAC stayed 0.04 behind AdamW there: three more points near its pick
-            grafted = grid.get("MFAC grafted (adam)")
-            if grafted:
-                best = shorter["MFAC grafted (adam)"]
-                grafted += [
-                    {**best, "lr": lr, "relative_damp": rho}
-                    for lr, rho in ((3e-3, 1e3), (5e-3, 1e4), (3e-3, 1e4))
-                ]
-            return grid
-    rates = LEARNING_RATES["llama" if task.startswith("llama") else task]
+    moves with the budget), when the 300-step sweep has run; its whole grid otherwise. The
+    3,000-step Llama does the same around the 1,000-step best (the 300-step one if the
+    1,000-step sweep has not run)."""
+    kind = task_kind(task)
+    grid = original_families(task)
+    grid |= {name: family.grid(kind) for name, family in available_families(kind).items()}
+    shorter = {
+        "llama1000": best_settings("llama300"),
+        "llama3000": best_settings("llama1000") or best_settings("llama300"),
+    }.get(task, {})
+    for family, best in shorter.items():
+        if family in grid:
+            grid[family] = [{**best, "lr": best["lr"] * factor} for factor in (1 / 3, 1.0, 3.0)]
+    if task == "llama1000" and "MFAC grafted (adam)" in shorter:
+        # grafted M-FAC stayed 0.04 behind AdamW there: three more points near its pick
+        best = shorter["MFAC grafted (adam)"]
+        grid["MFAC grafted (adam)"] += [
+            {**best, "lr": lr, "relative_damp": rho}
+            for lr, rho in ((3e-3, 1e3), (5e-3, 1e4), (3e-3, 1e4))
+        ]
+    return grid
+
+
+def original_families(task: str) -> dict[str, list[dict]]:
+    """The grids of the first comparison (issue 15): AdamW, SGD with momentum, GaLore and
+    M-FAC's variants."""
+    rates = LEARNING_RATES[task_kind(task)]
     window = {"num_grads": 64}
     # Adam's first moment is in the grafted norm, so M-FAC's own momentum on top is swept:
     # without it was better on the tiny Llama (2.058 at lr 5e-3, 2.135 with 0.9 at lr 3e-3;
@@ -330,7 +443,10 @@ def families(task: str) -> dict[str, list[dict]]:
     return grid
 
 
-def make_optimizer(family: str, settings: dict, params: list[torch.nn.Parameter], task: str):
+def make_optimizer(family: str, settings: dict, model: torch.nn.Module, task: str):
+    if family in FAMILIES:
+        return FAMILIES[family].build(model, settings)
+    params = list(model.parameters())
     if family == "AdamW":
         return torch.optim.AdamW(params, lr=settings["lr"], weight_decay=0.0)
     if family == "SGD+momentum":
@@ -347,23 +463,77 @@ class Outcome:
 
     loss: float  # validation or held-out loss (nats per byte for the Llama)
     accuracy: float | None
-    seconds_per_step: float
+    seconds_per_step: float  # the mean, first steps (and any compilation in them) included
     state_bytes: int
+    median_step_seconds: float  # the steady step: a compiling first step does not move it
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaTask:
+    """A tiny-Llama task: its budget, the model (``LMSetup`` fields beyond the budget), its
+    text, and, for a check that is not tuned itself, the tasks whose validation picks it
+    runs (the first that has been tuned)."""
+
+    steps: int
+    model: tuple[tuple[str, int], ...] = ()
+    corpus: Callable[[lm.LMSetup], TextCorpus] = lambda setup: load_stdlib_corpus(
+        setup.corpus_bytes
+    )
+    settings_from: tuple[str, ...] = ()
+
+
+LLAMA_TASKS = {
+    "llama300": LlamaTask(300),
+    "llama1000": LlamaTask(1000),
+    "llama3000": LlamaTask(3000),
+    # the held-out check: English prose instead of Python source, a narrower and deeper
+    # model (3 layers of 96, 3 heads), 500 steps; the settings come from the code tasks
+    "llama-heldout": LlamaTask(
+        500,
+        model=(
+            ("hidden_size", 96),
+            ("num_layers", 3),
+            ("num_heads", 3),
+            ("intermediate_size", 256),
+        ),
+        corpus=lambda setup: load_stdlib_prose(),
+        settings_from=("llama1000", "llama300"),
+    ),
+}
+
+
+def task_kind(task: str) -> str:
+    return "llama" if task in LLAMA_TASKS else task
+
+
+def tuned_on(task: str) -> str:
+    """The task whose tuning records pick ``task``'s settings: ``task`` itself unless it is
+    a check that borrows them."""
+    sources = LLAMA_TASKS[task].settings_from if task in LLAMA_TASKS else ()
+    for source in sources:
+        if (SWEEP_DIR / f"tune-{source}.jsonl").exists():
+            return source
+    return sources[-1] if sources else task
 
 
 def run_llama(family: str, settings: dict, task: str, seed: int, split: str) -> Outcome:
-    steps = {"llama300": 300, "llama1000": 1000}[task]
-    setup = dataclasses.replace(lm.LMSetup(), steps=steps, warmup=steps // 10, seed=seed)
-    full = load_stdlib_corpus(setup.corpus_bytes)
+    spec = LLAMA_TASKS[task]
+    setup = dataclasses.replace(
+        lm.LMSetup(), steps=spec.steps, warmup=spec.steps // 10, seed=seed, **dict(spec.model)
+    )
+    full = spec.corpus(setup)
     half = len(full.valid) // 2
     held_out = full.valid[:half] if split == "valid" else full.valid[half:]
     corpus = TextCorpus(full.train, held_out, full.files)
 
     def build(model, setup, lr):
-        return model, make_optimizer(family, {**settings, "lr": lr}, list(model.parameters()), task)
+        return model, make_optimizer(family, {**settings, "lr": lr}, model, task)
 
     result = lm.train_lm(family, build, settings["lr"], corpus, setup, show_progress=False)
-    return Outcome(result.valid_loss, None, result.seconds / steps, result.state_bytes)
+    return Outcome(
+        result.valid_loss, None, result.seconds / spec.steps, result.state_bytes,
+        statistics.median(result.step_seconds),
+    )  # fmt: skip
 
 
 def digits_splits(split: str) -> tuple[Split, Split]:
@@ -389,15 +559,18 @@ def run_digits(family: str, settings: dict, task: str, seed: int, split: str) ->
             32,
         )
     run = train_classifier(
-        family, model, lambda p: make_optimizer(family, settings, p, task), train, scored,
+        family, model, lambda _: make_optimizer(family, settings, model, task), train, scored,
         epochs=epochs, batch_size=batch, seed=seed, show_progress=False,
     )  # fmt: skip
     steps = len(run.step_losses)
-    return Outcome(run.test_loss, run.test_accuracy, run.seconds / steps, run.state_bytes)
+    return Outcome(
+        run.test_loss, run.test_accuracy, run.seconds / steps, run.state_bytes,
+        statistics.median(run.step_seconds),
+    )  # fmt: skip
 
 
 def run_one(family: str, settings: dict, task: str, seed: int, split: str) -> Outcome:
-    if task.startswith("llama"):
+    if task in LLAMA_TASKS:
         return run_llama(family, settings, task, seed, split)
     return run_digits(family, settings, task, seed, split)
 
@@ -415,7 +588,9 @@ def append_record(path: Path, record: dict) -> None:
     print(json.dumps(record), flush=True)
 
 
-def run_and_record(path: Path, family: str, settings: dict, task: str, seed: int, split: str):
+def run_and_record(
+    path: Path, family: str, settings: dict, task: str, seed: int, split: str, **extra
+) -> None:
     done = {
         (r["family"], json.dumps(r["settings"], sort_keys=True), r["seed"])
         for r in read_records(path)
@@ -428,15 +603,17 @@ def run_and_record(path: Path, family: str, settings: dict, task: str, seed: int
     except (ValueError, RuntimeError) as error:  # a setting that diverges or is refused
         outcome = {"loss": float("nan"), "accuracy": None, "error": str(error)[:200]}
     record = {"task": task, "family": family, "settings": settings, "seed": seed, "split": split}
-    append_record(path, record | outcome | {"wall": time.perf_counter() - start})
+    append_record(path, record | extra | outcome | {"wall": time.perf_counter() - start})
 
 
-def tune(task: str, only: str | None) -> None:
+def tune(task: str, only: list[str] | None) -> None:
     """The grid, then, while a family's best learning rate or damping lies on the edge of
     what was tried, one step further out along it (at most two steps each way)."""
+    if tuned_on(task) != task:
+        raise SystemExit(f"{task} is not tuned: it runs the picks of {tuned_on(task)}")
     path = SWEEP_DIR / f"tune-{task}.jsonl"
     for family, grid in families(task).items():
-        if only is not None and family != only:
+        if only is not None and family not in only:
             continue
         for settings in grid:
             run_and_record(path, family, settings, task, seed=0, split="valid")
@@ -477,22 +654,45 @@ def score(record: dict) -> float:
 
 
 def best_settings(task: str) -> dict[str, dict]:
-    """Each family's setting of lowest validation loss in the tuning records."""
+    """Each family's setting of lowest validation loss in the tuning records (of the task
+    whose picks ``task`` borrows, for a held-out check)."""
     best: dict[str, dict] = {}
-    for record in read_records(SWEEP_DIR / f"tune-{task}.jsonl"):
+    for record in read_records(SWEEP_DIR / f"tune-{tuned_on(task)}.jsonl"):
         family = record["family"]
         if family not in best or score(record) < score(best[family]):
             best[family] = record
     return {family: record["settings"] for family, record in best.items()}
 
 
-def final(task: str, only: str | None) -> None:
+def final(task: str, only: list[str] | None) -> None:
     seeds = range(1, 6) if task == "cnn" else range(1, 4)
     path = SWEEP_DIR / f"final-{task}.jsonl"
+    source = {} if tuned_on(task) == task else {"tuned_on": tuned_on(task)}
     for family, settings in best_settings(task).items():
-        if only is None or family == only:
+        if only is None or family in only:
             for seed in seeds:
-                run_and_record(path, family, settings, task, seed=seed, split="test")
+                run_and_record(path, family, settings, task, seed=seed, split="test", **source)
+
+
+def best_families(task: str, count: int = 3) -> list[str]:
+    """The ``count`` families of lowest mean held-out loss at their validation picks."""
+    picks = best_settings(task)
+    losses: dict[str, list[float]] = {}
+    for record in read_records(SWEEP_DIR / f"final-{task}.jsonl"):
+        if record["settings"] == picks.get(record["family"]):
+            losses.setdefault(record["family"], []).append(score(record))
+    return sorted(losses, key=lambda family: statistics.mean(losses[family]))[:count]
+
+
+def long_run(only: list[str] | None) -> None:
+    """The 3,000-step Llama for ``only``, or for the three best families of the longest
+    budget with held-out results and AdamW: tuned around their shorter picks, then held out."""
+    if only is None:
+        shorter = "llama1000" if (SWEEP_DIR / "final-llama1000.jsonl").exists() else "llama300"
+        only = list(dict.fromkeys([*best_families(shorter), "AdamW"]))
+    print(f"3,000 steps: {', '.join(only)}", flush=True)
+    tune("llama3000", only)
+    final("llama3000", only)
 
 
 #: the window sizes of the ``window`` part (the comparison runs at 64)
@@ -520,14 +720,31 @@ def window_sizes(task: str = "llama300") -> None:
 def describe(settings: dict) -> str:
     names = {"relative_damp": "ρ", "num_grads": "m", "momentum": "μ"}
     skip = {"graft", "density"}
-    return ", ".join(f"{names.get(k, k)}={v:g}" for k, v in settings.items() if k not in skip)
+    return ", ".join(
+        f"{names.get(k, k)}={v:g}" if isinstance(v, float | int) else f"{names.get(k, k)}={v}"
+        for k, v in settings.items()
+        if k not in skip
+    )
+
+
+def step_time(records: list[dict]) -> str:
+    """The median over seeds of each run's steady (median) step; the mean step of records
+    from before the median was kept, marked so."""
+    if all("median_step_seconds" in r for r in records):
+        return f"{statistics.median(r['median_step_seconds'] for r in records) * 1e3:.1f} ms"
+    return f"{statistics.median(r['seconds_per_step'] for r in records) * 1e3:.1f} ms (mean)"
 
 
 def held_out_rows(task: str, finals: list[dict]) -> list[list[str]]:
     """One row per (family, setting) evaluated on held-out seeds. Every setting that was a
     family's best at some point keeps its row; the current best, the one validation picks,
-    comes first in its family and the others are marked."""
-    best = best_settings(task)
+    comes first in its family and the others are marked. A check's records are picks of the
+    task they were tuned on (recorded as ``tuned_on``), named beside the setting."""
+    picks = {source: best_settings(source) for source in {r.get("tuned_on", task) for r in finals}}
+
+    def is_pick(record: dict) -> bool:
+        return record["settings"] == picks[record.get("tuned_on", task)].get(record["family"])
+
     by_setting: dict[tuple[str, str], list[dict]] = {}
     for record in finals:
         key = (record["family"], json.dumps(record["settings"], sort_keys=True))
@@ -536,18 +753,18 @@ def held_out_rows(task: str, finals: list[dict]) -> list[list[str]]:
     rows = []
     for (family, _), records in sorted(
         by_setting.items(),
-        key=lambda item: (order.index(item[0][0]), item[1][0]["settings"] != best.get(item[0][0])),
+        key=lambda item: (order.index(item[0][0]), not is_pick(item[1][0])),
     ):
-        chosen = records[0]["settings"] == best.get(family)
+        chosen = is_pick(records[0])
+        source = f" ({records[0]['tuned_on']}'s pick)" if "tuned_on" in records[0] else ""
         losses = [r["loss"] for r in records]
         accuracies = [r["accuracy"] for r in records if r.get("accuracy") is not None]
-        seconds = statistics.median(r["seconds_per_step"] for r in records)
         rows.append(
             [family if chosen else f"{family} (not chosen by validation)",
-             describe(records[0]["settings"]),
+             describe(records[0]["settings"]) + source,
              f"{mean_std(losses)} ({len(records)} seeds)",
              mean_std(accuracies) if len(accuracies) > 1 else "—",
-             f"{seconds * 1e3:.1f} ms", format_bytes(records[0]["state_bytes"])]
+             step_time(records), format_bytes(records[0]["state_bytes"])]
         )  # fmt: skip
     return rows
 
@@ -566,11 +783,16 @@ def tuning_rows(records: list[dict], every_setting: bool) -> list[list[str]]:
 
 
 def report(every_setting: bool = False) -> None:
-    for path in sorted(SWEEP_DIR.glob("tune-*.jsonl")):
-        task = path.stem.removeprefix("tune-")
-        print(f"\n### {task}: tuning (seed 0, validation split)\n")
-        rows = tuning_rows(read_records(path), every_setting)
-        print(markdown_table(["optimiser", "setting", "validation loss"], rows))
+    tasks = sorted(
+        {path.stem.split("-", 1)[1] for pattern in ("tune-*.jsonl", "final-*.jsonl")
+         for path in SWEEP_DIR.glob(pattern)}
+    )  # fmt: skip
+    for task in tasks:
+        tuning = read_records(SWEEP_DIR / f"tune-{task}.jsonl")
+        if tuning:
+            print(f"\n### {task}: tuning (seed 0, validation split)\n")
+            rows = tuning_rows(tuning, every_setting)
+            print(markdown_table(["optimiser", "setting", "validation loss"], rows))
         finals = read_records(SWEEP_DIR / f"final-{task}.jsonl")
         if finals:
             print(f"\n### {task}: held-out, mean ± std over seeds\n")
@@ -579,7 +801,7 @@ def report(every_setting: bool = False) -> None:
                 "setting",
                 "held-out loss",
                 "accuracy",
-                "s/step",
+                "s/step (median)",
                 "optimiser state",
             ]
             print(markdown_table(header, held_out_rows(task, finals)))
@@ -602,14 +824,19 @@ def main() -> None:
             "final",
             "report",
             "window",
+            "long",
             "all",
         ],
         default="all",
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--llama-steps", type=int, default=300)
-    parser.add_argument("--task", choices=["llama300", "llama1000", "cnn", "logistic"])
-    parser.add_argument("--family", help="only this optimiser family (tune, final)")
+    parser.add_argument("--task", choices=[*LLAMA_TASKS, "cnn", "logistic"])
+    parser.add_argument(
+        "--family",
+        action="append",
+        help="only this optimiser family (tune, final, long; repeatable)",
+    )
     parser.add_argument(
         "--every-setting", action="store_true", help="report: every tuning run, not each best"
     )
@@ -636,6 +863,8 @@ def main() -> None:
         report(args.every_setting)
     if args.part == "window":
         window_sizes()
+    if args.part == "long":
+        long_run(args.family)
 
 
 if __name__ == "__main__":

@@ -98,3 +98,24 @@ def load_stdlib_corpus(num_bytes: int = 2_000_000, valid_fraction: float = 0.1) 
     tokens = torch.frombuffer(text[:num_bytes], dtype=torch.uint8).long()
     cut = int(num_bytes * (1 - valid_fraction))
     return TextCorpus(tokens[:cut], tokens[cut:], tuple(used))
+
+
+def load_stdlib_prose(valid_fraction: float = 0.2) -> TextCorpus:
+    """English prose that ships with Python: the reference manual's topics of ``pydoc``.
+
+    The entries of ``pydoc_data.topics.topics`` (the text ``help("assert")`` shows), in
+    sorted order, joined by blank lines and encoded as UTF-8: about 0.46 MB, none of it
+    Python source, so none of it in :func:`load_stdlib_corpus`. The last
+    ``valid_fraction`` is the validation split. The text depends on the Python version.
+
+    Raises:
+        ValueError: ``valid_fraction`` is not in (0, 1).
+    """
+    if not 0 < valid_fraction < 1:
+        raise ValueError(f"valid_fraction must be in (0, 1), got {valid_fraction}")
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics)).encode()
+    tokens = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    cut = int(len(tokens) * (1 - valid_fraction))
+    return TextCorpus(tokens[:cut], tokens[cut:], ("pydoc_data/topics.py",))

@@ -94,6 +94,7 @@ class LMResult:
     valid_loss: float = float("nan")
     tokens_per_second: float = float("nan")
     seconds: float = float("nan")
+    step_seconds: list[float] = field(default_factory=list)  # each step's wall time
     state_bytes: int = 0
 
 
@@ -169,8 +170,10 @@ def train_lm(
     result = LMResult(name, lr)
     start = time.perf_counter()
     for _ in progress(range(setup.steps), desc=name, enabled=show_progress):
+        step_start = time.perf_counter()
         result.step_losses.append(train_step(model, optimizer, corpus, setup, generator))
         scheduler.step()
+        result.step_seconds.append(time.perf_counter() - step_start)
     result.seconds = time.perf_counter() - start
     result.tokens_per_second = setup.steps * setup.tokens_per_step / result.seconds
     result.valid_loss = validation_loss(model, corpus, setup)

@@ -23,6 +23,7 @@ class RunResult:
     test_loss: float = float("nan")
     test_accuracy: float = float("nan")
     seconds: float = float("nan")
+    step_seconds: list[float] = field(default_factory=list)  # each step's wall time
     state_bytes: int = 0
 
 
@@ -102,11 +103,13 @@ def train_classifier(
     for _ in range(epochs):
         model.train()
         for inputs, targets in train.batches(batch_size, generator):
+            step_start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(inputs), targets)
             loss.backward()
             optimizer.step()
             result.step_losses.append(loss.item())
+            result.step_seconds.append(time.perf_counter() - step_start)
             next(ticks, None)
             if on_step is not None:
                 callback_start = time.perf_counter()
