@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import itertools
 import json
 import statistics
@@ -317,10 +316,6 @@ def ours(name: str):
     return getattr(secondorder.optim, name, None)
 
 
-def mfac_has_prior() -> bool:
-    return "prior" in inspect.signature(MFAC).parameters
-
-
 #: the learning rates of the peers and of the library's newer families (issue 20)
 PEER_RATES = (1e-3, 3e-3, 1e-2)
 
@@ -348,14 +343,27 @@ FAMILIES: dict[str, Family] = {
         {"llama": PEER_RATES, "cnn": PEER_RATES, "logistic": (1e-2, 3e-2, 1e-1)},
         missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
     ),
-    # issue 20's prototype: 32 gradients, λ = 3e4 · mean(w²), lr 3e-3
-    "MFAC (Adam prior)": Family(
-        lambda model, s: MFAC(model.parameters(), **s),
-        {"llama": PEER_RATES, "cnn": PEER_RATES},
-        others=tuple(
-            {"prior": "adam", "relative_damp": rho, "num_grads": 32} for rho in (3e3, 3e4, 3e5)
+    # SOAP refreshing its bases every 2 steps (heavyball's first period) instead of 10
+    "SOAP, refresh every 2": Family(
+        lambda model, s: ours("SOAP")(
+            model.parameters(), weight_decay=0.0, precondition_frequency=2, **s
         ),
-        missing=lambda: None if mfac_has_prior() else "MFAC has no prior= yet",
+        {"llama": (3e-3, 1e-2)},
+        missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
+    ),
+    # SOAP in DCT-II bases chosen by the Grams' energy: no eigendecomposition
+    "SOAP dct, refresh every 2": Family(
+        lambda model, s: ours("SOAP")(
+            model.parameters(), weight_decay=0.0, precondition_frequency=2, basis="dct", **s
+        ),
+        {"llama": (3e-3, 1e-2)},
+        missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
+    ),
+    # SOAP's one-sided top-32 eigenvectors: GaLore's moments with SOAP's running Gram
+    "SOAP rank 32": Family(
+        lambda model, s: ours("SOAP")(model.parameters(), weight_decay=0.0, rank=32, **s),
+        {"llama": (3e-3, 1e-2)},
+        missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
     ),
 }
 
