@@ -20,10 +20,11 @@ from .calibration import (
     linear_weights,
     on_device,
 )
+from .obs_sweep import HessianStatistic
 from .pruners import Pruner, _Goal
 from .targets import ParamSpec, PruneTarget
 
-__all__ = ["LayerwisePruner"]
+__all__ = ["HessianLayerwise", "LayerwisePruner"]
 
 #: the statistic a subclass collects of each layer's inputs
 StatisticT = TypeVar("StatisticT", bound=InputStatistic)
@@ -171,3 +172,25 @@ def _as_device(device: torch.device | str) -> torch.device:
         if resolved.index is None:
             resolved = torch.device("cuda", torch.cuda.current_device())
     return resolved
+
+
+class HessianLayerwise(LayerwisePruner[HessianStatistic]):
+    """The layer-wise base of the OBS methods on the input Hessian ``H = (2/N) Σ x xᵀ``
+    (SparseGPT, GPTQ): each layer's statistic is ``H``, and its memory the float64 ``H``
+    while the block is calibrated, then three ``cols²`` float64 matrices for the
+    factorisation and, per weight, the weights, errors and masks (``bytes_per_weight``
+    more for a method's own records)."""
+
+    #: bytes per weight a method keeps beyond the weights, errors and masks
+    bytes_per_weight = 2
+
+    def _statistic(self, target: PruneTarget) -> HessianStatistic:
+        return HessianStatistic(
+            target.parameter.shape[1], self.device, self._dtype, what=target.qualname
+        )
+
+    def _layer_bytes(self, target: PruneTarget) -> tuple[int, int]:
+        rows, cols = target.parameter.shape
+        itemsize = torch.empty(0, dtype=self._dtype).element_size()
+        working = 3 * 8 * cols * cols + rows * cols * (3 * itemsize + self.bytes_per_weight)
+        return 8 * cols * cols, working

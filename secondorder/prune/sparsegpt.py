@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 from .._checks import check_positive_int
-from .layerwise import LayerwisePruner
+from .layerwise import HessianLayerwise
 from .masks import count_to_prune, prune_lowest, prune_n_m
 from .obs import obs_saliency
 from .obs_sweep import HessianStatistic, ObsSweep, upper_cholesky_of_inverse
@@ -212,7 +212,7 @@ def sparsegpt_sweep(
     return pruned.to(weight.dtype), kept, None if quantizer is None else quantizer.record()
 
 
-class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
+class SparseGPTPruner(HessianLayerwise):
     """SparseGPT (Frantar and Alistarh, 2023): per-layer OBS on the inputs' Hessian (:func:`sparsegpt_prune`).
 
     Each ``nn.Linear`` is pruned to keep its outputs on the calibration data:
@@ -316,18 +316,6 @@ class SparseGPTPruner(LayerwisePruner[HessianStatistic]):
                     f"block_size={self.block_size} is not a multiple of {goal.m}"
                 )
         return goals
-
-    def _statistic(self, target: PruneTarget) -> HessianStatistic:
-        return HessianStatistic(
-            target.parameter.shape[1], self.device, self._dtype, what=target.qualname
-        )
-
-    def _layer_bytes(self, target: PruneTarget) -> tuple[int, int]:
-        rows, cols = target.parameter.shape
-        itemsize = torch.empty(0, dtype=self._dtype).element_size()
-        # H in float64 while the block is calibrated; to prune: three cols² float64
-        # matrices for the factorisation, the weights, the errors and the masks.
-        return 8 * cols * cols, 3 * 8 * cols * cols + rows * cols * (3 * itemsize + 2)
 
     def _prune_layer(
         self, target: PruneTarget, statistic: HessianStatistic, goal: _Goal

@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn.utils import prune as torch_prune
 
 from .._checks import check_positive_int
-from ..prune.layerwise import LayerwisePruner
+from ..prune.layerwise import HessianLayerwise
 from ..prune.obs_sweep import HessianStatistic, ObsSweep, upper_cholesky_of_inverse
 from ..prune.pruners import _Goal, _non_negative
 from ..prune.targets import ParamSpec, PruneTarget
@@ -121,27 +121,16 @@ def gptq_quantize(
     return quantizer.record(perm)
 
 
-class _GPTQLayers(LayerwisePruner[HessianStatistic]):
+class _GPTQLayers(HessianLayerwise):
     """The layer-wise base (calibration block by block) with GPTQ as the per-layer step."""
 
     method = "GPTQ"
+    bytes_per_weight = 3  # and the codes
 
     def __init__(self, model: nn.Module, data: Iterable[Any], settings: dict, **base: Any) -> None:
         super().__init__(model, data, **base)
         self.settings = settings
         self.quantized: dict[str, QuantizedWeight] = {}
-
-    def _statistic(self, target: PruneTarget) -> HessianStatistic:
-        return HessianStatistic(
-            target.parameter.shape[1], self.device, self._dtype, what=target.qualname
-        )
-
-    def _layer_bytes(self, target: PruneTarget) -> tuple[int, int]:
-        rows, cols = target.parameter.shape
-        itemsize = torch.empty(0, dtype=self._dtype).element_size()
-        # H in float64 while the block is calibrated; to quantize: three cols² float64
-        # matrices for the factorisation, the weights, errors, scales, codes and masks.
-        return 8 * cols * cols, 3 * 8 * cols * cols + rows * cols * (3 * itemsize + 3)
 
     def _prune_layer(
         self, target: PruneTarget, statistic: HessianStatistic, goal: _Goal
