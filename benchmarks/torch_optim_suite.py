@@ -133,12 +133,15 @@ def _error_inputs(extra: list[tuple[dict[str, Any], type, str]]) -> Any:
 
 
 def _mfac_rows(optimizer_info: type) -> list[Any]:
-    group_inputs = _inputs(
+    group_kwargs = [
         {"lr": 0.01},
-        {"lr": 0.01, "momentum": 0.5},
         {"lr": 0.01, "weight_decay": 0.1},
         {"lr": 0.01, "betas": (0.8, 0.99)},
-    )
+    ]
+    # M-FAC's own momentum applies to the grafted or plain direction; the prior's step is
+    # Adam's, whose first moment is its momentum (MFAC refuses both)
+    with_momentum = _inputs(*group_kwargs, {"lr": 0.01, "momentum": 0.5})
+    without_momentum = _inputs(*group_kwargs)
 
     def window_in_group(device: Any, dtype: Any) -> list[Any]:
         weight = torch.nn.Parameter(torch.randn(3, 2, device=device, dtype=dtype))
@@ -155,9 +158,10 @@ def _mfac_rows(optimizer_info: type) -> list[Any]:
         return _error_inputs(window_in_group(device, dtype))(device, dtype)
 
     variants = {
-        "MFAC": WINDOW,
-        "MFACPlain": {**WINDOW, "graft": None},
-        "MFACSparse": {**WINDOW, "density": 0.3},
+        "MFAC": (WINDOW, without_momentum),  # the default: Adam's diagonal as prior
+        "MFACGrafted": ({**WINDOW, "prior": None}, with_momentum),
+        "MFACPlain": ({**WINDOW, "graft": None}, with_momentum),
+        "MFACSparse": ({**WINDOW, "density": 0.3, "prior": None}, with_momentum),
     }
     not_elementwise = _skip(
         "test_complex_2d",
@@ -168,14 +172,14 @@ def _mfac_rows(optimizer_info: type) -> list[Any]:
     return [
         optimizer_info(
             _variant(ours.MFAC, name, **window),
-            optim_inputs_func=group_inputs,
+            optim_inputs_func=inputs,
             optim_error_inputs_func=errors,
             supported_impls=(),
             not_og_supported_flags=(),
             supports_complex=True,
             skips=(not_elementwise,),
         )
-        for name, window in variants.items()
+        for name, (window, inputs) in variants.items()
     ]
 
 
