@@ -131,3 +131,23 @@ def test_a_refresh_permutes_the_second_moment_and_carries_the_first():
     )  # float32 QR
     torch.testing.assert_close(state["exp_avg_sq"].flatten().sort().values,
                                v_expected.flatten().sort().values)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("shape", "max_dim", "merged"),
+    [
+        ((8, 3, 3, 3), 12, [8, 9, 3]),
+        ((8, 8, 3, 3), 12, [8, 8, 9]),
+        ((8, 3, 3, 3), 64, [24, 9]),
+        ((8, 8, 3, 3), 64, [64, 9]),
+        ((8, 3, 3, 3), 10000, [216]),
+        ((16, 4), 12, [16, 4]),
+        ((5, 1, 1), 10, [5]),  # trailing ones vanish
+        ((), 10, [1]),  # a scalar
+    ],
+)
+def test_merge_dims_shapes_are_the_references(shape, max_dim, merged):
+    """The working shapes the authors' ``merge_dims`` gives (read off their code's runs)."""
+    from secondorder.optim.eigenbasis import merged_shape
+
+    assert merged_shape(shape, max_dim) == merged
