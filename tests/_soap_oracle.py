@@ -33,26 +33,23 @@ def merged_shape(shape: Sequence[int], max_precond_dim: int) -> list[int]:
     one (a dim larger than the limit stands alone). A trailing run of ones is dropped, and a
     scalar becomes ``[1]``.
     """
-    merged: list[int] = []
-    run = 1
+    runs: list[int] = []
+    current = 1
     for size in shape:
-        if run * size <= max_precond_dim:
-            run *= size
-        elif run > 1:
-            merged.append(run)
-            run = size
-        else:
-            merged.append(size)
-            run = 1
-    if run > 1 or not merged:
-        merged.append(run)
-    return merged
+        if current > 1 and current * size > max_precond_dim:
+            runs.append(current)  # the open run cannot take this dim: close it
+            current = 1
+        current *= size
+        if current > max_precond_dim:  # a dim over the limit on its own
+            runs.append(current)
+            current = 1
+    return runs + [current] if current > 1 or not runs else runs
 
 
 def mode_gram(grad: torch.Tensor, k: int) -> torch.Tensor:
     """``G_(k) G_(k)ᵀ``: the gradient contracted with itself over every dim but ``k``."""
-    others = [d for d in range(grad.dim()) if d != k]
-    return torch.tensordot(grad, grad, dims=(others, others))
+    unfolded = grad.movedim(k, 0).reshape(grad.shape[k], -1)  # the mode-k unfolding
+    return unfolded @ unfolded.T
 
 
 def rotate(x: torch.Tensor, bases: Sequence[Basis], into_eigenbasis: bool) -> torch.Tensor:
