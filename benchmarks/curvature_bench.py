@@ -55,6 +55,7 @@ from secondorder._workloads.models import digits_cnn, digits_mlp
 from secondorder._workloads.report import text_table
 from secondorder._workloads.training import train_classifier
 from secondorder.curvature import GGNOperator, HessianOperator, hutchinson_trace
+from secondorder.curvature.operators import retained_hessian_product
 from secondorder.curvature.probes import probes
 from secondorder.demo.optimizers import OPTIMIZERS
 
@@ -401,9 +402,22 @@ def _peer_row(name, model, batch, repeats, device, num_matvecs=100) -> list[str]
     ]
 
 
-def part_w(device, repeats: int) -> tuple[list[str], list[list[str]]]:
-    from secondorder.curvature import operators
+def retained_loop(model: nn.Module, batch, z: torch.Tensor) -> torch.Tensor:
+    """``H z`` one column at a time through one kept graph (the operator's path on large
+    batches), from the public :func:`retained_hessian_product`."""
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    product = retained_hessian_product(model, LOSS, params, *batch)
+    sizes = [p.numel() for p in params.values()]
+    columns = []
+    for column in z.T:
+        blocks = column.split(sizes)
+        v = {name: b.view_as(p) for (name, p), b in zip(params.items(), blocks, strict=True)}
+        out = product(v)
+        columns.append(torch.cat([out[name].reshape(-1) for name in params]))
+    return torch.stack(columns, dim=1)
 
+
+def part_w(device, repeats: int) -> tuple[list[str], list[list[str]]]:
     train, _ = load_digits()
     widths = (1, 2, 4, 8, 16, 32)
     rows = []
@@ -419,22 +433,15 @@ def part_w(device, repeats: int) -> tuple[list[str], list[list[str]]]:
                 op.chunk_size = width
                 return op @ z
 
-            def loop(op=op, z=z):
-                op.chunk_size, saved = None, operators._LOOP_FROM_SAMPLES
-                operators._LOOP_FROM_SAMPLES = 1
-                try:
-                    return op @ z
-                finally:
-                    operators._LOOP_FROM_SAMPLES = saved
+            def loop(model=model, batch=batch, z=z):
+                return retained_loop(model, batch, z)
 
             fns = {f"{w}": (lambda w=w: product(w)) for w in widths} | {"loop": loop}
             times = timed_side_by_side(
                 fns, budget=2.0 * repeats, max_rounds=5 * repeats, device=device
             )
             op.chunk_size = None
-            default = (
-                "loop" if batch_size >= operators._LOOP_FROM_SAMPLES else str(op._width(batch_size))
-            )
+            default = str(op.columns_per_call(batch_size) or "loop")
             fastest = min(times, key=times.get)
             rows.append(
                 [model_name, str(batch_size)]

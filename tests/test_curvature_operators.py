@@ -84,6 +84,20 @@ def test_hessian_by_double_backward_matches_the_oracle(monkeypatch, key):
     assert op._product_on_batch(dict(model.named_parameters()), *data[0], 3)[1] == 1
 
 
+def test_columns_per_call_states_the_path_each_batch_takes():
+    """The public rule: about 2,048 samples' worth of vectors per vmapped call, at most 16;
+    ``chunk_size`` overrides it; the Hessian loops one vector at a time from 512 samples."""
+    make_model, shape = MODELS["mlp"]
+    model = make_model()
+    data = make_data(shape, "mse")
+    hessian = HessianOperator(model, LOSSES["mse"], None, data)
+    ggn = OPERATORS["ggn"](model, LOSSES["mse"], None, data)
+    assert [ggn.columns_per_call(b) for b in (1, 128, 512, 4096)] == [16, 16, 4, 1]
+    assert [hessian.columns_per_call(b) for b in (128, 511, 512)] == [16, 4, None]
+    chunked = HessianOperator(model, LOSSES["mse"], None, data, chunk_size=3)
+    assert [chunked.columns_per_call(b) for b in (1, 512, 4096)] == [3, 3, 3]
+
+
 @pytest.mark.parametrize("op_name", list(OPERATORS))
 def test_short_last_batch_weighs_by_its_samples(op_name):
     """The same seven samples in batches (3, 3, 1), (7,) and (1, 6) give one matrix."""

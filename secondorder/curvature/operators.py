@@ -369,10 +369,13 @@ class CurvatureOperator:
     ) -> tuple[Product, int]:
         """The product on one batch and how many vectors go through it per (vmapped) call."""
         product = self._batch_product(self.model, self.loss_fn, params, inputs, targets)
-        return product, self._width(batch_size)
+        return product, self.columns_per_call(batch_size) or 1
 
-    def _width(self, batch_size: int) -> int:
-        """Vectors per vmapped call on a batch of ``batch_size`` samples."""
+    def columns_per_call(self, batch_size: int) -> int | None:
+        """How many vectors one vmapped call takes on a batch of ``batch_size`` samples:
+        ``chunk_size`` if given, else about 2,048 samples' worth, at most 16 (measured:
+        docs/benchmarks.md). ``None``: one vector at a time through one kept graph
+        (:class:`HessianOperator` on large batches)."""
         if self.chunk_size is not None:
             return self.chunk_size
         return min(_MAX_WIDTH, max(1, _SAMPLE_COLUMNS // batch_size))
@@ -489,9 +492,14 @@ class HessianOperator(CurvatureOperator):
     def _product_on_batch(
         self, params: Params, inputs: Any, targets: Any, batch_size: int
     ) -> tuple[Product, int]:
-        if self.chunk_size is None and batch_size >= _LOOP_FROM_SAMPLES:
+        if self.columns_per_call(batch_size) is None:
             return retained_hessian_product(self.model, self.loss_fn, params, inputs, targets), 1
         return super()._product_on_batch(params, inputs, targets, batch_size)
+
+    def columns_per_call(self, batch_size: int) -> int | None:
+        if self.chunk_size is None and batch_size >= _LOOP_FROM_SAMPLES:
+            return None
+        return super().columns_per_call(batch_size)
 
 
 class GGNOperator(CurvatureOperator):
