@@ -6,7 +6,7 @@
 PYTHON     ?= python3
 TORCH      ?= torch==2.13.0
 VENV_FLAGS ?=
-EXTRAS     ?= test,plot,logs,scipy,examples,docs
+EXTRAS     ?= test,plot,logs,scipy,examples,docs,export
 VENV       := .venv
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed

@@ -43,7 +43,7 @@ def merged_shape(shape: Sequence[int], max_precond_dim: int) -> list[int]:
         if current > max_precond_dim:  # a dim over the limit on its own
             runs.append(current)
             current = 1
-    return runs + [current] if current > 1 or not runs else runs
+    return [*runs, current] if current > 1 or not runs else runs
 
 
 def mode_gram(grad: torch.Tensor, k: int) -> torch.Tensor:
