@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import UserDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -51,11 +52,16 @@ def statistics_dtype(*dtypes: torch.dtype) -> torch.dtype:
 
 
 def to_device(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it (nested in dicts, lists and tuples) moved to ``device``."""
+    """``value`` with every tensor in it moved to ``device``: nested in dicts (returned as
+    dicts), ``UserDict``s (a ``transformers`` ``BatchEncoding``, say; of the same type),
+    lists, tuples and named tuples."""
     if isinstance(value, torch.Tensor):
         return value.to(device=device)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (dict, UserDict)):
+        moved = {key: to_device(item, device) for key, item in value.items()}
+        return type(value)(moved) if isinstance(value, UserDict) else moved
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple
+        return type(value)(*(to_device(item, device) for item in value))
     if isinstance(value, (list, tuple)):
         return type(value)(to_device(item, device) for item in value)
     return value

@@ -322,8 +322,10 @@ def test_bad_settings_are_refused():
         SST([{"params": [model[2].weight], "rank": 0}])
     with pytest.raises(ValueError, match=r"uniform_mix must be in \[0, 1\]"):
         SST([{"params": [model[2].weight], "rank": 2, "uniform_mix": 1.5}])
+    refused = mlp()
     with pytest.raises(ValueError, match=r"rank 6 is larger than min\(in, out\) = 5 of layer '2'"):
-        to_spectral(mlp(), rank=6)
+        to_spectral(refused, rank=6)
+    assert all(type(layer) is not SpectralLinear for layer in refused)  # none converted
     with pytest.raises(ValueError, match=r"not nn.Linear layers of this model: \['1'\]"):
         to_spectral(mlp(), rank=2, modules=["1"])
     with pytest.raises(

@@ -192,8 +192,8 @@ def to_spectral(model: nn.Module, rank: int, *, modules: Iterable[str] | None = 
         ``model``, whose chosen layers are now :class:`SpectralLinear`.
 
     Raises:
-        ValueError: a name in ``modules`` is not an ``nn.Linear`` of ``model`` (before
-            anything changes), or ``rank`` exceeds ``min(in, out)`` of a layer.
+        ValueError: before anything changes, if a name in ``modules`` is not an
+            ``nn.Linear`` of ``model`` or ``rank`` exceeds ``min(in, out)`` of a layer.
     """
     names = None if modules is None else set(modules)
     chosen = [
@@ -206,12 +206,14 @@ def to_spectral(model: nn.Module, rank: int, *, modules: Iterable[str] | None = 
         if missing:
             raise ValueError(f"not nn.Linear layers of this model: {sorted(missing)}")
     for name, linear in chosen:
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
         if rank > min(linear.in_features, linear.out_features):
             raise ValueError(
                 f"rank {rank} is larger than min(in, out) = "
                 f"{min(linear.in_features, linear.out_features)} of layer {name!r}"
             )
-        setattr(parent, attribute, SpectralLinear.from_linear(linear, rank))
+    # every layer converted before any is replaced: a refusal leaves the model as it was
+    converted = [(name, SpectralLinear.from_linear(linear, rank)) for name, linear in chosen]
+    for name, spectral in converted:
+        parent_name, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), attribute, spectral)
     return model
