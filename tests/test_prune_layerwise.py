@@ -163,6 +163,20 @@ def test_memory_guard_refuses_before_drawing_any_batch(method, monkeypatch):
     assert data.drawn == 0 and not hasattr(model[0], "weight_mask")
 
 
+@pytest.mark.parametrize("method", PRUNERS)
+def test_memory_guard_counts_the_block_that_device_moves(method, monkeypatch):
+    """With ``device=`` elsewhere than the model, the block moved there counts too: on a
+    one-layer model the guard asks for exactly its weight and bias more."""
+    from secondorder.prune import layerwise
+
+    asked = []
+    monkeypatch.setattr(layerwise, "ensure_fits", lambda nbytes, *a, **kw: asked.append(nbytes))
+    for device in (None, "meta"):  # the guard runs first: nothing is moved to meta
+        layer = nn.Sequential(nn.Linear(6, 8)).double()
+        PRUNERS[method](layer, batches(), progress=False, device=device)._check_memory()
+    assert asked[1] - asked[0] == (8 * 6 + 8) * 8
+
+
 def test_argument_errors():
     model = mlp()
     with pytest.raises(

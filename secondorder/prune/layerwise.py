@@ -120,15 +120,23 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
         raise NotImplementedError
 
     def _check_memory(self) -> None:
+        """Refuse before anything runs unless each block's statistics and the work on its
+        largest layer fit on the device, with the block itself where ``device=`` moves it
+        there from elsewhere. (The cached activations are not counted: their size is known
+        once the first block's inputs are captured; ``offload_activations=True`` keeps
+        them on the CPU.)"""
+        moved = self.device != self.home_device
         needed = 0
-        for _, targets in self.blocks:
+        for block, targets in self.blocks:
             sizes = [self._layer_bytes(target) for target in targets]
-            needed = max(needed, sum(held for held, _ in sizes) + max(work for _, work in sizes))
+            held = sum(held for held, _ in sizes) + max(work for _, work in sizes)
+            needed = max(needed, held + (module_bytes(block) if moved else 0))
         largest = max(self.targets, key=lambda t: t.parameter.numel())
         ensure_fits(
             needed,
             self.device,
-            what=f"{self.method} of layers up to {tuple(largest.parameter.shape)}",
+            what=f"{self.method} of layers up to {tuple(largest.parameter.shape)}"
+            + (" (with the block moved to the device)" if moved else ""),
             advice="prune fewer layers at a time (params) or free memory",
         )
 
@@ -158,6 +166,12 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
                         target.assign(weight.to(target.parameter.dtype), kept)
                     if inputs is not None and index + 1 < len(self.blocks):
                         inputs.advance(block, index, self.device)
+
+
+def module_bytes(module: nn.Module) -> int:
+    """Bytes of ``module``'s parameters and buffers."""
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _as_device(device: torch.device | str) -> torch.device:
