@@ -129,8 +129,8 @@ class LayerwisePruner(Pruner, Generic[StatisticT]):
         needed = 0
         for block, targets in self.blocks:
             sizes = [self._layer_bytes(target) for target in targets]
-            held = sum(held for held, _ in sizes) + max(work for _, work in sizes)
-            needed = max(needed, held + (module_bytes(block) if moved else 0))
+            block_needs = sum(held for held, _ in sizes) + max(work for _, work in sizes)
+            needed = max(needed, block_needs + (module_bytes(block) if moved else 0))
         largest = max(self.targets, key=lambda t: t.parameter.numel())
         ensure_fits(
             needed,
