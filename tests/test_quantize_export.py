@@ -30,7 +30,7 @@ def tokens(count: int = 3, seed: int = 0) -> list[torch.Tensor]:
 
 def load(directory):
     """The checkpoint through transformers, dequantized on load."""
-    config = transformers.CompressedTensorsConfig(run_compressed=False)
+    config = transformers.CompressedTensorsConfig(dequantize=True)
     with warnings.catch_warnings():  # that the file's own quantization config is kept
         warnings.filterwarnings("ignore", "You passed `quantization_config`")
         model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -84,6 +84,23 @@ def test_symmetric_grids_load_back_with_transformers_to_the_same_weights_and_out
     # the model saved is a copy: the caller's is as it was
     assert sorted(model.state_dict()) == keys
     assert not any(hasattr(m, "quantization_scheme") for m in model.modules())
+
+
+def test_half_precision_scales_are_stored_in_the_weights_dtype(tmp_path):
+    """The format keeps the scales in the weights' dtype: a bfloat16 model's weights come
+    back within the rounding of its scales (2⁻⁸ relative), its codes unchanged."""
+    model, data = llama().to(torch.bfloat16), tokens()
+    records = GPTQQuantizer(model, data, bits=4, group_size=16, symmetric=True,
+                            progress=False).quantize()  # fmt: skip
+    save_compressed(model, records, tmp_path)
+    loaded = load(tmp_path)
+    for name, record in records.items():
+        weight, expected = loaded.get_parameter(name), model.get_parameter(name).detach()
+        assert weight.dtype == torch.bfloat16
+        scale = record.scales.to(torch.bfloat16).float()[:, record.group_index()]
+        codes = torch.round(weight.float() / scale) + 2**3  # our unsigned codes, recovered
+        assert torch.equal(codes.to(torch.uint8), record.codes), name
+        torch.testing.assert_close(weight, expected, rtol=2**-6, atol=0)
 
 
 def test_asymmetric_act_order_per_row_grids_unpack_to_the_same_weights(tmp_path):

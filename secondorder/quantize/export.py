@@ -49,9 +49,12 @@ def save_compressed(
     (what :meth:`~secondorder.quantize.GPTQQuantizer.quantize` or
     ``SparseGPTPruner.prune(..., bits=b)`` returned, the masks made permanent). It is not
     changed: a copy is compressed and saved with ``save_pretrained``, then the copy's
-    ``config.json`` gains the quantization config. Symmetric grids load back with
+    ``config.json`` gains the quantization config. The format keeps the scales in the
+    weights' dtype: a float32 checkpoint holds exactly the records' weights, a half
+    precision one the same codes with scales rounded to that dtype (bfloat16: 2⁻⁸
+    relative). Symmetric grids load back with
     ``transformers.AutoModelForCausalLM.from_pretrained(save_directory)`` (with
-    ``compressed-tensors`` installed) to the same weights. Asymmetric ones are written in
+    ``compressed-tensors`` installed) to those weights. Asymmetric ones are written in
     the same format, but ``transformers`` with ``compressed-tensors`` 0.20.1 cannot read
     their packed zero points back (its loader allocates them unpacked), so a warning
     says so.
