@@ -302,3 +302,30 @@ def test_unreduced_or_unknown_loss_reduction_is_refused():
         for cls in OPERATORS.values():
             with pytest.raises(ValueError, match="reduction"):
                 cls(model, loss_fn, None, data)
+
+
+@pytest.mark.parametrize("weighted", [False, True], ids=["ignore_index", "class weights"])
+def test_cross_entropy_batches_weigh_what_their_own_mean_divides_by(weighted):
+    """With ignored targets (and class weights) the batches' means have other denominators
+    than their sizes: the operators are those of the loss on all the data in one batch,
+    a batch whose targets are all ignored left out."""
+    from _curvature_oracles import NUM_CLASSES, Flat
+    from torch.func import hessian, jacrev
+
+    model = tiny_mlp()
+    weight = torch.linspace(0.5, 2.0, NUM_CLASSES, dtype=f64) if weighted else None
+    loss_fn = nn.CrossEntropyLoss(weight=weight, ignore_index=-1)
+    gen = torch.Generator().manual_seed(3)
+    targets = [torch.tensor(t) for t in ([0, -1, 2, 1, -1], [-1, 1, 2], [-1, -1], [2])]
+    data = [(torch.randn(len(y), 4, generator=gen, dtype=f64), y) for y in targets]
+    params = list(model.parameters())
+    flat = Flat(model, params)
+    inputs, labels = torch.cat([x for x, _ in data]), torch.cat(targets)
+    expected_hessian = hessian(lambda t: loss_fn(flat.outputs(t, inputs), labels))(flat.theta)
+    jacobian = jacrev(flat.outputs)(flat.theta, inputs).reshape(-1, flat.theta.numel())
+    outputs = flat.outputs(flat.theta, inputs)
+    h = hessian(lambda o: loss_fn(o, labels))(outputs).reshape(outputs.numel(), -1)
+    expected_ggn = jacobian.T @ h @ jacobian
+    for cls, expected in ((HessianOperator, expected_hessian), (GGNOperator, expected_ggn)):
+        dense = cls(model, loss_fn, params, data).to_dense()
+        torch.testing.assert_close(dense, expected, rtol=1e-10, atol=1e-12)

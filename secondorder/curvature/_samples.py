@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["Reduction", "as_pytree", "loss_reduction", "num_samples", "per_sample"]
+__all__ = ["Reduction", "as_pytree", "batch_weight", "loss_reduction", "num_samples", "per_sample"]
 
 Reduction = Literal["mean", "sum"]
 
@@ -47,6 +47,27 @@ def num_samples(targets: Any, inputs: Any = None) -> int:
             if _has_batch_dim(leaf):
                 return int(leaf.shape[0])
     raise ValueError("no tensor with a batch dimension in the batch's targets or inputs")
+
+
+def batch_weight(loss_fn: Callable[..., Any], inputs: Any, targets: Any) -> float:
+    """What a batch weighs in a mean over the data: the denominator of ``loss_fn``'s own mean.
+
+    The number of samples, but for ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` with class
+    targets, whose mean divides by the total class weight of the targets it does not
+    ignore, ``Σ_i weight[y_i]`` over ``y_i ≠ ignore_index`` (their count without
+    ``weight``): then batches with ignored targets or weighted classes make the mean
+    that the whole data in one batch would (one host synchronisation per batch).
+    """
+    if (
+        isinstance(loss_fn, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss))
+        and isinstance(targets, torch.Tensor)
+        and not targets.is_floating_point()
+    ):
+        kept = targets != loss_fn.ignore_index
+        if loss_fn.weight is None:
+            return float(kept.sum())
+        return float((loss_fn.weight[targets.masked_fill(~kept, 0)] * kept).sum())
+    return float(num_samples(targets, inputs))
 
 
 def per_sample(

@@ -11,7 +11,11 @@ their sum as ``loss_fn`` reduces its batch:
 modules) or a ``functools.partial``'s ``reduction`` keyword; a plain function is taken
 to average. With a mean, batch ``b`` of ``B_b`` samples, with loss ``L_b``, enters with
 weight ``w_b = B_b / N``: a short last batch weighs what its samples weigh, not what a
-full batch weighs. With a sum, ``w_b = 1``: the batches' summed losses add up to ``L``.
+full batch weighs. For ``nn.CrossEntropyLoss`` and ``nn.NLLLoss`` with class targets,
+``B_b`` is the denominator of their own mean, the total class weight of the targets not
+ignored (``ignore_index``, ``weight``), so that the operator is that of the loss on all
+the data in one batch; a batch whose targets are all ignored is skipped. With a sum,
+``w_b = 1``: the batches' summed losses add up to ``L``.
 
 - :class:`HessianOperator`: ``∇²L = Σ_b w_b ∇²L_b``.
 - :class:`GGNOperator`: the generalised Gauss-Newton ``G = Σ_b w_b J_bᵀ H_b J_b``,
@@ -51,7 +55,7 @@ from .._common import LossFn, Params, to_device
 from .._progress import progress as progress_bar
 from ..errors import NondeterminismError
 from ._params import flatten_columns, resolve_params, split_columns
-from ._samples import loss_reduction, num_samples
+from ._samples import batch_weight, loss_reduction, num_samples
 from ._stateless import check_forward_keeps_buffers
 from .fisher import empirical_fisher_diagonal, sample_gradients
 
@@ -341,13 +345,16 @@ class CurvatureOperator:
         rows = matrix.T.contiguous()  # free when the caller's matrix is a transposed [K, D]
         sizes = [p.numel() for p in self.params]
         params = {n: p.detach() for n, p in zip(self.names, self.params, strict=True)}
-        total, first_weight, count, num_batches = None, 1, 0, 0
+        total, first_weight, count, num_batches = None, 1.0, 0.0, 0
         # torch.func ignores an outer no_grad; it stops the graph back to the model's own tensors.
         # The fused attention kernels have no second derivatives; the math one has.
         with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
             for inputs, targets in self._batches(type(self).__name__):
                 batch_size = num_samples(targets, inputs)
-                weight = batch_size if self.reduction == "mean" else 1
+                share = batch_weight(self.loss_fn, inputs, targets)
+                if self.reduction == "mean" and share == 0:
+                    continue  # every target ignored: nothing of the mean is in this batch
+                weight = share if self.reduction == "mean" else 1
                 product, width = self._product_on_batch(params, inputs, targets, batch_size)
                 products = _products_by_rows(product, rows, self.names, self._shapes, sizes, width)
                 if total is None:
@@ -356,10 +363,10 @@ class CurvatureOperator:
                     if num_batches == 1 and first_weight != 1:
                         total.mul_(first_weight)
                     total.add_(products, alpha=weight)
-                count += batch_size
+                count += share
                 num_batches += 1
         if total is None:
-            raise ValueError("data holds no samples")
+            raise ValueError("data holds no samples (or every target is ignored)")
         if num_batches > 1 and self.reduction == "mean":
             total.div_(count)
         return total.T
@@ -402,14 +409,16 @@ class CurvatureOperator:
         gradient = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         with torch.no_grad():
             for inputs, targets in self._batches("loss and gradient"):
+                share = batch_weight(self.loss_fn, inputs, targets)
+                if self.reduction == "mean" and share == 0:
+                    continue  # every target ignored, as in the products
                 grads, loss = grad_and_value(batch_loss)(params, inputs, targets)
-                batch_size = num_samples(targets, inputs)
-                weight = batch_size if self.reduction == "mean" else 1
+                weight = share if self.reduction == "mean" else 1
                 gradient += weight * torch.cat([grads[n].reshape(-1) for n in self.names])
-                sizes.append(batch_size)
+                sizes.append(share)
                 losses.append(loss.detach())
         if not sizes:
-            raise ValueError("data holds no samples")
+            raise ValueError("data holds no samples (or every target is ignored)")
         stacked = torch.stack(losses)
         if self.reduction == "sum":
             return sizes, stacked, stacked.sum(), gradient
