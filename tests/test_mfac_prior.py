@@ -21,6 +21,15 @@ def loss(net, step):
     return torch.nn.functional.cross_entropy(net(x), y)
 
 
+def train_side_by_side(nets, optimizers, steps):
+    """Each net stepped by its optimizer on the same losses, in turn."""
+    for step in range(steps):
+        for net, optimizer in zip(nets, optimizers, strict=True):
+            optimizer.zero_grad()
+            loss(net, step).backward()
+            optimizer.step()
+
+
 def flat(tensors):
     return torch.cat([t.reshape(-1) for t in tensors])
 
@@ -67,11 +76,7 @@ def test_large_damping_is_adams_step():
     adam = torch.optim.Adam(nets[0].parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
     mfac = MFAC(nets[1].parameters(), lr=0.01, betas=(0.9, 0.99), prior="adam",
                 relative_damp=1e12, num_grads=4)  # fmt: skip
-    for step in range(8):
-        for net, optimizer in zip(nets, (adam, mfac), strict=True):
-            optimizer.zero_grad()
-            loss(net, step).backward()
-            optimizer.step()
+    train_side_by_side(nets, (adam, mfac), steps=8)
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
@@ -81,11 +86,7 @@ def test_full_density_sparse_window_is_the_dense_one():
     dense = MFAC(nets[0].parameters(), lr=0.05, prior="adam", num_grads=3, damp=0.1)
     sparse = MFAC(nets[1].parameters(), lr=0.05, prior="adam", num_grads=3, damp=0.1,
                   density=1.0)  # fmt: skip
-    for step in range(5):
-        for net, optimizer in zip(nets, (dense, sparse), strict=True):
-            optimizer.zero_grad()
-            loss(net, step).backward()
-            optimizer.step()
+    train_side_by_side(nets, (dense, sparse), steps=5)
     for a, b in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

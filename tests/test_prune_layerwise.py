@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from secondorder import _checks
+from secondorder._workloads import models
 from secondorder.errors import InsufficientMemoryError, NonFiniteError
 from secondorder.prune import SparseGPTPruner, WandaPruner, sparsegpt_prune, wanda_scores
 
@@ -56,14 +57,10 @@ def test_each_layer_is_calibrated_on_the_outputs_of_the_pruned_layers_before_it(
 
 
 def tiny_llama(layers: int = 2):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=layers,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config)
+    return models.tiny_llama(32, hidden_size=16, num_layers=layers, num_heads=2,
+                             intermediate_size=24, max_length=16)  # fmt: skip
 
 
 @pytest.mark.parametrize("method", PRUNERS)

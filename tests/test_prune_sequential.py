@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from secondorder._workloads.models import tiny_llama
 from secondorder.prune import SparseGPTPruner, WandaPruner
 from secondorder.prune.calibration import BlockInputs
 from secondorder.prune.targets import refresh_pruned_weights
@@ -13,14 +14,11 @@ PATTERNS = [{"sparsity": 0.5}, {"n_m": (2, 4)}]
 
 
 def llama(layers: int, hidden: int = 16, heads: int = 2, intermediate: int = 24, seed: int = 0):
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
-        max_position_embeddings=16, tie_word_embeddings=False,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).double()
+    model = tiny_llama(32, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                       intermediate_size=intermediate, max_length=16)  # fmt: skip
+    return model.double()
 
 
 def token_batches(count: int = 3, vocab: int = 32, seed: int = 0, padded: bool = False):

@@ -9,18 +9,15 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("compressed_tensors")
 
+from secondorder._workloads.models import tiny_llama  # noqa: E402
 from secondorder.prune import SparseGPTPruner  # noqa: E402
 from secondorder.quantize import GPTQQuantizer, save_compressed  # noqa: E402
 
 
 def llama(seed: int = 0):
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(32, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                      max_length=16).eval()  # fmt: skip
 
 
 def tokens(count: int = 3, seed: int = 0) -> list[torch.Tensor]:

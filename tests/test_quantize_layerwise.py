@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from secondorder._workloads.models import tiny_llama
 from secondorder.errors import NonFiniteError
 from secondorder.prune import SparseGPTPruner
 from secondorder.quantize import GPTQQuantizer, QuantizedWeight, gptq_quantize
@@ -51,14 +52,10 @@ def test_each_layer_is_quantized_on_the_outputs_of_the_quantized_layers_before_i
 
 
 def test_llama_output_layer_and_embeddings_stay_and_state_dict_keys_do_not_change():
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=32, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
-        tie_word_embeddings=False,
-    )  # fmt: skip
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama(32, hidden_size=32, num_layers=2, num_heads=2, intermediate_size=48,
+                       max_length=16)  # fmt: skip
     keys = list(model.state_dict())
     head, embed = model.lm_head.weight.clone(), model.model.embed_tokens.weight.clone()
     data = [{"input_ids": torch.randint(0, 32, (2, 16))} for _ in range(2)]
