@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from timing import format_bytes, timed
+from timing import timed
 from torch.nn.parallel import DistributedDataParallel
 
-from secondorder._workloads.report import markdown_table
+from secondorder._workloads.report import format_bytes, markdown_table
 from secondorder.optim import MFAC
 
 COLLECTIVES = ("all_reduce", "all_gather_single", "all_gather_into_tensor", "broadcast")

@@ -53,7 +53,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from timing import format_bytes
 
 import secondorder.optim
 from secondorder._workloads import language_model as lm
@@ -66,7 +65,7 @@ from secondorder._workloads.data import (
 )
 from secondorder._workloads.models import digits_cnn
 from secondorder._workloads.peers import heavyball, heavyball_soap, muon_with_adamw
-from secondorder._workloads.report import markdown_row, markdown_table
+from secondorder._workloads.report import format_bytes, markdown_row, markdown_table
 from secondorder._workloads.training import train_classifier
 from secondorder.demo import lowrank
 from secondorder.optim import MFAC, DCTAdamW, GaLoreAdamW

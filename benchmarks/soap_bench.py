@@ -24,10 +24,9 @@ import time
 from collections.abc import Callable
 
 import torch
-from timing import format_bytes
 
 from secondorder._workloads.models import tiny_llama
-from secondorder._workloads.report import markdown_table
+from secondorder._workloads.report import format_bytes, markdown_table
 from secondorder.optim import SOAP
 
 

@@ -76,12 +76,3 @@ def peak_bytes(fn: Callable[[], object], device: torch.device | str) -> int | No
     fn()
     torch.cuda.synchronize(device)
     return torch.cuda.max_memory_allocated(device)
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes in B, KiB, MiB, GiB or TiB."""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    raise AssertionError("unreachable")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from .._checks import format_bytes as format_bytes  # the benchmarks' byte counts too
+
 
 def markdown_row(cells: Sequence[object]) -> str:
     """One row of a markdown table: print ``markdown_table(header, [])`` first, then each row
