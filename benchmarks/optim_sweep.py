@@ -263,6 +263,13 @@ def galore_groups(params: list[torch.nn.Parameter], rank: int) -> list[dict]:
     return [{"params": others}, {"params": matrices, "rank": rank, "update_proj_gap": 50}]
 
 
+def lowrank_llama_groups(model: torch.nn.Module, settings: dict) -> list[dict]:
+    """The attention and MLP matrices at ``settings``' rank (32), refresh period (50) and
+    ``on_refresh`` (rotate), the rest plain."""
+    low_rank = {"rank": 32, "update_proj_gap": 50, "on_refresh": "rotate"}
+    return lm.low_rank_groups(model, **{k: settings.get(k, v) for k, v in low_rank.items()})
+
+
 def scaled_groups(groups: list[dict], scale: float) -> list[dict]:
     """``galore_groups`` with ``scale`` on the low-rank group."""
     return [{**group, "scale": scale} if "rank" in group else group for group in groups]
@@ -348,9 +355,10 @@ FAMILIES: dict[str, Family] = {
         missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
     ),
     # SOAP refreshing its bases every 2 steps (heavyball's first period) instead of 10
+    # (settings beyond lr, such as betas, rank or another precondition_frequency, pass through)
     "SOAP, refresh every 2": Family(
         lambda model, s: ours("SOAP")(
-            model.parameters(), weight_decay=0.0, precondition_frequency=2, **s
+            model.parameters(), weight_decay=0.0, **{"precondition_frequency": 2, **s}
         ),
         {"llama": (3e-3, 1e-2)},
         missing=lambda: None if ours("SOAP") else "secondorder.optim has no SOAP yet",
@@ -375,8 +383,9 @@ FAMILIES: dict[str, Family] = {
     ),
     # GaLore as its reference trains Llamas: only the attention and MLP matrices projected
     # (the "GaLoreAdamW" family above projects every matrix, embeddings and output included)
+    # (rank, update_proj_gap and on_refresh may be given in the settings)
     "GaLoreAdamW, attention and MLP": Family(
-        lambda model, s: GaLoreAdamW(lm.low_rank_groups(model, rank=32, update_proj_gap=50), **s),
+        lambda model, s: GaLoreAdamW(lowrank_llama_groups(model, s), lr=s["lr"]),
         {"llama": PEER_RATES},
     ),
     # DCT bases chosen every step, the same matrices: no basis kept, no SVD

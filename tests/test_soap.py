@@ -98,6 +98,18 @@ def test_low_rank_state_is_smaller_than_full_soap_and_adamw():
     assert sizes["rank"] < adamw / 2 < sizes["full"], sizes
 
 
+def test_a_low_rank_basis_holds_only_its_columns_from_the_first_step():
+    """The first basis is cut from a full eigendecomposition: its memory must be its
+    ``n × r`` columns, not the ``n × n`` eigenvectors it was cut from."""
+    weight = torch.nn.Parameter(torch.randn(16, 256))
+    optimizer = SOAP([weight], rank=4)
+    weight.grad = torch.randn(16, 256)
+    optimizer.step()
+    basis = optimizer.state[weight]["basis_0"]
+    assert basis.shape == (16, 4)
+    assert basis.untyped_storage().nbytes() == 16 * 4 * basis.element_size()
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

@@ -92,8 +92,9 @@ def eigenbasis(gram: torch.Tensor, rank: int | None = None) -> torch.Tensor:
         vectors = torch.linalg.eigh(gram.float() + shift)[1]
     except torch.linalg.LinAlgError:
         vectors = torch.linalg.eigh(gram.double() + shift)[1]
-    vectors = vectors.flip(1)
-    return (vectors if rank is None else vectors[:, :rank]).to(gram.dtype)
+    if rank is not None:  # cut before the copy that flip makes: the basis owns only its columns
+        vectors = vectors[:, -rank:]
+    return vectors.flip(1).to(gram.dtype)
 
 
 def power_iteration(gram: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
